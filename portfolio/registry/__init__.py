@@ -1,0 +1,1 @@
+"""The versioned adapter registry: schema, queries and the `Registry` API."""

@@ -1,0 +1,166 @@
+"""Engine, the one session scope, and schema migrations.
+
+Every registry operation runs inside `session_scope`: it commits or rolls back as a whole,
+turns on foreign keys for SQLite, and maps database errors to `PortfolioError`s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from portfolio.errors import AlreadyExists, DatabaseError, SchemaOutOfDate
+
+
+def migrations_dir() -> Path:
+    """The Alembic script folder, in a source checkout or an installed package."""
+    spec = importlib.util.find_spec("portfolio.migrations")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parents[2] / "migrations"
+
+
+def redact(url: str) -> str:
+    """The URL with any password hidden, for messages."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def create_engine(url: str) -> Engine:
+    """An engine for any SQLAlchemy URL; SQLite gets foreign keys and a busy timeout."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except ArgumentError:
+        raise DatabaseError(
+            f"cannot parse database URL {url!r}; use e.g. sqlite:///registry.db or "
+            "postgresql+psycopg://user@host:5432/db"
+        ) from None
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:":
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the one writer
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        return engine
+    try:
+        return sa.create_engine(url, pool_pre_ping=True)
+    except ModuleNotFoundError as exc:
+        raise DatabaseError(
+            f"no driver for {redact(url)} ({exc.name} is not installed); for PostgreSQL use "
+            "postgresql+psycopg://... (psycopg 3 ships with portfolio)"
+        ) from None
+
+
+def alembic_config(engine: Engine) -> Config:
+    """An Alembic config pointing at the packaged migrations and this engine's URL."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
+    return cfg
+
+
+def head_revision(engine: Engine) -> str:
+    """The newest revision this code knows."""
+    return ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at, or None for an empty database."""
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    except OperationalError as exc:
+        raise DatabaseError(
+            f"cannot connect to the registry at {redact(str(engine.url))}: {_first_line(exc)}; "
+            "check --db / PORTFOLIO_DB"
+        ) from None
+
+
+def has_tables(engine: Engine) -> bool:
+    """Whether the database holds any table at all."""
+    return bool(sa.inspect(engine).get_table_names())
+
+
+def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
+    """Migrate the schema to ``revision``; return (from, to). All in one transaction."""
+    before = current_revision(engine)
+    cfg = alembic_config(engine)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+    return before, current_revision(engine)
+
+
+def downgrade(engine: Engine, revision: str) -> tuple[str | None, str | None]:
+    """Migrate the schema down to ``revision`` (``base`` empties it)."""
+    before = current_revision(engine)
+    cfg = alembic_config(engine)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
+    return before, current_revision(engine)
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise `SchemaOutOfDate` unless the database is at the head revision."""
+    current = current_revision(engine)
+    head = head_revision(engine)
+    if current == head:
+        return
+    where = redact(str(engine.url))
+    if current is None:
+        raise SchemaOutOfDate(
+            f"the registry at {where} is not initialised; run `portfolio init` "
+            "(or `portfolio db upgrade`)"
+        )
+    raise SchemaOutOfDate(
+        f"the registry schema at {where} is at revision {current} but this portfolio needs "
+        f"{head}; run `portfolio db upgrade`"
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", exc) or exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+@contextmanager
+def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One unit of work: commit on success, roll back on any error, map DB errors."""
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except IntegrityError as exc:
+        session.rollback()
+        raise AlreadyExists(f"the registry refused the change: {_first_line(exc)}") from exc
+    except OperationalError as exc:
+        session.rollback()
+        raise DatabaseError(f"registry database error: {_first_line(exc)}") from exc
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

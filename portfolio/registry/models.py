@@ -1,0 +1,227 @@
+"""The registry schema as SQLAlchemy 2.0 ORM rows.
+
+Rows never leave the registry package: queries turn them into the frozen dataclasses of
+`portfolio.registry.entities`. The schema changes only through Alembic revisions in
+``migrations/versions``; `tests/test_schema.py` fails when this file and the revisions drift.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Named constraints, so that migrations can drop and alter them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC (stored as UTC everywhere)."""
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class BaseModelRow(Base):
+    __tablename__ = "base_models"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    model_id: Mapped[str] = mapped_column(String(500))
+    source: Mapped[str] = mapped_column(String(1000))
+    gguf_file: Mapped[Optional[str]] = mapped_column(String(500))
+    architecture: Mapped[str] = mapped_column(String(200))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    files: Mapped[list[Any]] = mapped_column(JSON)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    modules: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DatasetSnapshotRow(Base):
+    __tablename__ = "dataset_snapshots"
+    __table_args__ = (
+        UniqueConstraint("name", "version"),
+        UniqueConstraint("name", "sha256"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    domain: Mapped[str] = mapped_column(String(200), index=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    format: Mapped[str] = mapped_column(String(40))
+    row_count: Mapped[int] = mapped_column(Integer)
+    n_bytes: Mapped[int] = mapped_column(BigInteger)
+    files: Mapped[list[Any]] = mapped_column(JSON)
+    rows_digest: Mapped[str] = mapped_column(String(64))
+    source_uri: Mapped[Optional[str]] = mapped_column(String(2000))
+    license: Mapped[Optional[str]] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AdapterRow(Base):
+    __tablename__ = "adapters"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    domain: Mapped[str] = mapped_column(String(200), index=True)
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"))
+    description: Mapped[Optional[str]] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RunRow(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    adapter_id: Mapped[Optional[int]] = mapped_column(ForeignKey("adapters.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    status: Mapped[str] = mapped_column(String(40), index=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    seed: Mapped[Optional[int]] = mapped_column(BigInteger)
+    packages: Mapped[dict[str, Any]] = mapped_column(JSON)
+    code_version: Mapped[Optional[str]] = mapped_column(String(100))
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[Optional[datetime]] = mapped_column()
+    finished_at: Mapped[Optional[datetime]] = mapped_column()
+
+
+class AdapterVersionRow(Base):
+    __tablename__ = "adapter_versions"
+    __table_args__ = (UniqueConstraint("adapter_id", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    status_reason: Mapped[Optional[str]] = mapped_column(Text)
+    successor_id: Mapped[Optional[int]] = mapped_column(ForeignKey("adapter_versions.id"))
+    kind: Mapped[str] = mapped_column(String(20))
+    artifact_digest: Mapped[Optional[str]] = mapped_column(String(64), index=True)
+    config_digest: Mapped[Optional[str]] = mapped_column(String(64))
+    rank: Mapped[int] = mapped_column(Integer)
+    alpha: Mapped[float] = mapped_column(Float)
+    target_modules: Mapped[list[Any]] = mapped_column(JSON)
+    lora_config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    n_params: Mapped[int] = mapped_column(BigInteger)
+    run_id: Mapped[Optional[int]] = mapped_column(ForeignKey("runs.id"))
+    description: Mapped[Optional[str]] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LineageEdgeRow(Base):
+    """Child version -> parent version, with the relation and the recipe that joined them."""
+
+    __tablename__ = "lineage_edges"
+    __table_args__ = (UniqueConstraint("child_id", "parent_id", "relation"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    child_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"), index=True)
+    parent_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"), index=True)
+    relation: Mapped[str] = mapped_column(String(20))
+    recipe: Mapped[dict[str, Any]] = mapped_column(JSON)
+    position: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class DataEdgeRow(Base):
+    """Version -> dataset snapshot, with the role and the exact row ids used."""
+
+    __tablename__ = "data_edges"
+    __table_args__ = (UniqueConstraint("version_id", "snapshot_id", "role"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"), index=True)
+    snapshot_id: Mapped[int] = mapped_column(ForeignKey("dataset_snapshots.id"), index=True)
+    role: Mapped[str] = mapped_column(String(20))
+    row_ids: Mapped[Optional[list[Any]]] = mapped_column(JSON)
+    n_rows: Mapped[int] = mapped_column(Integer)
+
+
+class EvaluationRow(Base):
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[Optional[int]] = mapped_column(ForeignKey("adapter_versions.id"), index=True)
+    base_model_id: Mapped[Optional[int]] = mapped_column(ForeignKey("base_models.id"))
+    snapshot_id: Mapped[int] = mapped_column(ForeignKey("dataset_snapshots.id"), index=True)
+    metric: Mapped[str] = mapped_column(String(100))
+    value: Mapped[float] = mapped_column(Float)
+    n_tokens: Mapped[Optional[int]] = mapped_column(BigInteger)
+    row_ids: Mapped[Optional[list[Any]]] = mapped_column(JSON)
+    run_id: Mapped[Optional[int]] = mapped_column(ForeignKey("runs.id"))
+    code_version: Mapped[Optional[str]] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AliasRow(Base):
+    __tablename__ = "aliases"
+    __table_args__ = (UniqueConstraint("adapter_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"))
+    name: Mapped[str] = mapped_column(String(100))
+    version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"), index=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AliasEventRow(Base):
+    """Append-only: every move of every alias, with the reason."""
+
+    __tablename__ = "alias_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"), index=True)
+    alias: Mapped[str] = mapped_column(String(100))
+    from_version_id: Mapped[Optional[int]] = mapped_column(ForeignKey("adapter_versions.id"))
+    to_version_id: Mapped[Optional[int]] = mapped_column(ForeignKey("adapter_versions.id"))
+    action: Mapped[str] = mapped_column(String(20))
+    forced: Mapped[bool] = mapped_column(Boolean, default=False)
+    reason: Mapped[Optional[str]] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class VersionTagRow(Base):
+    __tablename__ = "version_tags"
+    __table_args__ = (UniqueConstraint("version_id", "key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"), index=True)
+    key: Mapped[str] = mapped_column(String(200), index=True)
+    value: Mapped[str] = mapped_column(String(1000))
+
+
+class ArtifactRow(Base):
+    """Every blob the registry put in the store; lets `verify` and `gc` work from the DB."""
+
+    __tablename__ = "artifacts"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,219 @@
+"""Read-side helpers: resolving references to rows and turning rows into entities.
+
+Everything here takes an open session; nothing commits.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from portfolio.errors import AdapterNotFound, BaseModelNotFound, DatasetNotFound
+from portfolio.registry import entities as E
+from portfolio.registry.entities import as_utc
+from portfolio.registry.models import (
+    AdapterRow,
+    AdapterVersionRow,
+    AliasRow,
+    BaseModelRow,
+    DatasetSnapshotRow,
+    RunRow,
+    VersionTagRow,
+)
+from portfolio.registry.refs import Ref, parse_ref
+
+
+def base_row(session: Session, name: str) -> BaseModelRow:
+    """The base model called ``name``."""
+    row = session.scalar(sa.select(BaseModelRow).where(BaseModelRow.name == name))
+    if row is None:
+        known = session.scalars(sa.select(BaseModelRow.name).order_by(BaseModelRow.name)).all()
+        hint = f" (registered: {', '.join(known)})" if known else ""
+        raise BaseModelNotFound(
+            f"no base model {name!r}{hint}; register it with `portfolio base add {name} PATH` "
+            "or `portfolio base add smollm2-135m`"
+        )
+    return row
+
+
+def snapshot_row(session: Session, text: str) -> DatasetSnapshotRow:
+    """The snapshot ``NAME@V`` (or the latest of ``NAME``)."""
+    ref = parse_ref(text)
+    query = sa.select(DatasetSnapshotRow).where(DatasetSnapshotRow.name == ref.name)
+    if isinstance(ref.selector, str):
+        raise DatasetNotFound(f"dataset reference {text!r} must name a version: NAME@VERSION")
+    if ref.selector is None:
+        row = session.scalar(query.order_by(DatasetSnapshotRow.version.desc()).limit(1))
+    else:
+        row = session.scalar(query.where(DatasetSnapshotRow.version == ref.selector))
+    if row is None:
+        raise DatasetNotFound(
+            f"no dataset snapshot {text!r}; see `portfolio data list`, or add it with "
+            f"`portfolio data add {ref.name} FILE --domain DOMAIN`"
+        )
+    return row
+
+
+def adapter_row(session: Session, name: str) -> AdapterRow:
+    """The adapter called ``name``."""
+    row = session.scalar(sa.select(AdapterRow).where(AdapterRow.name == name))
+    if row is None:
+        raise AdapterNotFound(
+            f"no adapter {name!r}; see `portfolio list`, or import one with "
+            f"`portfolio adapter import {name} DIR --base BASE`"
+        )
+    return row
+
+
+def version_row(session: Session, ref: str | Ref) -> AdapterVersionRow:
+    """The version a reference points at: ``NAME@3``, ``NAME@alias`` or ``NAME`` (latest)."""
+    ref = parse_ref(ref) if isinstance(ref, str) else ref
+    adapter = adapter_row(session, ref.name)
+    query = sa.select(AdapterVersionRow).where(AdapterVersionRow.adapter_id == adapter.id)
+    if ref.selector is None:
+        row = session.scalar(query.order_by(AdapterVersionRow.version.desc()).limit(1))
+    elif isinstance(ref.selector, int):
+        row = session.scalar(query.where(AdapterVersionRow.version == ref.selector))
+    else:
+        row = session.scalar(
+            query.join(AliasRow, AliasRow.version_id == AdapterVersionRow.id).where(
+                AliasRow.adapter_id == adapter.id, AliasRow.name == ref.selector
+            )
+        )
+        if row is None:
+            raise AdapterNotFound(
+                f"adapter {ref.name!r} has no alias {ref.selector!r}; "
+                f"set one with `portfolio alias set {ref.name} {ref.selector} VERSION`"
+            )
+    if row is None:
+        raise AdapterNotFound(f"adapter {ref.name!r} has no version {ref.selector}; see `portfolio list --adapter {ref.name}`")
+    return row
+
+
+def to_base(row: BaseModelRow) -> E.BaseModel:
+    """Row -> entity."""
+    return E.BaseModel(
+        name=row.name,
+        model_id=row.model_id,
+        source=row.source,
+        gguf_file=row.gguf_file,
+        architecture=row.architecture,
+        weights_sha256=row.weights_sha256,
+        files=list(row.files),
+        n_modules=len(row.modules),
+        created_at=as_utc(row.created_at),
+    )
+
+
+def to_snapshot(row: DatasetSnapshotRow) -> E.DatasetSnapshot:
+    """Row -> entity."""
+    return E.DatasetSnapshot(
+        name=row.name,
+        version=row.version,
+        domain=row.domain,
+        sha256=row.sha256,
+        format=row.format,
+        row_count=row.row_count,
+        n_bytes=row.n_bytes,
+        files=list(row.files),
+        rows_digest=row.rows_digest,
+        source_uri=row.source_uri,
+        license=row.license,
+        created_at=as_utc(row.created_at),
+    )
+
+
+def to_run(row: RunRow, adapter_names: dict[int, str]) -> E.Run:
+    """Row -> entity."""
+    return E.Run(
+        id=row.id,
+        adapter=adapter_names.get(row.adapter_id) if row.adapter_id else None,
+        kind=row.kind,
+        status=row.status,
+        config=dict(row.config),
+        seed=row.seed,
+        packages=dict(row.packages),
+        code_version=row.code_version,
+        metrics=dict(row.metrics),
+        error=row.error,
+        started_at=as_utc(row.started_at),
+        finished_at=as_utc(row.finished_at),
+    )
+
+
+def to_versions(session: Session, rows: Iterable[AdapterVersionRow]) -> list[E.AdapterVersion]:
+    """Rows -> entities, with adapter, base, aliases, tags and successor filled in using a
+    fixed number of queries whatever the number of rows."""
+    rows = list(rows)
+    if not rows:
+        return []
+    ids = [r.id for r in rows]
+    adapter_ids = {r.adapter_id for r in rows}
+    adapters = {
+        a.id: (a, b)
+        for a, b in session.execute(
+            sa.select(AdapterRow, BaseModelRow.name)
+            .join(BaseModelRow, BaseModelRow.id == AdapterRow.base_model_id)
+            .where(AdapterRow.id.in_(adapter_ids))
+        ).all()
+    }
+    aliases: dict[int, list[str]] = defaultdict(list)
+    tags: dict[int, dict[str, str]] = defaultdict(dict)
+    for chunk in _chunks(ids):
+        for version_id, name in session.execute(
+            sa.select(AliasRow.version_id, AliasRow.name).where(AliasRow.version_id.in_(chunk)).order_by(AliasRow.name)
+        ):
+            aliases[version_id].append(name)
+        for version_id, key, value in session.execute(
+            sa.select(VersionTagRow.version_id, VersionTagRow.key, VersionTagRow.value).where(
+                VersionTagRow.version_id.in_(chunk)
+            )
+        ):
+            tags[version_id][key] = value
+    successor_ids = {r.successor_id for r in rows if r.successor_id}
+    successors = {}
+    if successor_ids:
+        successors = {
+            vid: f"{name}@{ver}"
+            for vid, name, ver in session.execute(
+                sa.select(AdapterVersionRow.id, AdapterRow.name, AdapterVersionRow.version)
+                .join(AdapterRow, AdapterRow.id == AdapterVersionRow.adapter_id)
+                .where(AdapterVersionRow.id.in_(successor_ids))
+            )
+        }
+    out = []
+    for r in rows:
+        adapter, base_name = adapters[r.adapter_id]
+        out.append(
+            E.AdapterVersion(
+                adapter=adapter.name,
+                version=r.version,
+                domain=adapter.domain,
+                base_model=base_name,
+                status=r.status,
+                kind=r.kind,
+                artifact_digest=r.artifact_digest,
+                rank=r.rank,
+                alpha=r.alpha,
+                target_modules=list(r.target_modules),
+                lora_config=dict(r.lora_config),
+                n_params=r.n_params,
+                description=r.description,
+                created_at=as_utc(r.created_at),
+                aliases=aliases.get(r.id, []),
+                tags=tags.get(r.id, {}),
+                status_reason=r.status_reason,
+                successor=successors.get(r.successor_id) if r.successor_id else None,
+                run_id=r.run_id,
+            )
+        )
+    return out
+
+
+def _chunks(ids: list[int], size: int = 900) -> Iterable[list[int]]:
+    # SQLite caps bound parameters per statement; stay well under it.
+    for i in range(0, len(ids), size):
+        yield ids[i : i + size]

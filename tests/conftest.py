@@ -1,0 +1,152 @@
+"""Shared fixtures: a tiny random model of the embedded base's architecture, real PEFT
+adapters for it, and registries on SQLite and on the local PostgreSQL server."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+PG_URL = os.environ.get("PORTFOLIO_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def tiny_llama_config(**overrides):
+    """SmolLM2's architecture (Llama, GQA, tied embeddings) at toy size."""
+    from transformers import LlamaConfig
+
+    values = dict(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=True, rms_norm_eps=1e-5,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def save_tiny_model(folder: Path, seed: int = 0, **overrides) -> Path:
+    """A randomly initialised tiny Llama saved as a local model folder."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**overrides))
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_lora(base_dir: Path, out_dir: Path, *, r: int = 4, alpha: int = 8, targets=("q_proj", "v_proj"), seed: int = 1) -> Path:
+    """A real PEFT LoRA folder for the model at ``base_dir``, with non-zero B so it changes
+    the model's outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft_model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """Folder of a tiny random Llama (the test stand-in for SmolLM2-135M)."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-base"))
+
+
+@pytest.fixture(scope="session")
+def other_base(tmp_path_factory) -> Path:
+    """A tiny Llama of different width: adapters of `tiny_base` do not fit it."""
+    return save_tiny_model(tmp_path_factory.mktemp("other-base"), hidden_size=48, intermediate_size=96)
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tiny_base, tmp_path_factory) -> Path:
+    """A PEFT LoRA (r=4 on q_proj, v_proj) trained-looking for `tiny_base`."""
+    return make_lora(tiny_base, tmp_path_factory.mktemp("lora"))
+
+
+def _pg_available() -> bool:
+    import sqlalchemy as sa
+
+    try:
+        engine = sa.create_engine(PG_URL)
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_ok() -> bool:
+    ok = _pg_available()
+    if not ok and os.environ.get("PORTFOLIO_REQUIRE_PG"):
+        pytest.fail(f"PostgreSQL is required (PORTFOLIO_REQUIRE_PG) but {PG_URL} is unreachable")
+    return ok
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path, pg_ok):
+    """A fresh, empty database: a SQLite file, or a new schema on the PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'registry.db'}"
+        return
+    if not pg_ok:
+        pytest.skip(f"PostgreSQL not reachable at {PG_URL}")
+    import sqlalchemy as sa
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture
+def store_dir(tmp_path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def registry(db_url, store_dir):
+    """An initialised registry on each backend."""
+    from portfolio import Registry
+
+    reg = Registry.open(db_url, store_dir)
+    yield reg
+    reg.close()
+
+
+@pytest.fixture
+def registry_with_base(registry, tiny_base):
+    registry.add_base("tiny", tiny_base)
+    return registry
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    """Write rows to a .jsonl file and return its path."""
+    import json
+
+    def write(name: str, rows: list) -> Path:
+        path = tmp_path / name
+        path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+        return path
+
+    return write
