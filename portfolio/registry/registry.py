@@ -313,6 +313,8 @@ class Registry:
         data edges in one transaction. The adapter is created on first use. This is the
         one door that import, training and merging all go through."""
         check_name(name, "adapter name")
+        if (lora is None) != (kind == "stack"):
+            raise InvalidState(f"a {kind} version needs {'no' if kind == 'stack' else 'a'} LoRA artifact")
         parents = parents or []
         data = data or []
         for p in parents:
