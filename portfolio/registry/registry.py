@@ -284,8 +284,9 @@ class Registry:
         """Register a PEFT LoRA folder as the next version of adapter ``name``, after
         checking every module and shape against ``base``. ``data`` names the snapshots it
         was trained on (``NAME@V``), recorded as ``train`` edges."""
+        base_modules = self.base_modules(base)
         lora = adapter_files.read_lora_folder(folder)
-        adapter_files.check_fits_base(lora, self.base_modules(base), base)
+        adapter_files.check_fits_base(lora, base_modules, base)
         return self.register_version(
             name,
             base=base,
