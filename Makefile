@@ -26,7 +26,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# mlflow is a benchmark-only install, never a dependency of portfolio.
 bench: install
+	$(BIN)/pip install -q mlflow
 	$(BIN)/python bench/registry.py
 
 clean:

@@ -201,10 +201,14 @@ def adapter_group() -> None:
 @click.option("--data", "data", multiple=True, metavar="NAME@V", help="Snapshot it was trained on (repeatable).")
 @click.option("--domain", default=None, help="Domain of a new adapter (default: the first snapshot's).")
 @click.option("--description", default=None, help="Free text stored with the version.")
+@click.option("--parent", "parents", multiple=True, metavar="REF", help="Version it was made from outside portfolio (repeatable).")
+@click.option("--relation", type=click.Choice(["finetune", "merge", "stack", "import"]), default="finetune", show_default=True,
+              help="How it relates to each --parent.")
 @click.pass_context
-def adapter_import(ctx: click.Context, name: str, folder: str, base: str, data: tuple[str, ...], domain: str | None, description: str | None) -> None:
+def adapter_import(ctx: click.Context, name: str, folder: str, base: str, data: tuple[str, ...], domain: str | None,
+                   description: str | None, parents: tuple[str, ...], relation: str) -> None:
     """Import a PEFT LoRA FOLDER as the next version of adapter NAME."""
-    v = _registry(ctx).import_adapter(name, folder, base, list(data), domain, description)
+    v = _registry(ctx).import_adapter(name, folder, base, list(data), domain, description, list(parents), relation)
     click.echo(f"imported {v.ref} [{v.status}]: r={v.rank} alpha={v.alpha:g} on {', '.join(v.target_modules)}, artifact {v.artifact_digest}")
 
 

@@ -188,29 +188,44 @@ def to_versions(session: Session, rows: Iterable[AdapterVersionRow]) -> list[E.A
     for r in rows:
         adapter, base_name = adapters[r.adapter_id]
         out.append(
-            E.AdapterVersion(
-                adapter=adapter.name,
-                version=r.version,
-                domain=adapter.domain,
-                base_model=base_name,
-                status=r.status,
-                kind=r.kind,
-                artifact_digest=r.artifact_digest,
-                rank=r.rank,
-                alpha=r.alpha,
-                target_modules=list(r.target_modules),
-                lora_config=dict(r.lora_config),
-                n_params=r.n_params,
-                description=r.description,
-                created_at=as_utc(r.created_at),
-                aliases=aliases.get(r.id, []),
-                tags=tags.get(r.id, {}),
-                status_reason=r.status_reason,
-                successor=successors.get(r.successor_id) if r.successor_id else None,
-                run_id=r.run_id,
+            to_version(
+                r, adapter, base_name, aliases.get(r.id, []), tags.get(r.id, {}),
+                successors.get(r.successor_id) if r.successor_id else None,
             )
         )
     return out
+
+
+def to_version(
+    r: AdapterVersionRow,
+    adapter: AdapterRow,
+    base_name: str,
+    aliases: list[str] | None = None,
+    tags: dict[str, str] | None = None,
+    successor: str | None = None,
+) -> E.AdapterVersion:
+    """One row -> entity, when its adapter and base are already at hand."""
+    return E.AdapterVersion(
+        adapter=adapter.name,
+        version=r.version,
+        domain=adapter.domain,
+        base_model=base_name,
+        status=r.status,
+        kind=r.kind,
+        artifact_digest=r.artifact_digest,
+        rank=r.rank,
+        alpha=r.alpha,
+        target_modules=list(r.target_modules),
+        lora_config=dict(r.lora_config),
+        n_params=r.n_params,
+        description=r.description,
+        created_at=as_utc(r.created_at),
+        aliases=aliases or [],
+        tags=tags or {},
+        status_reason=r.status_reason,
+        successor=successor,
+        run_id=r.run_id,
+    )
 
 
 def _chunks(ids: list[int], size: int = 900) -> Iterable[list[int]]:

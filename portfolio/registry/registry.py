@@ -280,10 +280,13 @@ class Registry:
         data: list[str] | None = None,
         domain: str | None = None,
         description: str | None = None,
+        parents: list[str] | None = None,
+        relation: str = "finetune",
     ) -> E.AdapterVersion:
         """Register a PEFT LoRA folder as the next version of adapter ``name``, after
         checking every module and shape against ``base``. ``data`` names the snapshots it
-        was trained on (``NAME@V``), recorded as ``train`` edges."""
+        was trained on (``NAME@V``), recorded as ``train`` edges; ``parents`` the versions
+        it was made from outside portfolio (e.g. fine-tuned from), with ``relation``."""
         base_modules = self.base_modules(base)
         lora = adapter_files.read_lora_folder(folder)
         adapter_files.check_fits_base(lora, base_modules, base)
@@ -292,6 +295,7 @@ class Registry:
             base=base,
             lora=lora,
             data=[DataSpec(ref, "train") for ref in data or []],
+            parents=[ParentSpec(ref, relation, {"source": str(Path(folder).resolve())}) for ref in parents or []],
             domain=domain,
             description=description or f"imported from {Path(folder).resolve()}",
         )
@@ -382,7 +386,7 @@ class Registry:
                     )
                 )
             session.flush()
-            return queries.to_versions(session, [version])[0]
+            return queries.to_version(version, adapter, base_row.name)  # new: no aliases, tags or successor yet
 
     def get_version(self, ref: str) -> E.AdapterVersion:
         """The version ``NAME@3``, ``NAME@alias`` or ``NAME`` (latest) points at."""
