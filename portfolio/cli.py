@@ -360,6 +360,33 @@ def export(ctx: click.Context, ref: str, dest: str) -> None:
     click.echo(f"exported {ref} to {path}")
 
 
+@cli.group("runs", invoke_without_command=True)
+@click.option("--adapter", default=None, help="Only runs of this adapter.")
+@click.option("--status", default=None, type=click.Choice(["running", "succeeded", "failed", "interrupted"]))
+@click.option("--limit", default=50, show_default=True, help="How many, newest first.")
+@json_option
+@click.pass_context
+def runs_group(ctx: click.Context, adapter: str | None, status: str | None, limit: int, as_json: bool) -> None:
+    """List training and other runs (`runs show ID` for one)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    runs = _registry(ctx).list_runs(adapter, status, limit)
+    if as_json:
+        return _emit_json([r.to_dict() for r in runs])
+    click.echo(_table(
+        [[r.id, r.kind, r.adapter or "-", r.status, r.seed, _when(r.started_at), _when(r.finished_at), (r.code_version or "")[:12]] for r in runs],
+        ["ID", "KIND", "ADAPTER", "STATUS", "SEED", "STARTED", "FINISHED", "CODE"],
+    ))
+
+
+@runs_group.command("show")
+@click.argument("run_id", type=int)
+@click.pass_context
+def runs_show(ctx: click.Context, run_id: int) -> None:
+    """Show one run as JSON: every setting, seed, package versions, metrics, status."""
+    _emit_json(_registry(ctx).get_run(run_id).to_dict())
+
+
 @cli.command()
 @json_option
 @click.pass_context

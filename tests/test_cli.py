@@ -152,3 +152,16 @@ def test_every_command_has_help(path, command):
     assert command.help and command.help.strip(), f"`portfolio {' '.join(path)}` has no help text"
     result = CliRunner().invoke(cli, [*path, "--help"])
     assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_runs_list_and_show(run, populated, db_url, store_dir):
+    from portfolio import Registry
+
+    with Registry.open(db_url, store_dir) as reg:
+        r = reg.start_run("train", "py", {"lr": 0.001}, seed=3)
+        reg.update_run(r.id, status="interrupted")
+    assert "interrupted" in run("runs").output
+    assert json.loads(run("runs", "--json").output)[0]["status"] == "interrupted"
+    assert json.loads(run("runs", "show", r.id).output)["config"] == {"lr": 0.001}
+    missing = run("runs", "show", "999", ok=False)
+    assert missing.exit_code == 1 and "no run 999" in missing.stderr

@@ -272,3 +272,30 @@ def test_unknown_references_say_what_exists(registry_with_base, lora_dir):
     reg.import_adapter("py", lora_dir, "tiny")
     with pytest.raises(AdapterNotFound, match="has no version 7"):
         reg.get_version("py@7")
+
+
+def test_runs_record_environment_and_final_status(registry_with_base, lora_dir):
+    reg = registry_with_base
+    reg.import_adapter("py", lora_dir, "tiny")
+    run = reg.start_run("train", "py", {"lr": 1e-4, "rank": 8}, seed=7)
+    assert run.status == "running" and run.adapter == "py" and run.seed == 7
+    assert run.packages["torch"] and run.packages["peft"] and run.packages["python"]
+    reg.update_run(run.id, metrics={"loss": [3.1, 2.7]})
+    done = reg.update_run(run.id, status="succeeded", metrics={"tokens_per_s": 210.0})
+    assert done.metrics == {"loss": [3.1, 2.7], "tokens_per_s": 210.0}
+    assert done.finished_at is not None
+    assert [r.id for r in reg.list_runs(status="succeeded")] == [run.id]
+    with pytest.raises(InvalidState, match="unknown run status"):
+        reg.update_run(run.id, status="exploded")
+
+
+def test_evaluations_are_stored_per_version_and_base(registry_with_base, lora_dir, write_jsonl):
+    reg = registry_with_base
+    reg.add_dataset("docs", [write_jsonl("d.jsonl", [{"text": "x"}])], "python")
+    reg.import_adapter("py", lora_dir, "tiny")
+    reg.record_evaluation("py@1", "docs@1", {"loss": 2.5, "accuracy": 0.4}, n_tokens=120)
+    reg.record_evaluation("base:tiny", "docs@1", {"loss": 3.0})
+    evals = reg.evaluations("py@1")
+    assert [(e.model, e.snapshot, e.metric, e.value, e.n_tokens) for e in evals] == [
+        ("py@1", "docs@1", "loss", 2.5, 120), ("py@1", "docs@1", "accuracy", 0.4, 120)
+    ]

@@ -161,6 +161,20 @@ class Run(Entity):
 
 
 @dataclass(frozen=True)
+class Evaluation(Entity):
+    """One metric of a version (or of the base alone) on a dataset snapshot."""
+
+    model: str
+    snapshot: str
+    metric: str
+    value: float
+    n_tokens: int | None
+    run_id: int | None
+    code_version: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
 class Lineage(Entity):
     """Everything upstream of a version: versions, parent edges, data edges, runs."""
 

@@ -36,38 +36,48 @@ def lineage(session: Session, root: AdapterVersionRow) -> E.Lineage:
     """The full upstream lineage of ``root``."""
     anc = ancestors_cte(root.id)
     ids = sa.select(anc.c.id)
-    rows = session.scalars(
-        sa.select(AdapterVersionRow).where(AdapterVersionRow.id.in_(ids)).order_by(AdapterVersionRow.id)
+    # Core rows (plain tuples with attribute access), not ORM objects: a lineage of 10,000
+    # hops would otherwise spend most of its time building identity-mapped instances.
+    rows = session.execute(
+        sa.select(AdapterVersionRow.__table__).where(AdapterVersionRow.id.in_(ids)).order_by(AdapterVersionRow.id)
     ).all()
     versions = to_versions(session, rows)
     label = {r.id: v.ref for r, v in zip(rows, versions)}
 
     parents = [
-        E.ParentEdge(child=label[e.child_id], parent=label[e.parent_id], relation=e.relation, recipe=dict(e.recipe))
-        for e in session.scalars(
-            sa.select(LineageEdgeRow)
+        E.ParentEdge(child=label[child], parent=label[parent], relation=relation, recipe=dict(recipe))
+        for child, parent, relation, recipe in session.execute(
+            sa.select(LineageEdgeRow.child_id, LineageEdgeRow.parent_id, LineageEdgeRow.relation, LineageEdgeRow.recipe)
             .where(LineageEdgeRow.child_id.in_(ids))
             .order_by(LineageEdgeRow.child_id.desc(), LineageEdgeRow.position)
         )
     ]
-    data = [
-        E.DataEdge(
-            version=label[edge.version_id],
-            snapshot=f"{snap.name}@{snap.version}",
-            role=edge.role,
-            sha256=snap.sha256,
-            domain=snap.domain,
-            n_rows=edge.n_rows,
-            row_ids=list(edge.row_ids) if edge.row_ids is not None else None,
-            files=list(snap.files),
+    edges = session.execute(
+        sa.select(DataEdgeRow.version_id, DataEdgeRow.snapshot_id, DataEdgeRow.role, DataEdgeRow.row_ids, DataEdgeRow.n_rows)
+        .where(DataEdgeRow.version_id.in_(ids))
+        .order_by(DataEdgeRow.version_id.desc(), DataEdgeRow.id)
+    ).all()
+    snapshots = {
+        s.id: s
+        for s in session.execute(
+            sa.select(DatasetSnapshotRow.__table__).where(DatasetSnapshotRow.id.in_({e.snapshot_id for e in edges}))
         )
-        for edge, snap in session.execute(
-            sa.select(DataEdgeRow, DatasetSnapshotRow)
-            .join(DatasetSnapshotRow, DatasetSnapshotRow.id == DataEdgeRow.snapshot_id)
-            .where(DataEdgeRow.version_id.in_(ids))
-            .order_by(DataEdgeRow.version_id.desc(), DataEdgeRow.id)
+    } if edges else {}
+    data = []
+    for version_id, snapshot_id, role, row_ids, n_rows in edges:
+        snap = snapshots[snapshot_id]
+        data.append(
+            E.DataEdge(
+                version=label[version_id],
+                snapshot=f"{snap.name}@{snap.version}",
+                role=role,
+                sha256=snap.sha256,
+                domain=snap.domain,
+                n_rows=n_rows,
+                row_ids=list(row_ids) if row_ids is not None else None,
+                files=list(snap.files),
+            )
         )
-    ]
     run_ids = {r.run_id for r in rows if r.run_id}
     runs = []
     if run_ids:

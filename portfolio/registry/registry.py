@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from portfolio import adapter_files, basemodel
 from portfolio.data import formats
 from portfolio.errors import AlreadyExists, IncompatibleAdapter, InvalidAdapter, InvalidState
-from portfolio.registry import db, queries
+from portfolio.registry import db, queries, runs
 from portfolio.registry import entities as E
 from portfolio.registry.lineage import lineage as _lineage
 from portfolio.registry.models import (
@@ -29,6 +29,7 @@ from portfolio.registry.models import (
     AliasEventRow,
     AliasRow,
     ArtifactRow,
+    EvaluationRow,
     BaseModelRow,
     DataEdgeRow,
     DatasetSnapshotRow,
@@ -577,6 +578,76 @@ class Registry:
             self.store.read_bytes(digest)  # raises the helpful missing-artifact error
         return adapter_files.write_peft_folder(dest, weights, config, model_id)
 
+    # -- runs and evaluations -----------------------------------------------------------
+
+    def start_run(self, kind: str, adapter: str | None, config: dict[str, Any], seed: int | None = None) -> E.Run:
+        """Record a run as ``running``, with the package versions and git commit it runs on."""
+        with self._write() as (session, _put):
+            return runs.to_run(session, runs.create_run(session, kind, adapter, config, seed))
+
+    def update_run(self, run_id: int, *, status: str | None = None, metrics: dict[str, Any] | None = None,
+                   error: str | None = None, heartbeat: bool = False) -> E.Run:
+        """Merge ``metrics`` into a run, and/or move it to a final ``status``."""
+        if status is not None and status not in runs.RUN_STATUSES:
+            raise InvalidState(f"unknown run status {status!r}; use one of {', '.join(runs.RUN_STATUSES)}")
+        with self._write() as (session, _put):
+            row = runs.run_row(session, run_id)
+            if metrics:
+                row.metrics = {**row.metrics, **metrics}
+            if error is not None:
+                row.error = error
+            if heartbeat or status:
+                row.heartbeat_at = utcnow()
+            if status is not None:
+                row.status = status
+                if status != "running":
+                    row.finished_at = utcnow()
+            session.flush()
+            return runs.to_run(session, row)
+
+    def get_run(self, run_id: int) -> E.Run:
+        """One run by id."""
+        with self._read() as session:
+            return runs.to_run(session, runs.run_row(session, run_id))
+
+    def list_runs(self, adapter: str | None = None, status: str | None = None, limit: int = 100) -> list[E.Run]:
+        """Runs, newest first."""
+        with self._read() as session:
+            return runs.list_runs(session, adapter, status, limit)
+
+    def record_evaluation(self, model: str, snapshot: str, metrics: dict[str, float], n_tokens: int | None = None,
+                          row_ids: list[int] | None = None, run_id: int | None = None) -> list[E.Evaluation]:
+        """Store metric values of ``model`` (a version ref, or ``base:NAME``) on a snapshot."""
+        with self._write() as (session, _put):
+            snap = queries.snapshot_row(session, snapshot)
+            version_id = base_id = None
+            if model.startswith("base:"):
+                base_id = queries.base_row(session, model[5:]).id
+            else:
+                version_id = queries.version_row(session, model).id
+            rows = [
+                runs.add_evaluation(session, version_id=version_id, base_model_id=base_id, snapshot_id=snap.id, metric=m,
+                                    value=v, n_tokens=n_tokens, row_ids=row_ids, run_id=run_id)
+                for m, v in metrics.items()
+            ]
+            label = model if base_id else model_label(session, version_id)
+            return [E.Evaluation(label, f"{snap.name}@{snap.version}", r.metric, r.value, r.n_tokens, r.run_id, r.code_version, E.as_utc(r.created_at)) for r in rows]
+
+    def evaluations(self, ref: str) -> list[E.Evaluation]:
+        """Every stored evaluation of a version, oldest first."""
+        with self._read() as session:
+            version = queries.version_row(session, ref)
+            label = model_label(session, version.id)
+            return [
+                E.Evaluation(label, f"{snap.name}@{snap.version}", e.metric, e.value, e.n_tokens, e.run_id, e.code_version, E.as_utc(e.created_at))
+                for e, snap in session.execute(
+                    sa.select(EvaluationRow, DatasetSnapshotRow)
+                    .join(DatasetSnapshotRow, DatasetSnapshotRow.id == EvaluationRow.snapshot_id)
+                    .where(EvaluationRow.version_id == version.id)
+                    .order_by(EvaluationRow.id)
+                )
+            ]
+
     # -- integrity ----------------------------------------------------------------------
 
     def verify(self) -> E.VerifyReport:
@@ -590,6 +661,14 @@ class Registry:
             if state != "ok":
                 problems.append({"digest": digest, "kind": kind, "state": state, "used_by": ", ".join(users.get(digest, [])) or "-"})
         return E.VerifyReport(checked=len(artifacts), ok=len(artifacts) - len(problems), problems=problems)
+
+
+def model_label(session: Session, version_id: int) -> str:
+    """``NAME@V`` of a version id."""
+    name, ver = session.execute(
+        sa.select(AdapterRow.name, AdapterVersionRow.version).join(AdapterRow, AdapterRow.id == AdapterVersionRow.adapter_id).where(AdapterVersionRow.id == version_id)
+    ).one()
+    return f"{name}@{ver}"
 
 
 def _artifact_users(session: Session) -> dict[str, list[str]]:

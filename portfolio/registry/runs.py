@@ -1,0 +1,99 @@
+"""Runs (training and other jobs) and evaluation results: writes and reads on a session.
+
+Kept apart from `registry.py` so that file stays about versions; `Registry` exposes these
+as methods.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from portfolio.basemodel import package_version
+from portfolio.errors import NotFound
+from portfolio.registry import entities as E
+from portfolio.registry import queries
+from portfolio.registry.models import AdapterRow, EvaluationRow, RunRow, utcnow
+
+RUN_STATUSES = ("running", "succeeded", "failed", "interrupted")
+
+
+def environment() -> dict[str, Any]:
+    """Versions of everything that changes results: Python, torch, transformers, peft."""
+    return {
+        "python": platform.python_version(),
+        **{name: package_version(name) for name in ("torch", "transformers", "peft", "safetensors", "portfolio")},
+    }
+
+
+def code_version() -> str | None:
+    """The git commit of the portfolio checkout (``+dirty`` when modified), if there is one."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def create_run(session: Session, kind: str, adapter: str | None, config: dict[str, Any], seed: int | None) -> RunRow:
+    """Insert a run in state ``running`` with the environment it runs in."""
+    adapter_id = queries.adapter_row(session, adapter).id if adapter and _adapter_exists(session, adapter) else None
+    row = RunRow(
+        adapter_id=adapter_id, kind=kind, status="running", config=config, seed=seed,
+        packages=environment(), code_version=code_version(), metrics={}, heartbeat_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def _adapter_exists(session: Session, name: str) -> bool:
+    return session.scalar(sa.select(AdapterRow.id).where(AdapterRow.name == name)) is not None
+
+
+def run_row(session: Session, run_id: int) -> RunRow:
+    """The run with this id."""
+    row = session.get(RunRow, run_id)
+    if row is None:
+        raise NotFound(f"no run {run_id}; see `portfolio runs`")
+    return row
+
+
+def to_run(session: Session, row: RunRow) -> E.Run:
+    """Row -> entity."""
+    names = dict(session.execute(sa.select(AdapterRow.id, AdapterRow.name).where(AdapterRow.id == row.adapter_id)).all()) if row.adapter_id else {}
+    return queries.to_run(row, names)
+
+
+def list_runs(session: Session, adapter: str | None = None, status: str | None = None, limit: int = 100) -> list[E.Run]:
+    """Runs, newest first."""
+    query = sa.select(RunRow).order_by(RunRow.id.desc()).limit(limit)
+    if adapter:
+        query = query.where(RunRow.adapter_id == queries.adapter_row(session, adapter).id)
+    if status:
+        query = query.where(RunRow.status == status)
+    names = dict(session.execute(sa.select(AdapterRow.id, AdapterRow.name)).all())
+    return [queries.to_run(r, names) for r in session.scalars(query)]
+
+
+def add_evaluation(
+    session: Session, *, version_id: int | None, base_model_id: int | None, snapshot_id: int, metric: str,
+    value: float, n_tokens: int | None, row_ids: list[int] | None, run_id: int | None,
+) -> EvaluationRow:
+    """Record one metric of one model (a version, or the base alone) on one snapshot."""
+    row = EvaluationRow(
+        version_id=version_id, base_model_id=base_model_id, snapshot_id=snapshot_id, metric=metric, value=float(value),
+        n_tokens=n_tokens, row_ids=row_ids, run_id=run_id, code_version=code_version(),
+    )
+    session.add(row)
+    session.flush()
+    return row
