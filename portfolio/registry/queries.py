@@ -5,8 +5,11 @@ Everything here takes an open session; nothing commits.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections import defaultdict
 from collections.abc import Iterable
+from datetime import timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -14,6 +17,7 @@ from sqlalchemy.orm import Session
 from portfolio.errors import AdapterNotFound, BaseModelNotFound, DatasetNotFound
 from portfolio.registry import entities as E
 from portfolio.registry.entities import as_utc
+from portfolio.registry.models import utcnow
 from portfolio.registry.models import (
     AdapterRow,
     AdapterVersionRow,
@@ -126,13 +130,40 @@ def to_snapshot(row: DatasetSnapshotRow) -> E.DatasetSnapshot:
     )
 
 
+STALE_HEARTBEAT = timedelta(minutes=15)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def effective_status(row: RunRow) -> str:
+    """A run recorded as running whose process is gone (on this host) or whose heartbeat is
+    older than `STALE_HEARTBEAT` was interrupted: killed, out of memory, machine lost."""
+    if row.status != "running":
+        return row.status
+    if row.host == socket.gethostname() and row.pid and not pid_alive(row.pid):
+        return "interrupted"
+    beat = as_utc(row.heartbeat_at or row.started_at)
+    if beat is not None and utcnow() - beat > STALE_HEARTBEAT:
+        return "interrupted"
+    return "running"
+
+
 def to_run(row: RunRow, adapter_names: dict[int, str]) -> E.Run:
     """Row -> entity."""
     return E.Run(
         id=row.id,
-        adapter=adapter_names.get(row.adapter_id) if row.adapter_id else None,
+        adapter=adapter_names.get(row.adapter_id) if row.adapter_id else (row.config or {}).get("adapter"),
         kind=row.kind,
-        status=row.status,
+        status=effective_status(row),
         config=dict(row.config),
         seed=row.seed,
         packages=dict(row.packages),

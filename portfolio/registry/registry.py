@@ -65,6 +65,18 @@ class DataSpec:
     row_ids: list[int] | None = None
 
 
+@dataclass(frozen=True)
+class EvalSpec:
+    """Metrics to store with a new version: of the new version itself (``model=None``), of
+    another version (a ref) or of a base alone (``base:NAME``), on a snapshot's rows."""
+
+    model: str | None
+    snapshot: str
+    metrics: dict[str, float]
+    n_tokens: int | None = None
+    row_ids: list[int] | None = None
+
+
 class Registry:
     """Adapters, their versions, lineage and data provenance, in a database plus a store."""
 
@@ -314,9 +326,13 @@ class Registry:
         run_id: int | None = None,
         kind: str = "lora",
         composite: dict[str, Any] | None = None,
+        evaluations: list[EvalSpec] | None = None,
+        run_metrics: dict[str, Any] | None = None,
     ) -> E.AdapterVersion:
-        """Record a new candidate version of ``name`` with its artifact, parent edges and
-        data edges in one transaction. The adapter is created on first use. This is the
+        """Record a new candidate version of ``name`` with its artifact, parent edges,
+        data edges and evaluations in one transaction; with ``run_id``, the run is marked
+        succeeded (merging ``run_metrics``) in that same transaction, so a run either
+        produced its version or did not. The adapter is created on first use. This is the
         one door that import, training and merging all go through."""
         check_name(name, "adapter name")
         if (lora is None) != (kind == "stack"):
@@ -386,6 +402,23 @@ class Registry:
                         n_rows=len(spec.row_ids) if spec.row_ids is not None else snap.row_count,
                     )
                 )
+            for spec in evaluations or []:
+                if spec.model is None:
+                    target_version, target_base = version.id, None
+                elif spec.model.startswith("base:"):
+                    target_version, target_base = None, queries.base_row(session, spec.model[5:]).id
+                else:
+                    target_version, target_base = queries.version_row(session, spec.model).id, None
+                snap = queries.snapshot_row(session, spec.snapshot)
+                for metric, value in spec.metrics.items():
+                    runs.add_evaluation(session, version_id=target_version, base_model_id=target_base, snapshot_id=snap.id,
+                                        metric=metric, value=value, n_tokens=spec.n_tokens, row_ids=spec.row_ids, run_id=run_id)
+            if run_id is not None:
+                run = runs.run_row(session, run_id)
+                run.adapter_id = adapter.id
+                run.status = "succeeded"
+                run.finished_at = run.heartbeat_at = utcnow()
+                run.metrics = {**run.metrics, **(run_metrics or {}), "version": f"{name}@{version.version}"}
             session.flush()
             return queries.to_version(version, adapter, base_row.name)  # new: no aliases, tags or successor yet
 
@@ -602,6 +635,14 @@ class Registry:
                 row.status = status
                 if status != "running":
                     row.finished_at = utcnow()
+            session.flush()
+            return runs.to_run(session, row)
+
+    def claim_run(self, run_id: int) -> E.Run:
+        """Mark an interrupted or failed run as running in this process (to resume it)."""
+        with self._write() as (session, _put):
+            row = runs.run_row(session, run_id)
+            runs.claim(session, row)
             session.flush()
             return runs.to_run(session, row)
 

@@ -6,7 +6,9 @@ as methods.
 
 from __future__ import annotations
 
+import os
 import platform
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,7 @@ def create_run(session: Session, kind: str, adapter: str | None, config: dict[st
     row = RunRow(
         adapter_id=adapter_id, kind=kind, status="running", config=config, seed=seed,
         packages=environment(), code_version=code_version(), metrics={}, heartbeat_at=utcnow(),
+        host=socket.gethostname(), pid=os.getpid(),
     )
     session.add(row)
     session.flush()
@@ -74,15 +77,31 @@ def to_run(session: Session, row: RunRow) -> E.Run:
     return queries.to_run(row, names)
 
 
+def claim(session: Session, row: RunRow) -> None:
+    """Mark a run as running in this process (a resume takes an interrupted run over)."""
+    row.status = "running"
+    row.host, row.pid = socket.gethostname(), os.getpid()
+    row.heartbeat_at = utcnow()
+    row.finished_at = None
+    row.error = None
+
+
 def list_runs(session: Session, adapter: str | None = None, status: str | None = None, limit: int = 100) -> list[E.Run]:
-    """Runs, newest first."""
-    query = sa.select(RunRow).order_by(RunRow.id.desc()).limit(limit)
+    """Runs, newest first. ``interrupted`` includes runs whose process died without saying
+    so (kill -9, power loss): see `queries.effective_status`."""
+    query = sa.select(RunRow).order_by(RunRow.id.desc())
     if adapter:
-        query = query.where(RunRow.adapter_id == queries.adapter_row(session, adapter).id)
-    if status:
+        a = queries.adapter_row(session, adapter)
+        query = query.where(sa.or_(RunRow.adapter_id == a.id, RunRow.config["adapter"].as_string() == adapter))
+    if status in ("running", "interrupted"):
+        query = query.where(RunRow.status.in_(["running", "interrupted"]))
+    elif status:
         query = query.where(RunRow.status == status)
     names = dict(session.execute(sa.select(AdapterRow.id, AdapterRow.name)).all())
-    return [queries.to_run(r, names) for r in session.scalars(query)]
+    out = [queries.to_run(r, names) for r in session.scalars(query)]
+    if status:
+        out = [r for r in out if r.status == status]
+    return out[:limit]
 
 
 def add_evaluation(

@@ -1,0 +1,113 @@
+"""Rows -> token examples for causal-LM training and evaluation.
+
+- ``text`` rows are packed: every row's tokens plus EOS go into one stream, cut into
+  ``seq_len`` blocks, so no position is padding (only a short tail block can be).
+- ``prompt_completion`` and chat ``messages`` rows go through the base's chat template, one
+  example per row, with the loss on the assistant tokens only (labels -100 elsewhere).
+
+Each example remembers which (source, row id) pairs it holds, so the exact rows a training
+run used can be recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from portfolio.errors import InvalidDataset
+
+IGNORE = -100
+MIN_TAIL = 16  # a packed tail shorter than this is dropped, unless it is all there is
+
+
+@dataclass
+class Example:
+    """One training/evaluation sequence."""
+
+    input_ids: list[int]
+    labels: list[int]
+    rows: list[tuple[int, int]] = field(default_factory=list)  # (source index, row id)
+
+    @property
+    def n_targets(self) -> int:
+        """Positions that carry a loss (labels shifted by one, as in causal LM)."""
+        return sum(1 for t in self.labels[1:] if t != IGNORE)
+
+
+def _pack_text(rows: list[dict[str, Any]], source: int, tokenizer: Any, seq_len: int) -> list[Example]:
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    owners: list[int] = []
+    for row in rows:
+        ids = tokenizer(row["data"]["text"], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        stream.extend(ids)
+        owners.extend([row["row"]] * len(ids))
+    examples = []
+    for start in range(0, len(stream), seq_len):
+        block = stream[start : start + seq_len]
+        if len(block) < MIN_TAIL and examples:
+            break
+        rows_in = sorted(set(owners[start : start + seq_len]))
+        examples.append(Example(block, list(block), [(source, r) for r in rows_in]))
+    return examples
+
+
+def _chat(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def _chat_example(messages: list[dict[str, str]], tokenizer: Any, seq_len: int) -> tuple[list[int], list[int]]:
+    ids = _chat(tokenizer, messages)
+    labels = [IGNORE] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        # the assistant's tokens are what the template adds between the prompt for this
+        # turn and the conversation including it
+        start = len(_chat(tokenizer, messages[:i], add_generation_prompt=True))
+        end = len(_chat(tokenizer, messages[: i + 1]))
+        labels[start:end] = ids[start:end]
+    return ids[:seq_len], labels[:seq_len]
+
+
+def encode_rows(rows: list[dict[str, Any]], fmt: str, tokenizer: Any, seq_len: int, source: int = 0) -> list[Example]:
+    """Tokenise a snapshot's rows (stored form ``{"row", "sha", "data"}``) into examples."""
+    if not rows:
+        return []
+    if fmt == "text":
+        return _pack_text(rows, source, tokenizer, seq_len)
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidDataset(
+            f"{fmt} rows need a chat template, and this base's tokenizer has none; use text rows or a chat model"
+        )
+    examples = []
+    for row in rows:
+        data = row["data"]
+        messages = data["messages"] if fmt == "messages" else [
+            {"role": "user", "content": data["prompt"]},
+            {"role": "assistant", "content": data["completion"]},
+        ]
+        ids, labels = _chat_example(messages, tokenizer, seq_len)
+        example = Example(ids, labels, [(source, row["row"])])
+        if example.n_targets:
+            examples.append(example)
+    return examples
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
+    """Right-pad a list of examples into ``input_ids``, ``attention_mask``, ``labels``."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,1 @@
+"""Scoring adapters on held-out rows."""

@@ -1,0 +1,1 @@
+"""LoRA training with replay and Learning-without-Forgetting regularisation."""

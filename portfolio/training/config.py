@@ -1,0 +1,104 @@
+"""Training settings: one typed dataclass, validated all at once, stored with every run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from portfolio.errors import PortfolioError
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class InvalidTrainConfig(PortfolioError, ValueError):
+    """A training setting is out of range or inconsistent with another."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run. ``rank``/``alpha``/``targets`` left at
+    None follow the parent version when warm-starting, else the defaults."""
+
+    adapter: str
+    data: str
+    base: str | None = None
+    from_ref: str | None = None
+    replay_ratio: float = 0.1
+    replay_from: list[str] = field(default_factory=list)
+    kl_weight: float = 0.0
+    rank: int | None = None
+    alpha: float | None = None
+    targets: list[str] | None = None
+    dropout: float = 0.0
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 2e-4
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_size: int = 8
+    seq_len: int = 256
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 50
+    eval_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.rank is not None and self.rank < 1:
+            problems.append(f"--rank must be at least 1 (got {self.rank})")
+        if self.alpha is not None and self.alpha <= 0:
+            problems.append(f"--alpha must be positive (got {self.alpha})")
+        if not 0 <= self.replay_ratio < 1:
+            problems.append(f"--replay-ratio must be in [0, 1) (got {self.replay_ratio})")
+        if self.kl_weight < 0:
+            problems.append(f"--kl-weight must be ≥ 0 (got {self.kl_weight})")
+        if self.kl_weight > 0 and self.replay_ratio == 0:
+            problems.append("--kl-weight applies to replay rows; set --replay-ratio above 0")
+        if self.steps is not None and self.epochs is not None:
+            problems.append("give --steps or --epochs, not both")
+        if self.steps is not None and self.steps < 1:
+            problems.append(f"--steps must be at least 1 (got {self.steps})")
+        if self.epochs is not None and self.epochs <= 0:
+            problems.append(f"--epochs must be positive (got {self.epochs})")
+        if self.lr <= 0:
+            problems.append(f"--lr must be positive (got {self.lr})")
+        if self.batch_size < 1:
+            problems.append(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.seq_len < 8:
+            problems.append(f"--seq-len must be at least 8 (got {self.seq_len})")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"--dropout must be in [0, 1) (got {self.dropout})")
+        if self.device not in DEVICES:
+            problems.append(f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})")
+        if self.checkpoint_every < 1:
+            problems.append(f"--checkpoint-every must be at least 1 (got {self.checkpoint_every})")
+        if self.targets is not None and not self.targets:
+            problems.append("--targets must name at least one module")
+        if problems:
+            raise InvalidTrainConfig("; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict (stored with the run)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Rebuild from a stored dict, ignoring keys this version does not know."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def get_lr(step: int, total_steps: int, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``min_lr_ratio · lr`` at the last step."""
+    import math
+
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if total_steps <= warmup_steps + 1:
+        return lr
+    progress = (step - warmup_steps) / (total_steps - warmup_steps - 1)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))

@@ -1,0 +1,210 @@
+"""The training loop, top to bottom.
+
+Given a PEFT model whose adapter ``default`` is being trained, the tokenised fresh and replay
+examples and a `TrainConfig`, run the optimisation with a deterministic data order, write a
+checkpoint (all resume state) every ``checkpoint_every`` steps, and return what happened.
+Nothing here touches the registry: `portfolio.training.train` wires it in.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from portfolio.data.replay import replay_counts
+from portfolio.data.tokenize import IGNORE, Example, collate
+from portfolio.training.config import TrainConfig, get_lr
+
+
+@dataclass
+class Schedule:
+    """Which examples go into every step's batch: (fresh indices, replay indices)."""
+
+    batches: list[tuple[list[int], list[int]]]
+
+    @property
+    def steps(self) -> int:
+        return len(self.batches)
+
+
+def make_schedule(n_fresh: int, n_replay: int, cfg: TrainConfig) -> Schedule:
+    """A data order fixed by the seed alone, so a resumed run sees exactly what an
+    uninterrupted one would. Fresh examples go epoch by epoch in seeded permutations;
+    replay examples cycle through their own seeded permutation."""
+    ratio = cfg.replay_ratio if n_replay else 0.0
+    fresh_per_step = cfg.batch_size - cfg.batch_size * ratio
+    steps = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * n_fresh / fresh_per_step))
+    rng = random.Random(cfg.seed)
+    fresh_order: list[int] = []
+    replay_order: list[int] = []
+    batches = []
+    for n_rep in replay_counts(steps, cfg.batch_size, ratio):
+        n_new = cfg.batch_size - n_rep
+        while len(fresh_order) < n_new:
+            fresh_order += rng.sample(range(n_fresh), n_fresh)
+        while len(replay_order) < n_rep:
+            replay_order += rng.sample(range(n_replay), n_replay)
+        batches.append((fresh_order[:n_new], replay_order[:n_rep]))
+        fresh_order, replay_order = fresh_order[n_new:], replay_order[n_rep:]
+    return Schedule(batches)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over positions whose label is not ignored."""
+    targets = labels[:, 1:]
+    n = int((targets != IGNORE).sum())
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+    return loss, n
+
+
+def distillation_kl(new_logits: torch.Tensor, parent_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """KL(p_parent ‖ p_new) of the next-token distributions, averaged over scored positions
+    (Learning without Forgetting, temperature 1)."""
+    mask = labels[:, 1:] != IGNORE
+    log_new = F.log_softmax(new_logits[:, :-1].float(), dim=-1)[mask]
+    log_parent = F.log_softmax(parent_logits[:, :-1].float(), dim=-1)[mask]
+    return F.kl_div(log_new, log_parent, log_target=True, reduction="batchmean")
+
+
+@dataclass
+class LoopResult:
+    """What a finished (or resumed-and-finished) loop reports."""
+
+    losses: list[float] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+    fresh_used: set[int] = field(default_factory=set)
+    replay_used: set[int] = field(default_factory=set)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically: a reader (or a resume after kill -9) sees the old or the new file."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process (CPU: max RSS) or of the CUDA allocator."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_loop(
+    model: torch.nn.Module,
+    fresh: list[Example],
+    replay: list[Example],
+    cfg: TrainConfig,
+    schedule: Schedule,
+    pad_id: int,
+    checkpoint_path: Path,
+    parent_logits: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
+) -> LoopResult:
+    """Train ``model``'s active adapter along ``schedule``; resume from ``checkpoint_path``
+    when it exists. ``parent_logits(batch)`` gives the frozen parent's logits for the KL term."""
+    device = resolve_device(cfg.device)
+    model.to(device).train()
+    params = _trainable(model)
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(10, max(1, schedule.steps // 10))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    result = LoopResult()
+    start = 0
+
+    # Resume: every piece of state that affects the result is in the checkpoint.
+    if checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        with torch.no_grad():
+            for name, tensor in state["params"].items():
+                params[name].copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"].cpu())
+        start = state["step"]
+        result = state["result"]
+
+    for step in range(start, schedule.steps):
+        t0 = time.perf_counter()
+        lr = get_lr(step, schedule.steps, cfg.lr, warmup, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        fresh_idx, replay_idx = schedule.batches[step]
+        examples = [fresh[i] for i in fresh_idx] + [replay[i] for i in replay_idx]
+        batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
+
+        with autocast:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss, n_targets = causal_lm_loss(logits, batch["labels"])
+            kl_value = 0.0
+            if replay_idx and cfg.kl_weight > 0 and parent_logits is not None:
+                # the KL term only on replay rows: they stand for what the parent knew
+                rows = slice(len(fresh_idx), None)
+                replay_batch = {k: v[rows] for k, v in batch.items()}
+                with torch.no_grad():
+                    old = parent_logits(replay_batch)
+                kl = distillation_kl(logits[rows], old, replay_batch["labels"])
+                loss = loss + cfg.kl_weight * kl
+                kl_value = float(kl)
+
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        seconds = time.perf_counter() - t0
+        tokens = int(batch["attention_mask"].sum())
+        result.losses.append(float(loss))
+        result.kl.append(kl_value)
+        result.tokens += tokens
+        result.seconds += seconds
+        result.fresh_used.update(fresh_idx)
+        result.replay_used.update(replay_idx)
+        if on_step is not None:
+            on_step(step, {"loss": float(loss), "kl": kl_value, "lr": lr, "tokens_per_s": tokens / seconds, "n_targets": n_targets})
+
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < schedule.steps:
+            result.peak_memory_mb = max(result.peak_memory_mb, peak_memory_mb(device))
+            save_checkpoint(checkpoint_path, {
+                "step": step + 1,
+                "params": {n: p.detach().cpu().clone() for n, p in params.items()},
+                "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state(),
+                "result": result,
+            })
+            if on_checkpoint is not None:
+                on_checkpoint(step + 1)
+
+    result.peak_memory_mb = max(result.peak_memory_mb, peak_memory_mb(device))
+    model.eval()
+    return result

@@ -1,0 +1,328 @@
+"""`train_adapter`: one training run from settings to a registered candidate version.
+
+1. resolve the plan against the registry (parent, replay sources, LoRA shape) and fail on
+   bad settings before any work;
+2. tokenise the training split and a seeded reservoir of replay rows;
+3. record a run, load the base (and the parent adapter), run `train_loop` with checkpoints;
+4. evaluate the new version and its parent on the held-out rows of every snapshot involved;
+5. register the version, its lineage, data edges (exact row ids), evaluations and the run's
+   success in one transaction.
+
+A run killed anywhere before step 5 leaves no version; ``resume=RUN`` continues it from its
+last checkpoint to the same weights an uninterrupted run gives.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from portfolio import adapter_files
+from portfolio.data import formats
+from portfolio.data.replay import replay_counts, reservoir_sample
+from portfolio.data.splits import split_rows
+from portfolio.data.tokenize import Example, encode_rows
+from portfolio.errors import AdapterNotFound, InvalidDataset, InvalidState
+from portfolio.registry.entities import AdapterVersion, DatasetSnapshot
+from portfolio.registry.registry import DataSpec, EvalSpec, ParentSpec, Registry
+from portfolio.training.config import DEFAULT_TARGETS, InvalidTrainConfig, TrainConfig
+
+
+@dataclass
+class TrainOutcome:
+    """What `train_adapter` made."""
+
+    version: AdapterVersion
+    run_id: int
+    parent: str  # a version ref, or base:NAME
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """A `TrainConfig` resolved against the registry."""
+
+    cfg: TrainConfig
+    snapshot: DatasetSnapshot
+    replay_sources: list[DatasetSnapshot]
+    parent: AdapterVersion | None
+    notes: list[str]
+
+
+def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
+    """Resolve every reference and default; raise on anything that would fail later."""
+    notes: list[str] = []
+    snapshot = registry.get_snapshot(cfg.data)
+    existing = [v for v in registry.list_versions(adapter=cfg.adapter)] if _adapter_exists(registry, cfg.adapter) else []
+    base = cfg.base or (existing[0].base_model if existing else None)
+    if base is None:
+        raise InvalidTrainConfig(f"adapter {cfg.adapter!r} is new: name its base model with --base")
+    if existing and existing[0].base_model != base:
+        raise InvalidTrainConfig(f"adapter {cfg.adapter!r} is built on {existing[0].base_model!r}, not {base!r}")
+    base_modules = registry.base_modules(base)
+
+    parent = None
+    if cfg.from_ref:
+        parent = registry.get_version(cfg.from_ref)
+    elif existing:
+        active = [v for v in existing if v.status == "active"]
+        parent = (active or existing)[-1]
+        which = "latest active" if active else "latest (none is active)"
+        notes.append(f"continuing from {parent.ref}, the {which} version of {cfg.adapter}; pass --from to choose")
+    if parent is not None:
+        if parent.base_model != base:
+            raise InvalidTrainConfig(f"--from {parent.ref} is built on {parent.base_model!r}, not {base!r}")
+        if parent.artifact_digest is None:
+            raise InvalidTrainConfig(f"--from {parent.ref} is a {parent.kind} version; warm-start from a single adapter")
+        inherited = {"rank": parent.rank, "alpha": parent.alpha, "targets": parent.target_modules}
+        for key, value in inherited.items():
+            given = getattr(cfg, key)
+            if given is not None and (sorted(given) if key == "targets" else given) != value:
+                raise InvalidTrainConfig(f"--{key} {given} differs from {parent.ref}'s {value}; a warm start keeps the parent's shape")
+        cfg = replace(cfg, rank=parent.rank, alpha=parent.alpha, targets=list(parent.target_modules))
+    else:
+        cfg = replace(cfg, rank=cfg.rank or 8, alpha=cfg.alpha or 2.0 * (cfg.rank or 8), targets=cfg.targets or list(DEFAULT_TARGETS))
+
+    known = sorted({name.rsplit(".", 1)[-1] for name in base_modules})
+    unknown = [t for t in cfg.targets if t not in known]
+    if unknown:
+        raise InvalidTrainConfig(f"--targets {','.join(unknown)}: not a linear layer of base {base!r}; choose from {', '.join(known)}")
+
+    if cfg.replay_from:
+        sources = [registry.get_snapshot(ref) for ref in cfg.replay_from]
+    elif parent is not None:
+        upstream = [d.snapshot for d in registry.lineage(parent.ref).data if d.role == "train"]
+        sources = [registry.get_snapshot(ref) for ref in dict.fromkeys(upstream)]
+    else:
+        sources = []
+    sources = [s for s in sources if s.ref != snapshot.ref]
+    if cfg.replay_ratio > 0 and not sources:
+        notes.append("no earlier snapshots to replay (first version, no --replay-from): training without replay")
+        if cfg.kl_weight > 0:
+            raise InvalidTrainConfig("--kl-weight needs replay rows, and there are no earlier snapshots; pass --replay-from")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InvalidTrainConfig("--device cuda: no CUDA device is available here; use --device auto or cpu")
+    cfg = replace(
+        cfg, base=base, data=snapshot.ref, from_ref=parent.ref if parent else None,
+        replay_from=[s.ref for s in sources], replay_ratio=cfg.replay_ratio if sources else 0.0,
+    )
+    return Plan(cfg, snapshot, sources, parent, notes)
+
+
+def _adapter_exists(registry: Registry, name: str) -> bool:
+    try:
+        registry.list_versions(adapter=name)
+        return True
+    except AdapterNotFound:
+        return False
+
+
+@dataclass
+class Prepared:
+    """Tokenised data for one run."""
+
+    fresh: list[Example]
+    replay: list[Example]
+    heldout: dict[str, tuple[list[Example], list[int]]]  # snapshot ref -> (examples, row ids)
+
+
+def prepare_data(registry: Registry, plan: Plan, tokenizer: Any) -> Prepared:
+    """Tokenise the training split, sample and tokenise the replay buffer, and the held-out
+    split of every snapshot involved."""
+    cfg = plan.cfg
+    snapshots = [plan.snapshot] + plan.replay_sources
+    splits = {s.ref: split_rows(registry.snapshot_rows(s.ref)) for s in snapshots}
+    train_rows, _ = splits[plan.snapshot.ref]
+    fresh = encode_rows(train_rows, plan.snapshot.format, tokenizer, cfg.seq_len, source=0)
+    if not fresh:
+        raise InvalidDataset(f"{plan.snapshot.ref} yields no training tokens with this base's tokenizer (--data)")
+
+    replay: list[Example] = []
+    if plan.replay_sources and cfg.replay_ratio > 0:
+        from portfolio.training.loop import make_schedule
+
+        steps = make_schedule(len(fresh), 1, cfg).steps
+        needed = sum(replay_counts(steps, cfg.batch_size, cfg.replay_ratio))
+        pool = [(i, row) for i, s in enumerate(plan.replay_sources, start=1) for row in splits[s.ref][0]]
+        buffer = reservoir_sample(pool, max(1, needed), cfg.seed)
+        for i, s in enumerate(plan.replay_sources, start=1):
+            replay += encode_rows([row for src, row in buffer if src == i], s.format, tokenizer, cfg.seq_len, source=i)
+
+    heldout = {}
+    for s in snapshots:
+        rows = splits[s.ref][1]
+        heldout[s.ref] = (encode_rows(rows, s.format, tokenizer, cfg.seq_len), [r["row"] for r in rows])
+    return Prepared(fresh, replay, heldout)
+
+
+def _used_rows(examples: list[Example], used: set[int], sources: list[DatasetSnapshot], offset: int) -> dict[str, list[int]]:
+    rows: dict[str, set[int]] = {}
+    for i in used:
+        for source, row in examples[i].rows:
+            rows.setdefault(sources[source - offset].ref, set()).add(row)
+    return {ref: sorted(ids) for ref, ids in rows.items()}
+
+
+def train_adapter(
+    registry: Registry,
+    cfg: TrainConfig | None = None,
+    *,
+    resume: int | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainOutcome:
+    """Train (or, with ``resume=RUN``, finish) one run and register its version."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from portfolio.evaluation.metrics import evaluate_examples
+    from portfolio.modeling import load_base, model_folder
+    from portfolio.training.loop import make_schedule, resolve_device, train_loop
+
+    if resume is not None:
+        run = registry.get_run(resume)
+        if run.kind != "train":
+            raise InvalidState(f"run {resume} is a {run.kind} run, not a training run")
+        if run.status == "succeeded":
+            raise InvalidState(f"run {resume} already finished and made {run.metrics.get('version')}; nothing to resume")
+        if run.status == "running":
+            raise InvalidState(f"run {resume} is still running; stop it first, or wait")
+        cfg = TrainConfig.from_dict(run.config)
+        plan = plan_training(registry, cfg)
+        if plan.cfg.to_dict() != cfg.to_dict():
+            raise InvalidState(f"run {resume} can no longer be resumed: its inputs changed in the registry")
+        registry.claim_run(resume)
+        run_id = resume
+        log(f"resuming run {run_id}")
+    else:
+        if cfg is None:
+            raise InvalidTrainConfig("give a TrainConfig, or resume=RUN")
+        plan = plan_training(registry, cfg)
+    for note in plan.notes:
+        log(note)
+    cfg = plan.cfg
+
+    base = registry.get_base(cfg.base)
+    folder, _ = model_folder(base, log)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    data = prepare_data(registry, plan, tokenizer)
+    schedule = make_schedule(len(data.fresh), len(data.replay), cfg)
+
+    if resume is None:
+        run_id = registry.start_run("train", cfg.adapter, cfg.to_dict(), seed=cfg.seed).id
+        log(f"run {run_id}: {schedule.steps} steps of {cfg.batch_size}×{cfg.seq_len} on {cfg.data}"
+            + (f", replay {cfg.replay_ratio:.0%} from {', '.join(cfg.replay_from)}" if cfg.replay_ratio else "")
+            + (f", KL weight {cfg.kl_weight:g}" if cfg.kl_weight else ""))
+    workdir = registry.store.root / "work" / "runs" / str(run_id)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    try:
+        torch.manual_seed(cfg.seed)
+        model, _ = load_base(base, log=log)
+        device = resolve_device(cfg.device)
+        parent_dir = None
+        if plan.parent is not None:
+            parent_dir = registry.export(plan.parent.ref, Path(tempfile.mkdtemp(dir=workdir)) / "parent")
+            model = PeftModel.from_pretrained(model, parent_dir, adapter_name="default", is_trainable=True)
+            model.load_adapter(parent_dir, adapter_name="parent", is_trainable=False)
+            model.set_adapter("default")
+        else:
+            lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.targets, lora_dropout=cfg.dropout, task_type="CAUSAL_LM")
+            model = get_peft_model(model, lora)
+        model.to(device)
+
+        def parent_logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            if plan.parent is None:
+                with model.disable_adapter():
+                    return model(**inputs).logits
+            model.set_adapter("parent", inference_mode=True)
+            try:
+                return model(**inputs).logits
+            finally:
+                model.set_adapter("default")
+
+        bar = _progress(schedule.steps, progress)
+
+        def step_hook(step: int, stats: dict[str, float]) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{stats['tokens_per_s']:.0f}")
+            if on_step:
+                on_step(step, stats)
+
+        checkpoint = workdir / "checkpoint.pt"
+        if checkpoint.is_file():
+            bar.update(torch.load(checkpoint, weights_only=False)["step"])
+        result = train_loop(
+            model, data.fresh, data.replay, cfg, schedule, pad_id, checkpoint,
+            parent_logits=parent_logits, on_step=step_hook,
+            on_checkpoint=lambda step: registry.update_run(run_id, heartbeat=True, metrics={"checkpoint_step": step}),
+        )
+        bar.close()
+
+        # Evaluate new and parent on every held-out split before anything is registered.
+        parent_name = plan.parent.ref if plan.parent else f"base:{base.name}"
+        evals: list[EvalSpec] = []
+        report = []
+        for ref, (examples, row_ids) in data.heldout.items():
+            if not examples:
+                continue
+            new = evaluate_examples(model, examples, pad_id, cfg.eval_batch_size, device)
+            if plan.parent is None:
+                with model.disable_adapter():
+                    old = evaluate_examples(model, examples, pad_id, cfg.eval_batch_size, device)
+            else:
+                model.set_adapter("parent", inference_mode=True)
+                old = evaluate_examples(model, examples, pad_id, cfg.eval_batch_size, device)
+                model.set_adapter("default")
+            for who, m in ((None, new), (parent_name, old)):
+                evals.append(EvalSpec(who, ref, {k: v for k, v in m.items() if k != "n_tokens"}, int(m["n_tokens"]), row_ids))
+            report.append({"snapshot": ref, "new_loss": new["loss"], "parent_loss": old["loss"], "n_tokens": new["n_tokens"]})
+
+        out_dir = workdir / "adapter"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        model.save_pretrained(out_dir, selected_adapters=["default"], safe_serialization=True)
+        lora_folder = adapter_files.read_lora_folder(out_dir)
+
+        train_rows = _used_rows(data.fresh, result.fresh_used, [plan.snapshot], 0)
+        replay_rows = _used_rows(data.replay, result.replay_used, plan.replay_sources, 1)
+        metrics = {
+            "loss_curve": result.losses, "kl_curve": result.kl if cfg.kl_weight else [],
+            "final_loss": result.losses[-1], "tokens": result.tokens, "tokens_per_s": result.tokens_per_s,
+            "wall_s": result.seconds, "peak_memory_mb": result.peak_memory_mb, "steps": schedule.steps,
+            "replay_sequences": sum(len(r) for _, r in schedule.batches), "device": str(device),
+        }
+        version = registry.register_version(
+            cfg.adapter, base=cfg.base, lora=lora_folder, run_id=run_id, run_metrics=metrics,
+            parents=[ParentSpec(plan.parent.ref, "finetune", {"method": "lora", "replay_ratio": cfg.replay_ratio, "kl_weight": cfg.kl_weight, "steps": schedule.steps, "lr": cfg.lr})] if plan.parent else [],
+            data=[DataSpec(plan.snapshot.ref, "train", train_rows.get(plan.snapshot.ref, []))]
+            + [DataSpec(ref, "replay", ids) for ref, ids in replay_rows.items()],
+            description=f"trained on {cfg.data}" + (f" from {plan.parent.ref}" if plan.parent else ""),
+            evaluations=evals,
+        )
+    except KeyboardInterrupt:
+        registry.update_run(run_id, status="interrupted", error="interrupted (Ctrl-C)")
+        raise InvalidState(f"run {run_id} interrupted; continue it with `portfolio train --resume {run_id}`") from None
+    except Exception as exc:
+        registry.update_run(run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    shutil.rmtree(workdir, ignore_errors=True)
+    return TrainOutcome(version, run_id, parent_name, report, metrics)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="train", unit="step", disable=not enabled, dynamic_ncols=True, leave=True)
