@@ -23,6 +23,9 @@ def tiny_llama_config(**overrides):
         vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
         tie_word_embeddings=True, rms_norm_eps=1e-5,
+        # wider than the default 0.02 so the tied 32-wide embedding can express sharp
+        # next-token distributions: a LoRA can then visibly learn (and forget) in a few steps
+        initializer_range=0.2,
     )
     values.update(overrides)
     return LlamaConfig(**values)
@@ -171,3 +174,45 @@ def write_jsonl(tmp_path):
         return path
 
     return write
+
+
+WORDS = "the cat sat on the mat and looked at the dog who sat by the door".split()
+
+
+def domain_rows(kind: str, n: int = 60, seed: int = 0) -> list[dict]:
+    """Two toy domains a tiny model can learn apart in a few steps: English-ish words, numbers."""
+    import random
+
+    rng = random.Random(seed)
+    if kind == "words":
+        return [{"text": " ".join(rng.choice(WORDS) for _ in range(40))} for _ in range(n)]
+    return [{"text": " ".join(str(rng.randint(0, 99)) for _ in range(40))} for _ in range(n)]
+
+
+def _add_domains(reg, write_jsonl):
+    reg.add_dataset("words", [write_jsonl("words.jsonl", domain_rows("words"))], "words")
+    reg.add_dataset("numbers", [write_jsonl("numbers.jsonl", domain_rows("numbers"))], "numbers")
+    return reg
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'registry.db'}"
+
+
+@pytest.fixture
+def trainable(sqlite_url, store_dir, tiny_base, write_jsonl):
+    """A SQLite registry with the tiny base and two domains: words@1 and numbers@1. Training
+    logic does not depend on the backend; `trainable_any` runs on both."""
+    from portfolio import Registry
+
+    reg = Registry.open(sqlite_url, store_dir)
+    reg.add_base("tiny", tiny_base)
+    yield _add_domains(reg, write_jsonl)
+    reg.close()
+
+
+@pytest.fixture
+def trainable_any(registry_with_base, write_jsonl):
+    """Like `trainable`, on SQLite and on PostgreSQL."""
+    return _add_domains(registry_with_base, write_jsonl)

@@ -91,8 +91,9 @@ def list_runs(session: Session, adapter: str | None = None, status: str | None =
     so (kill -9, power loss): see `queries.effective_status`."""
     query = sa.select(RunRow).order_by(RunRow.id.desc())
     if adapter:
-        a = queries.adapter_row(session, adapter)
-        query = query.where(sa.or_(RunRow.adapter_id == a.id, RunRow.config["adapter"].as_string() == adapter))
+        # a run of a brand-new adapter has no adapter row until it registers its version
+        adapter_id = session.scalar(sa.select(AdapterRow.id).where(AdapterRow.name == adapter))
+        query = query.where(sa.or_(RunRow.adapter_id == adapter_id, RunRow.config["adapter"].as_string() == adapter))
     if status in ("running", "interrupted"):
         query = query.where(RunRow.status.in_(["running", "interrupted"]))
     elif status:

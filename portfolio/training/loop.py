@@ -174,7 +174,7 @@ def train_loop(
                     old = parent_logits(replay_batch)
                 kl = distillation_kl(logits[rows], old, replay_batch["labels"])
                 loss = loss + cfg.kl_weight * kl
-                kl_value = float(kl)
+                kl_value = float(kl.detach())
 
         loss.backward()
         if cfg.grad_clip > 0:
@@ -184,14 +184,15 @@ def train_loop(
 
         seconds = time.perf_counter() - t0
         tokens = int(batch["attention_mask"].sum())
-        result.losses.append(float(loss))
+        loss_value = float(loss.detach())
+        result.losses.append(loss_value)
         result.kl.append(kl_value)
         result.tokens += tokens
         result.seconds += seconds
         result.fresh_used.update(fresh_idx)
         result.replay_used.update(replay_idx)
         if on_step is not None:
-            on_step(step, {"loss": float(loss), "kl": kl_value, "lr": lr, "tokens_per_s": tokens / seconds, "n_targets": n_targets})
+            on_step(step, {"loss": loss_value, "kl": kl_value, "lr": lr, "tokens_per_s": tokens / seconds, "n_targets": n_targets})
 
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < schedule.steps:
             result.peak_memory_mb = max(result.peak_memory_mb, peak_memory_mb(device))
