@@ -111,3 +111,11 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def shifted_labels(labels: Any) -> Any:
+    """Labels moved one position left (position t scores token t+1), ignored at the end.
+    Shifting the labels rather than slicing the logits avoids copying a [B, T, vocab] tensor."""
+    import torch.nn.functional as F
+
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from portfolio.data.tokenize import IGNORE, Example, collate
+from portfolio.data.tokenize import IGNORE, Example, collate, shifted_labels
 
 
 @torch.no_grad()
@@ -23,11 +23,12 @@ def evaluate_examples(model: Any, examples: list[Example], pad_id: int, batch_si
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
         with autocast:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        targets = batch["labels"][:, 1:]
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = shifted_labels(batch["labels"])
         mask = targets != IGNORE
-        total_loss += float(F.cross_entropy(logits[mask], targets[mask], reduction="sum"))
-        total_correct += int((logits.argmax(-1)[mask] == targets[mask]).sum())
+        scored = logits[mask].float()  # only the scored positions, [n, vocab]
+        total_loss += float(F.cross_entropy(scored, targets[mask], reduction="sum"))
+        total_correct += int((scored.argmax(-1) == targets[mask]).sum())
         total += int(mask.sum())
     if was_training:
         model.train()

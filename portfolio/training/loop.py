@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from portfolio.data.replay import replay_counts
-from portfolio.data.tokenize import IGNORE, Example, collate
+from portfolio.data.tokenize import IGNORE, Example, collate, shifted_labels
 from portfolio.training.config import TrainConfig, get_lr
 
 
@@ -68,18 +68,17 @@ def resolve_device(name: str) -> torch.device:
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over positions whose label is not ignored."""
-    targets = labels[:, 1:]
-    n = int((targets != IGNORE).sum())
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
-    return loss, n
+    targets = shifted_labels(labels)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+    return loss, int((targets != IGNORE).sum())
 
 
 def distillation_kl(new_logits: torch.Tensor, parent_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """KL(p_parent ‖ p_new) of the next-token distributions, averaged over scored positions
     (Learning without Forgetting, temperature 1)."""
-    mask = labels[:, 1:] != IGNORE
-    log_new = F.log_softmax(new_logits[:, :-1].float(), dim=-1)[mask]
-    log_parent = F.log_softmax(parent_logits[:, :-1].float(), dim=-1)[mask]
+    mask = shifted_labels(labels) != IGNORE
+    log_new = F.log_softmax(new_logits[mask].float(), dim=-1)
+    log_parent = F.log_softmax(parent_logits[mask].float(), dim=-1)
     return F.kl_div(log_new, log_parent, log_target=True, reduction="batchmean")
 
 
@@ -192,7 +191,8 @@ def train_loop(
         result.fresh_used.update(fresh_idx)
         result.replay_used.update(replay_idx)
         if on_step is not None:
-            on_step(step, {"loss": loss_value, "kl": kl_value, "lr": lr, "tokens_per_s": tokens / seconds, "n_targets": n_targets})
+            on_step(step, {"loss": loss_value, "kl": kl_value, "lr": lr, "tokens": tokens, "seconds": seconds,
+                           "tokens_per_s": tokens / seconds, "n_targets": n_targets})
 
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < schedule.steps:
             result.peak_memory_mb = max(result.peak_memory_mb, peak_memory_mb(device))
