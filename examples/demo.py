@@ -23,7 +23,7 @@ from pathlib import Path
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' own deprecations
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from python_docs import python_reference_rows, write_jsonl  # noqa: E402
+from python_docs import python_reference_rows, stdlib_source_rows, write_jsonl  # noqa: E402
 
 WORK = Path(os.environ.get("PORTFOLIO_DEMO_DIR", "build/demo")).resolve()
 ENV = {
@@ -69,7 +69,19 @@ def main() -> None:
     print("\n# A week later: continue the deployed version on fresh data, replaying 25% of each")
     print("# batch from the first drop and distilling the parent's predictions on those rows:")
     portfolio("train", "python-docs", "--data", "python-docs@2", "--replay-ratio", "0.25", "--kl-weight", "0.5", *TRAIN)
-    portfolio("alias", "set", "python-docs", "production", "2", "--reason", "fresh docs drop")
+
+    print("\n# Promote only through the quality gates: no regression beyond 2% on the first drop,")
+    print("# a gain on the fresh one (the scores from training are reused, nothing is recomputed):")
+    portfolio("gate", "set", "python-docs", "--max-regression", "0.02", "--min-gain", "0.0", "--retention", "python-docs@1")
+    portfolio("promote", "python-docs@2", "--alias", "production")
+
+    print("\n# Fresh data of another kind arrives (standard-library source code): has the deployed adapter drifted?")
+    code = write_jsonl(WORK / "drops" / "python-stdlib-2026-11-15.jsonl", stdlib_source_rows())
+    portfolio("data", "add", "python-stdlib", code, "--domain", "python-code", "--source", "python:stdlib", "--license", "PSF-2.0")
+    portfolio("revalidate", "python-docs@production", "--data", "python-stdlib@1", "--data", "python-docs@2")
+    portfolio("eval", "base:smollm2-135m", "--data", "python-stdlib@1")
+    portfolio("matrix", "--plot", WORK / "matrix.png")
+    portfolio("history", "python-docs", "--plot", WORK / "history.png")
     portfolio("list")
     portfolio("runs")
     portfolio("alias", "history", "python-docs")

@@ -33,3 +33,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return path
+
+
+def stdlib_source_rows(modules: tuple[str, ...] = ("json/decoder.py", "textwrap.py", "fractions.py"), max_chars: int = 1200) -> list[dict[str, str]]:
+    """Rows of Python standard-library source code: a domain shift from prose to code."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rows = []
+    for name in modules:
+        text = (root / name).read_text(encoding="utf-8")
+        for start in range(0, len(text), max_chars):
+            chunk = text[start : start + max_chars].strip()
+            if chunk:
+                rows.append({"text": chunk})
+    return rows

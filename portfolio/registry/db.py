@@ -18,7 +18,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from portfolio.errors import AlreadyExists, DatabaseError, SchemaOutOfDate
@@ -57,11 +57,19 @@ def create_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
+            # Python's sqlite3 commits before DDL on its own, so a failed migration would
+            # leave half its changes behind: take transaction control away from it and
+            # emit BEGIN ourselves (SQLAlchemy's documented recipe for transactional DDL).
+            dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the one writer
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):  # noqa: ANN001
+            conn.exec_driver_sql("BEGIN")
 
         return engine
     try:
@@ -103,23 +111,45 @@ def has_tables(engine: Engine) -> bool:
     return bool(sa.inspect(engine).get_table_names())
 
 
+def _migrate(engine: Engine, fn, revision: str) -> None:
+    """Run an Alembic command in one transaction. On SQLite, foreign keys are switched off for
+    the duration (batch mode recreates tables, and dropping a referenced table would fail)
+    and checked afterwards; a failure rolls everything back, leaving the old revision."""
+    cfg = alembic_config(engine)
+    sqlite = engine.dialect.name == "sqlite"
+    before = current_revision(engine)
+    try:
+        with engine.connect() as conn:
+            if sqlite:  # outside any transaction, where SQLite honours it
+                conn.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")
+            try:
+                with conn.begin():
+                    cfg.attributes["connection"] = conn
+                    fn(cfg, revision)
+                    if sqlite:
+                        broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                        if broken:
+                            raise DatabaseError(f"migration to {revision} would break {len(broken)} foreign keys; nothing was changed")
+            finally:
+                if sqlite:
+                    conn.connection.dbapi_connection.execute("PRAGMA foreign_keys=ON")
+    except SQLAlchemyError as exc:
+        raise DatabaseError(
+            f"migrating the registry to {revision} failed ({_first_line(exc)}); it was left at revision {before or 'empty'}"
+        ) from exc
+
+
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
     """Migrate the schema to ``revision``; return (from, to). All in one transaction."""
     before = current_revision(engine)
-    cfg = alembic_config(engine)
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
+    _migrate(engine, command.upgrade, revision)
     return before, current_revision(engine)
 
 
 def downgrade(engine: Engine, revision: str) -> tuple[str | None, str | None]:
     """Migrate the schema down to ``revision`` (``base`` empties it)."""
     before = current_revision(engine)
-    cfg = alembic_config(engine)
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, revision)
+    _migrate(engine, command.downgrade, revision)
     return before, current_revision(engine)
 
 

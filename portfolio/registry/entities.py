@@ -97,6 +97,7 @@ class AdapterVersion(Entity):
     status_reason: str | None = None
     successor: str | None = None
     run_id: int | None = None
+    drifted: bool = False
 
     @property
     def ref(self) -> str:

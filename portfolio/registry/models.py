@@ -24,6 +24,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import false as sa_false
 
 # Named constraints, so that migrations can drop and alter them on every backend.
 NAMING_CONVENTION = {
@@ -135,6 +136,7 @@ class AdapterVersionRow(Base):
     n_params: Mapped[int] = mapped_column(BigInteger)
     run_id: Mapped[Optional[int]] = mapped_column(ForeignKey("runs.id"))
     description: Mapped[Optional[str]] = mapped_column(Text)
+    drifted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -179,6 +181,40 @@ class EvaluationRow(Base):
     row_ids: Mapped[Optional[list[Any]]] = mapped_column(JSON)
     run_id: Mapped[Optional[int]] = mapped_column(ForeignKey("runs.id"))
     code_version: Mapped[Optional[str]] = mapped_column(String(100))
+    # what was scored, hashed: model bytes, snapshot, rows, settings; equal key = reusable result
+    eval_key: Mapped[Optional[str]] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class GatePolicyRow(Base):
+    """Per adapter: what a candidate must satisfy to take an alias."""
+
+    __tablename__ = "gate_policies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"), unique=True)
+    metric: Mapped[str] = mapped_column(String(100))
+    max_regression: Mapped[float] = mapped_column(Float)
+    min_gain: Mapped[float] = mapped_column(Float)
+    retention: Mapped[list[Any]] = mapped_column(JSON)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RevalidationRow(Base):
+    """A deployed version scored on fresh data against its score at promotion."""
+
+    __tablename__ = "revalidations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"), index=True)
+    snapshot_id: Mapped[int] = mapped_column(ForeignKey("dataset_snapshots.id"))
+    alias: Mapped[Optional[str]] = mapped_column(String(100))
+    metric: Mapped[str] = mapped_column(String(100))
+    baseline: Mapped[float] = mapped_column(Float)
+    baseline_snapshot: Mapped[Optional[str]] = mapped_column(String(250))
+    value: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    drifted: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -256,6 +256,7 @@ def to_version(
         status_reason=r.status_reason,
         successor=successor,
         run_id=r.run_id,
+        drifted=bool(r.drifted),
     )
 
 

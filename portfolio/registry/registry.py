@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from portfolio import adapter_files, basemodel
 from portfolio.data import formats
 from portfolio.errors import AlreadyExists, IncompatibleAdapter, InvalidAdapter, InvalidState
-from portfolio.registry import db, queries, runs
+from portfolio.registry import db, quality, queries, runs
 from portfolio.registry import entities as E
 from portfolio.registry.lineage import lineage as _lineage
 from portfolio.registry.models import (
@@ -75,6 +75,7 @@ class EvalSpec:
     metrics: dict[str, float]
     n_tokens: int | None = None
     row_ids: list[int] | None = None
+    eval_key: str | None = None
 
 
 class Registry:
@@ -412,7 +413,8 @@ class Registry:
                 snap = queries.snapshot_row(session, spec.snapshot)
                 for metric, value in spec.metrics.items():
                     runs.add_evaluation(session, version_id=target_version, base_model_id=target_base, snapshot_id=snap.id,
-                                        metric=metric, value=value, n_tokens=spec.n_tokens, row_ids=spec.row_ids, run_id=run_id)
+                                        metric=metric, value=value, n_tokens=spec.n_tokens, row_ids=spec.row_ids, run_id=run_id,
+                                        eval_key=spec.eval_key)
             if run_id is not None:
                 run = runs.run_row(session, run_id)
                 run.adapter_id = adapter.id
@@ -489,7 +491,8 @@ class Registry:
 
     # -- aliases, tags, lifecycle -------------------------------------------------------
 
-    def set_alias(self, adapter: str, alias: str, version: int | str, reason: str | None = None, force: bool = False) -> E.AliasEvent:
+    def set_alias(self, adapter: str, alias: str, version: int | str, reason: str | None = None, force: bool = False,
+                  action: str = "set") -> E.AliasEvent:
         """Point ``adapter@alias`` at a version and append the move to the alias history.
         A candidate version becomes active; a deprecated or archived one is refused unless
         ``force``."""
@@ -524,8 +527,8 @@ class Registry:
                 alias=alias,
                 from_version_id=previous,
                 to_version_id=target.id,
-                action="set",
-                forced=force,
+                action=action,
+                forced=force and action != "rollback",
                 reason=reason,
             )
             session.add(event)
@@ -657,7 +660,7 @@ class Registry:
             return runs.list_runs(session, adapter, status, limit)
 
     def record_evaluation(self, model: str, snapshot: str, metrics: dict[str, float], n_tokens: int | None = None,
-                          row_ids: list[int] | None = None, run_id: int | None = None) -> list[E.Evaluation]:
+                          row_ids: list[int] | None = None, run_id: int | None = None, eval_key: str | None = None) -> list[E.Evaluation]:
         """Store metric values of ``model`` (a version ref, or ``base:NAME``) on a snapshot."""
         with self._write() as (session, _put):
             snap = queries.snapshot_row(session, snapshot)
@@ -668,7 +671,7 @@ class Registry:
                 version_id = queries.version_row(session, model).id
             rows = [
                 runs.add_evaluation(session, version_id=version_id, base_model_id=base_id, snapshot_id=snap.id, metric=m,
-                                    value=v, n_tokens=n_tokens, row_ids=row_ids, run_id=run_id)
+                                    value=v, n_tokens=n_tokens, row_ids=row_ids, run_id=run_id, eval_key=eval_key)
                 for m, v in metrics.items()
             ]
             label = model if base_id else model_label(session, version_id)
@@ -688,6 +691,52 @@ class Registry:
                     .order_by(EvaluationRow.id)
                 )
             ]
+
+    def find_evaluation(self, eval_key: str) -> dict[str, Any] | None:
+        """A stored result for exactly these inputs (see `evaluation.evaluate.eval_key`), or None."""
+        with self._read() as session:
+            return quality.find_evaluation(session, eval_key)
+
+    def evaluation_table(self, adapters: list[str] | None = None, snapshots: list[str] | None = None, metric: str = "loss") -> list[dict[str, Any]]:
+        """Newest stored value of ``metric`` per (model, snapshot); nothing is computed."""
+        with self._read() as session:
+            for name in adapters or []:
+                queries.adapter_row(session, name)
+            snaps = [f"{r.name}@{r.version}" for r in (queries.snapshot_row(session, s) for s in snapshots or [])]
+            return quality.evaluation_table(session, adapters, snaps or None, metric)
+
+    # -- gates, promotion, revalidation ---------------------------------------------------
+
+    def set_gate(self, adapter: str, metric: str = "loss", max_regression: float = 0.02, min_gain: float = 0.0,
+                 retention: list[str] | None = None) -> dict[str, Any]:
+        """Store an adapter's gate policy (replacing any earlier one)."""
+        from portfolio.evaluation.gates import GatePolicy
+
+        GatePolicy(adapter, metric, max_regression, min_gain, list(retention or []))  # validates
+        with self._write() as (session, _put):
+            quality.set_gate(session, adapter, metric, max_regression, min_gain, list(retention or []))
+            return quality.get_gate(session, adapter)
+
+    def get_gate(self, adapter: str) -> dict[str, Any] | None:
+        """The adapter's gate policy, or None when it has none (the defaults then apply)."""
+        with self._read() as session:
+            return quality.get_gate(session, adapter)
+
+    def record_refusal(self, adapter: str, alias: str, candidate: str, reason: str) -> None:
+        """Append a refused promotion to the alias history."""
+        with self._write() as (session, _put):
+            quality.record_refusal(session, adapter, alias, candidate, reason)
+
+    def rollback(self, adapter: str, alias: str = "production", reason: str | None = None) -> E.AliasEvent:
+        """Move an alias back to the version it pointed at before, through its history."""
+        with self._read() as session:
+            target = quality.rollback_target(session, adapter, alias)
+        return self.set_alias(adapter, alias, target, reason=reason or "rollback", force=True, action="rollback")
+
+    def record_revalidations(self, ref: str, alias: str | None, results: list[dict[str, Any]]) -> None:
+        """Store revalidation results of a version; its drifted flag becomes whether any drifted."""
+        with self._write() as (session, _put):
+            quality.record_revalidations(session, ref, alias, results)
 
     # -- integrity ----------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ as methods.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import socket
@@ -33,6 +34,7 @@ def environment() -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str | None:
     """The git commit of the portfolio checkout (``+dirty`` when modified), if there is one."""
     root = Path(__file__).resolve().parents[2]
@@ -107,12 +109,12 @@ def list_runs(session: Session, adapter: str | None = None, status: str | None =
 
 def add_evaluation(
     session: Session, *, version_id: int | None, base_model_id: int | None, snapshot_id: int, metric: str,
-    value: float, n_tokens: int | None, row_ids: list[int] | None, run_id: int | None,
+    value: float, n_tokens: int | None, row_ids: list[int] | None, run_id: int | None, eval_key: str | None = None,
 ) -> EvaluationRow:
     """Record one metric of one model (a version, or the base alone) on one snapshot."""
     row = EvaluationRow(
         version_id=version_id, base_model_id=base_model_id, snapshot_id=snapshot_id, metric=metric, value=float(value),
-        n_tokens=n_tokens, row_ids=row_ids, run_id=run_id, code_version=code_version(),
+        n_tokens=n_tokens, row_ids=row_ids, run_id=run_id, code_version=code_version(), eval_key=eval_key,
     )
     session.add(row)
     session.flush()

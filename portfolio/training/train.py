@@ -272,8 +272,19 @@ def train_adapter(
         )
         bar.close()
 
-        # Evaluate new and parent on every held-out split before anything is registered.
+        out_dir = workdir / "adapter"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        model.save_pretrained(out_dir, selected_adapters=["default"], safe_serialization=True)
+        lora_folder = adapter_files.read_lora_folder(out_dir)
+
+        # Evaluate new and parent on every held-out split before anything is registered; the
+        # keys let a later `portfolio eval` of the same inputs reuse these numbers.
+        from portfolio.evaluation.evaluate import eval_key
+        from portfolio.store.local import sha256_file
+
         parent_name = plan.parent.ref if plan.parent else f"base:{base.name}"
+        digests = {None: sha256_file(lora_folder.weights), parent_name: plan.parent.artifact_digest if plan.parent else None}
+        snapshot_sha = {s.ref: s.sha256 for s in [plan.snapshot] + plan.replay_sources}
         evals: list[EvalSpec] = []
         report = []
         for ref, (examples, row_ids) in data.heldout.items():
@@ -288,13 +299,9 @@ def train_adapter(
                 old = evaluate_examples(model, examples, pad_id, cfg.eval_batch_size, device)
                 model.set_adapter("default")
             for who, m in ((None, new), (parent_name, old)):
-                evals.append(EvalSpec(who, ref, {k: v for k, v in m.items() if k != "n_tokens"}, int(m["n_tokens"]), row_ids))
+                key = eval_key(base.weights_sha256, digests[who], snapshot_sha[ref], row_ids, cfg.seq_len)
+                evals.append(EvalSpec(who, ref, {k: v for k, v in m.items() if k != "n_tokens"}, int(m["n_tokens"]), row_ids, key))
             report.append({"snapshot": ref, "new_loss": new["loss"], "parent_loss": old["loss"], "n_tokens": new["n_tokens"]})
-
-        out_dir = workdir / "adapter"
-        shutil.rmtree(out_dir, ignore_errors=True)
-        model.save_pretrained(out_dir, selected_adapters=["default"], safe_serialization=True)
-        lora_folder = adapter_files.read_lora_folder(out_dir)
 
         train_rows = _used_rows(data.fresh, result.fresh_used, [plan.snapshot], 0)
         replay_rows = _used_rows(data.replay, result.replay_used, plan.replay_sources, 1)
