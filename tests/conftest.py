@@ -3,6 +3,7 @@ adapters for it, and registries on SQLite and on the local PostgreSQL server."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -120,14 +121,9 @@ def pg_ok() -> bool:
     return ok
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path, pg_ok):
-    """A fresh, empty database: a SQLite file, or a new schema on the PostgreSQL server."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'registry.db'}"
-        return
-    if not pg_ok:
-        pytest.skip(f"PostgreSQL not reachable at {PG_URL}")
+@contextlib.contextmanager
+def pg_schema_url():
+    """A URL whose connections live in a fresh schema of the test database, dropped after."""
     import sqlalchemy as sa
 
     schema = f"t_{uuid.uuid4().hex[:12]}"
@@ -140,6 +136,27 @@ def db_url(request, tmp_path, pg_ok):
         with admin.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path, pg_ok):
+    """A fresh, empty database: a SQLite file, or a new schema on the PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'registry.db'}"
+        return
+    if not pg_ok:
+        pytest.skip(f"PostgreSQL not reachable at {PG_URL}")
+    with pg_schema_url() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url(pg_ok):
+    """A fresh schema on the PostgreSQL server (for what only PostgreSQL can do)."""
+    if not pg_ok:
+        pytest.skip(f"PostgreSQL not reachable at {PG_URL}")
+    with pg_schema_url() as url:
+        yield url
 
 
 @pytest.fixture

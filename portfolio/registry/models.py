@@ -264,3 +264,53 @@ class ArtifactRow(Base):
     kind: Mapped[str] = mapped_column(String(40))
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ScheduleRow(Base):
+    """A watched folder whose fresh files retrain an adapter on a timetable."""
+
+    __tablename__ = "schedules"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    adapter: Mapped[str] = mapped_column(String(200), unique=True)
+    base: Mapped[Optional[str]] = mapped_column(String(200))
+    dataset: Mapped[str] = mapped_column(String(200))
+    domain: Mapped[str] = mapped_column(String(200))
+    watch_dir: Mapped[str] = mapped_column(String(2000))
+    pattern: Mapped[str] = mapped_column(String(200))
+    every_seconds: Mapped[Optional[int]] = mapped_column(Integer)
+    cron: Mapped[Optional[str]] = mapped_column(String(200))
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    promote_alias: Mapped[Optional[str]] = mapped_column(String(100))
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    next_run_at: Mapped[datetime] = mapped_column(index=True)
+    last_checked_at: Mapped[Optional[datetime]] = mapped_column()
+    last_outcome: Mapped[Optional[str]] = mapped_column(Text)
+    seen: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobRow(Base):
+    """One cycle of a schedule on one set of fresh files; unique per (schedule, data digest)
+    so the same fresh data never trains twice."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("schedule_id", "data_digest"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    schedule_id: Mapped[int] = mapped_column(ForeignKey("schedules.id"), index=True)
+    data_digest: Mapped[str] = mapped_column(String(64))
+    files: Mapped[list[Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(20), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    worker: Mapped[Optional[str]] = mapped_column(String(200))
+    lease_until: Mapped[Optional[datetime]] = mapped_column()
+    heartbeat_at: Mapped[Optional[datetime]] = mapped_column()
+    not_before: Mapped[datetime] = mapped_column(default=utcnow)
+    error: Mapped[Optional[str]] = mapped_column(Text)
+    log: Mapped[list[Any]] = mapped_column(JSON)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[Optional[datetime]] = mapped_column()
+    finished_at: Mapped[Optional[datetime]] = mapped_column()

@@ -127,6 +127,13 @@ class Registry:
     # -- plumbing -----------------------------------------------------------------------
 
     @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session for packages that keep their own tables (the scheduler): commits on
+        success, rolls back on error, like every registry call."""
+        with db.session_scope(self._sessions) as session:
+            yield session
+
+    @contextmanager
     def _read(self) -> Iterator[Session]:
         with db.session_scope(self._sessions) as session:
             yield session

@@ -128,6 +128,7 @@ def train_loop(
     parent_logits: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> LoopResult:
     """Train ``model``'s active adapter along ``schedule``; resume from ``checkpoint_path``
     when it exists. ``parent_logits(batch)`` gives the frozen parent's logits for the KL term."""
@@ -194,7 +195,8 @@ def train_loop(
             on_step(step, {"loss": loss_value, "kl": kl_value, "lr": lr, "tokens": tokens, "seconds": seconds,
                            "tokens_per_s": tokens / seconds, "n_targets": n_targets})
 
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < schedule.steps:
+        stopping = should_stop is not None and should_stop() and step + 1 < schedule.steps
+        if stopping or ((step + 1) % cfg.checkpoint_every == 0 and step + 1 < schedule.steps):
             result.peak_memory_mb = max(result.peak_memory_mb, peak_memory_mb(device))
             save_checkpoint(checkpoint_path, {
                 "step": step + 1,
@@ -205,6 +207,8 @@ def train_loop(
             })
             if on_checkpoint is not None:
                 on_checkpoint(step + 1)
+            if stopping:  # asked to stop (SIGTERM): the step is checkpointed, nothing is lost
+                raise KeyboardInterrupt
 
     result.peak_memory_mb = max(result.peak_memory_mb, peak_memory_mb(device))
     model.eval()

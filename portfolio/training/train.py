@@ -179,6 +179,8 @@ def train_adapter(
     log: Callable[[str], None] = print,
     progress: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_run: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainOutcome:
     """Train (or, with ``resume=RUN``, finish) one run and register its version."""
     import torch
@@ -225,6 +227,8 @@ def train_adapter(
         log(f"run {run_id}: {schedule.steps} steps of {cfg.batch_size}×{cfg.seq_len} on {cfg.data}"
             + (f", replay {cfg.replay_ratio:.0%} from {', '.join(cfg.replay_from)}" if cfg.replay_ratio else "")
             + (f", KL weight {cfg.kl_weight:g}" if cfg.kl_weight else ""))
+    if on_run is not None:
+        on_run(run_id)
     workdir = registry.store.root / "work" / "runs" / str(run_id)
     workdir.mkdir(parents=True, exist_ok=True)
 
@@ -267,7 +271,7 @@ def train_adapter(
             bar.update(torch.load(checkpoint, weights_only=False)["step"])
         result = train_loop(
             model, data.fresh, data.replay, cfg, schedule, pad_id, checkpoint,
-            parent_logits=parent_logits, on_step=step_hook,
+            parent_logits=parent_logits, on_step=step_hook, should_stop=should_stop,
             on_checkpoint=lambda step: registry.update_run(run_id, heartbeat=True, metrics={"checkpoint_step": step}),
         )
         bar.close()

@@ -1,0 +1,1 @@
+"""Schedules, the job queue and the worker: the continual-learning loop."""
