@@ -136,12 +136,29 @@ def test_sigterm_checkpoints_and_exits_cleanly(setup):
     assert [v.ref for v in reg.list_versions()] == ["w@1"]
 
 
+def _wait_until_locked(path, timeout=120):
+    """Until another process holds the worker lock (its start-up can take seconds)."""
+    import fcntl
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists():
+            with open(path) as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    return
+        time.sleep(0.1)
+    raise AssertionError("the first worker never took its lock")
+
+
 def test_sqlite_refuses_a_second_worker(tmp_path, store_dir, tiny_base):
     url = f"sqlite:///{tmp_path / 'r.db'}"
     Registry.open(url, store_dir).close()
     first = cli(url, store_dir, "scheduler", "run", "--poll", "0.2", wait=False)
     try:
-        time.sleep(4)
+        _wait_until_locked(tmp_path / "r.db.scheduler.lock")
         second = cli(url, store_dir, "scheduler", "run", "--once")
         assert second.returncode == 1
         assert "use PostgreSQL" in second.stderr and second.stderr.count("\n") == 1
