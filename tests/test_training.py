@@ -64,6 +64,8 @@ def test_replay_edges_name_real_rows_of_earlier_snapshots(trainable_any):
     # evaluated on the held-out rows of the new data and of the replayed snapshot, beside the parent
     assert {e["snapshot"] for e in out.evaluations} == {"numbers@1", "words@1"}
     assert {e.model for e in trainable.evaluations("w@1")} == {"w@1"}  # parent scored too
+    # w@1 on words@1 was stored by w@1's own run: w@2's run reused it instead of recomputing
+    assert len([e for e in trainable.evaluations("w@1") if e.snapshot == "words@1" and e.metric == "loss"]) == 1
 
 
 def test_replay_keeps_more_of_the_first_domain(trainable):

@@ -137,6 +137,10 @@ class Worker:
             s = {k: getattr(sched, k) for k in ("adapter", "base", "dataset", "domain", "watch_dir", "promote_alias")}
             settings, result = dict(sched.settings), dict(job.result)
 
+        # score at the training sequence length, so that revalidation, training and the gates
+        # share stored results instead of recomputing them
+        seq_len = settings.get("seq_len") or 256
+
         def step(line: str, **res: Any) -> None:
             jobs.note(reg, job_id, line, **res)
             self.log(f"[{self.name}] job {job_id} {s['adapter']}: {line}")
@@ -161,7 +165,7 @@ class Worker:
             except NotFound:
                 parent = None
         if parent:
-            [r] = revalidate(reg, f"{s['adapter']}@{alias}", [snapshot.ref], log=lambda *_: None)
+            [r] = revalidate(reg, f"{s['adapter']}@{alias}", [snapshot.ref], seq_len=seq_len, log=lambda *_: None)
             step(f"revalidated {r.version} on {snapshot.ref}: {r.metric} {r.value:.4f} vs {r.baseline:.4f} at promotion "
                  f"({r.change:+.1%}){' DRIFT' if r.drifted else ''}", revalidation={"change": r.change, "drifted": r.drifted})
 
@@ -191,7 +195,7 @@ class Worker:
             return f"{version} registered as a candidate (no alias to promote)"
         if reg.get_version(version).aliases and alias in reg.get_version(version).aliases:
             return f"{version} already is {s['adapter']}@{alias}"
-        outcome = promote(reg, version, alias, log=lambda *_: None)
+        outcome = promote(reg, version, alias, seq_len=seq_len, log=lambda *_: None)
         if outcome.promoted:
             step(f"promoted {version} to {alias}", promoted=True)
             return f"{version} promoted to {s['adapter']}@{alias}"

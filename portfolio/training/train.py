@@ -295,7 +295,11 @@ def train_adapter(
             if not examples:
                 continue
             new = evaluate_examples(model, examples, pad_id, cfg.eval_batch_size, device)
-            if plan.parent is None:
+            parent_key = eval_key(base.weights_sha256, digests[parent_name], snapshot_sha[ref], row_ids, cfg.seq_len)
+            stored = registry.find_evaluation(parent_key)  # the parent's own run (or a revalidation) often scored it
+            if stored is not None:
+                old = {**stored["metrics"], "n_tokens": stored["n_tokens"]}
+            elif plan.parent is None:
                 with model.disable_adapter():
                     old = evaluate_examples(model, examples, pad_id, cfg.eval_batch_size, device)
             else:
@@ -303,6 +307,8 @@ def train_adapter(
                 old = evaluate_examples(model, examples, pad_id, cfg.eval_batch_size, device)
                 model.set_adapter("default")
             for who, m in ((None, new), (parent_name, old)):
+                if who is not None and stored is not None:
+                    continue  # already stored under this key
                 key = eval_key(base.weights_sha256, digests[who], snapshot_sha[ref], row_ids, cfg.seq_len)
                 evals.append(EvalSpec(who, ref, {k: v for k, v in m.items() if k != "n_tokens"}, int(m["n_tokens"]), row_ids, key))
             report.append({"snapshot": ref, "new_loss": new["loss"], "parent_loss": old["loss"], "n_tokens": new["n_tokens"]})
