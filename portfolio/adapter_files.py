@@ -72,6 +72,7 @@ def split_key(key: str) -> tuple[str, str]:
 
 def read_lora_folder(path: str | os.PathLike) -> LoraFolder:
     """Read and validate a PEFT LoRA folder without loading a model."""
+    import torch
     from safetensors import safe_open
 
     path = Path(path)
@@ -107,8 +108,6 @@ def read_lora_folder(path: str | os.PathLike) -> LoraFolder:
                 module, half = split_key(key)
                 halves.setdefault(module, {})[half] = tuple(fh.get_slice(key).get_shape())
             for key in fh.keys():
-                import torch
-
                 if not torch.isfinite(fh.get_tensor(key)).all():
                     raise InvalidAdapter(f"{path}: tensor {key} holds NaN or inf values")
     except InvalidAdapter:

@@ -411,12 +411,7 @@ class Registry:
                     )
                 )
             for spec in evaluations or []:
-                if spec.model is None:
-                    target_version, target_base = version.id, None
-                elif spec.model.startswith("base:"):
-                    target_version, target_base = None, queries.base_row(session, spec.model[5:]).id
-                else:
-                    target_version, target_base = queries.version_row(session, spec.model).id, None
+                target_version, target_base = (version.id, None) if spec.model is None else _eval_target(session, spec.model)
                 snap = queries.snapshot_row(session, spec.snapshot)
                 for metric, value in spec.metrics.items():
                     runs.add_evaluation(session, version_id=target_version, base_model_id=target_base, snapshot_id=snap.id,
@@ -671,11 +666,7 @@ class Registry:
         """Store metric values of ``model`` (a version ref, or ``base:NAME``) on a snapshot."""
         with self._write() as (session, _put):
             snap = queries.snapshot_row(session, snapshot)
-            version_id = base_id = None
-            if model.startswith("base:"):
-                base_id = queries.base_row(session, model[5:]).id
-            else:
-                version_id = queries.version_row(session, model).id
+            version_id, base_id = _eval_target(session, model)
             rows = [
                 runs.add_evaluation(session, version_id=version_id, base_model_id=base_id, snapshot_id=snap.id, metric=m,
                                     value=v, n_tokens=n_tokens, row_ids=row_ids, run_id=run_id, eval_key=eval_key)
@@ -758,6 +749,13 @@ class Registry:
             if state != "ok":
                 problems.append({"digest": digest, "kind": kind, "state": state, "used_by": ", ".join(users.get(digest, [])) or "-"})
         return E.VerifyReport(checked=len(artifacts), ok=len(artifacts) - len(problems), problems=problems)
+
+
+def _eval_target(session: Session, model: str) -> tuple[int | None, int | None]:
+    """(version id, base id) of what an evaluation scores: a version ref or ``base:NAME``."""
+    if model.startswith("base:"):
+        return None, queries.base_row(session, model[5:]).id
+    return queries.version_row(session, model).id, None
 
 
 def model_label(session: Session, version_id: int) -> str:

@@ -58,7 +58,10 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
     """Resolve every reference and default; raise on anything that would fail later."""
     notes: list[str] = []
     snapshot = registry.get_snapshot(cfg.data)
-    existing = [v for v in registry.list_versions(adapter=cfg.adapter)] if _adapter_exists(registry, cfg.adapter) else []
+    try:
+        existing = registry.list_versions(adapter=cfg.adapter)
+    except AdapterNotFound:
+        existing = []
     base = cfg.base or (existing[0].base_model if existing else None)
     if base is None:
         raise InvalidTrainConfig(f"adapter {cfg.adapter!r} is new: name its base model with --base")
@@ -115,14 +118,6 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
         replay_from=[s.ref for s in sources], replay_ratio=cfg.replay_ratio if sources else 0.0,
     )
     return Plan(cfg, snapshot, sources, parent, notes)
-
-
-def _adapter_exists(registry: Registry, name: str) -> bool:
-    try:
-        registry.list_versions(adapter=name)
-        return True
-    except AdapterNotFound:
-        return False
 
 
 @dataclass
