@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from portfolio.errors import AdapterNotFound, InvalidState
 from portfolio.evaluation.evaluate import DEFAULT_SEQ_LEN, evaluate
 from portfolio.evaluation.gates import GateCheck, GatePolicy, check_gates, relative_improvement
-from portfolio.registry.entities import AliasEvent
+from portfolio.registry.entities import AliasEvent, Lineage
 from portfolio.registry.registry import Registry
 
 DEFAULT_DRIFT_THRESHOLD = 0.05
@@ -32,8 +32,8 @@ class PromoteOutcome:
         return [c for c in self.checks if not c.passed]
 
 
-def _train_snapshots(registry: Registry, ref: str) -> list[str]:
-    return [d.snapshot for d in registry.lineage(ref).data if d.version == ref and d.role == "train"]
+def _train_snapshots(lineage: Lineage) -> list[str]:
+    return [d.snapshot for d in lineage.data if d.version == lineage.root and d.role == "train"]
 
 
 def promote(registry: Registry, ref: str, alias: str = "production", *, force: bool = False, reason: str | None = None,
@@ -52,11 +52,10 @@ def promote(registry: Registry, ref: str, alias: str = "production", *, force: b
         raise InvalidState(f"{candidate.ref} already is {candidate.adapter}@{alias}")
     stored = registry.get_gate(candidate.adapter)
     policy = GatePolicy(**stored) if stored else GatePolicy(candidate.adapter)
-    fresh = _train_snapshots(registry, candidate.ref)
+    lineage = registry.lineage(candidate.ref)
+    fresh = _train_snapshots(lineage)
     # without an explicit retention list, guard every earlier training snapshot upstream
-    retention = policy.retention or [
-        d.snapshot for d in registry.lineage(candidate.ref).data if d.role in ("train", "replay") and d.snapshot not in fresh
-    ]
+    retention = policy.retention or [d.snapshot for d in lineage.data if d.role in ("train", "replay") and d.snapshot not in fresh]
     retention = [s for s in dict.fromkeys(retention) if s not in fresh]
     scores = evaluate(registry, [candidate.ref, incumbent], fresh + retention, seq_len=seq_len, device=device, log=log)
     by = {(s.model, s.snapshot): s.metrics[policy.metric] for s in scores}
@@ -99,7 +98,7 @@ def revalidate(registry: Registry, target: str, data: list[str], *, threshold: f
         raise InvalidState(f"--threshold must be ≥ 0 (got {threshold})")
     version = registry.get_version(target)
     alias = target.partition("@")[2] if not target.partition("@")[2].isdigit() else None
-    own = _train_snapshots(registry, version.ref)
+    own = _train_snapshots(registry.lineage(version.ref))
     if not own:
         raise InvalidState(f"{version.ref} records no training snapshot to compare with; evaluate it with `portfolio eval` instead")
     scores = evaluate(registry, [version.ref], own + [d for d in data if d not in own], seq_len=seq_len, device=device, log=log)

@@ -10,6 +10,7 @@ import socket
 from collections import defaultdict
 from collections.abc import Iterable
 from datetime import timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -155,6 +156,17 @@ def effective_status(row: RunRow) -> str:
     if beat is not None and utcnow() - beat > STALE_HEARTBEAT:
         return "interrupted"
     return "running"
+
+
+def to_alias_event(row: Any, adapter: str, version_of: Any) -> E.AliasEvent:
+    """Row -> entity; ``version_of(version_id)`` gives the version number (None for None)."""
+    return E.AliasEvent(adapter, row.alias, row.action, version_of(row.from_version_id), version_of(row.to_version_id),
+                        row.forced, row.reason, as_utc(row.created_at))
+
+
+def to_evaluation(row: Any, model: str, snapshot: str) -> E.Evaluation:
+    """Row -> entity, labelled with the model (``NAME@V`` or ``base:NAME``) and ``snapshot``."""
+    return E.Evaluation(model, snapshot, row.metric, row.value, row.n_tokens, row.run_id, row.code_version, as_utc(row.created_at))
 
 
 def to_run(row: RunRow, adapter_names: dict[int, str]) -> E.Run:

@@ -551,10 +551,7 @@ class Registry:
             return self._alias_event(session, event, adapter)
 
     def _alias_event(self, session: Session, e: AliasEventRow, adapter: str) -> E.AliasEvent:
-        def ver(vid: int | None) -> int | None:
-            return session.get(AdapterVersionRow, vid).version if vid else None
-
-        return E.AliasEvent(adapter, e.alias, e.action, ver(e.from_version_id), ver(e.to_version_id), e.forced, e.reason, E.as_utc(e.created_at))
+        return queries.to_alias_event(e, adapter, lambda vid: session.get(AdapterVersionRow, vid).version if vid else None)
 
     def alias_history(self, adapter: str, alias: str | None = None) -> list[E.AliasEvent]:
         """Every move of the adapter's aliases, oldest first."""
@@ -564,10 +561,7 @@ class Registry:
             query = sa.select(AliasEventRow).where(AliasEventRow.adapter_id == a.id).order_by(AliasEventRow.id)
             if alias:
                 query = query.where(AliasEventRow.alias == alias)
-            return [
-                E.AliasEvent(adapter, e.alias, e.action, versions.get(e.from_version_id), versions.get(e.to_version_id), e.forced, e.reason, E.as_utc(e.created_at))
-                for e in session.scalars(query)
-            ]
+            return [queries.to_alias_event(e, adapter, versions.get) for e in session.scalars(query)]
 
     def tag(self, ref: str, tags: dict[str, str]) -> E.AdapterVersion:
         """Set (or overwrite) ``key=value`` tags on a version."""
@@ -673,7 +667,7 @@ class Registry:
                 for m, v in metrics.items()
             ]
             label = model if base_id else model_label(session, version_id)
-            return [E.Evaluation(label, f"{snap.name}@{snap.version}", r.metric, r.value, r.n_tokens, r.run_id, r.code_version, E.as_utc(r.created_at)) for r in rows]
+            return [queries.to_evaluation(r, label, f"{snap.name}@{snap.version}") for r in rows]
 
     def evaluations(self, ref: str) -> list[E.Evaluation]:
         """Every stored evaluation of a version, oldest first."""
@@ -681,7 +675,7 @@ class Registry:
             version = queries.version_row(session, ref)
             label = model_label(session, version.id)
             return [
-                E.Evaluation(label, f"{snap.name}@{snap.version}", e.metric, e.value, e.n_tokens, e.run_id, e.code_version, E.as_utc(e.created_at))
+                queries.to_evaluation(e, label, f"{snap.name}@{snap.version}")
                 for e, snap in session.execute(
                     sa.select(EvaluationRow, DatasetSnapshotRow)
                     .join(DatasetSnapshotRow, DatasetSnapshotRow.id == EvaluationRow.snapshot_id)

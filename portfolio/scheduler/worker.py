@@ -193,7 +193,7 @@ class Worker:
         # 4. promote through the gates
         if not alias:
             return f"{version} registered as a candidate (no alias to promote)"
-        if reg.get_version(version).aliases and alias in reg.get_version(version).aliases:
+        if alias in reg.get_version(version).aliases:
             return f"{version} already is {s['adapter']}@{alias}"
         outcome = promote(reg, version, alias, seq_len=seq_len, log=lambda *_: None)
         if outcome.promoted:
