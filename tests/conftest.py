@@ -233,3 +233,22 @@ def trainable(sqlite_url, store_dir, tiny_base, write_jsonl):
 def trainable_any(registry_with_base, write_jsonl):
     """Like `trainable`, on SQLite and on PostgreSQL."""
     return _add_domains(registry_with_base, write_jsonl)
+
+
+def cli_invoker(db_url: str, store_dir: Path):
+    """``invoke(*args, ok=True)``: run one `portfolio` command through click's CliRunner on
+    this registry; with ``ok`` (the default) fail the test unless it exits 0."""
+    from click.testing import CliRunner
+
+    from portfolio.cli import cli
+
+    runner = CliRunner()
+
+    def invoke(*args, ok=True):
+        result = runner.invoke(cli, ["--db", db_url, "--store", str(store_dir), *map(str, args)])
+        if ok:
+            assert result.exit_code == 0, f"{args}: exit {result.exit_code}\n{result.output}{result.stderr}"
+        return result
+
+    return invoke
+

@@ -7,20 +7,13 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from conftest import cli_invoker
 from portfolio.cli import cli
 
 
 @pytest.fixture
 def run(db_url, store_dir):
-    runner = CliRunner()
-
-    def invoke(*args, ok=True):
-        result = runner.invoke(cli, ["--db", db_url, "--store", str(store_dir), *map(str, args)])
-        if ok:
-            assert result.exit_code == 0, f"{args}: exit {result.exit_code}\n{result.output}{result.stderr}"
-        return result
-
-    return invoke
+    return cli_invoker(db_url, store_dir)
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from portfolio.errors import (
     SchemaOutOfDate,
 )
 from portfolio.registry import db
-from tests.conftest import make_lora
 
 
 def blobs(store_dir):

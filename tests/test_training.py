@@ -95,12 +95,25 @@ def _heldout_loss(reg, ref, snapshot):
 
 def test_kl_weight_changes_the_objective(trainable):
     train(trainable, adapter="w", base="tiny", data="words@1", steps=10)
-    plain = train(trainable, adapter="a", base="tiny", data="numbers@1", from_ref="w@1", replay_ratio=0.5, steps=10)
+    plain = train(trainable, adapter="a", base="tiny", data="numbers@1", from_ref="w@1", replay_ratio=0.5, kl_weight=0.0, steps=10)
     kl = train(trainable, adapter="b", base="tiny", data="numbers@1", from_ref="w@1", replay_ratio=0.5, kl_weight=5.0, steps=10)
     assert any(v > 0 for v in kl.metrics["kl_curve"])
     a, b = weights(trainable, "a@1"), weights(trainable, "b@1")
     assert any(not torch.allclose(a[k], b[k]) for k in a)
     assert plain.metrics["loss_curve"][0] != kl.metrics["loss_curve"][0] or plain.metrics["loss_curve"][1:] != kl.metrics["loss_curve"][1:]
+
+
+def test_default_kl_applies_only_when_there_are_replay_rows(trainable):
+    from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_REPLAY_RATIO
+
+    first = train(trainable, adapter="w", base="tiny", data="words@1", steps=4)  # no earlier data: no KL, no error
+    assert first.metrics["kl_curve"] == []
+    second = train(trainable, adapter="w", data="numbers@1", steps=4)
+    [edge] = trainable.lineage("w@2").parents
+    assert edge.recipe["replay_ratio"] == DEFAULT_REPLAY_RATIO and edge.recipe["kl_weight"] == DEFAULT_KL_WEIGHT > 0
+    assert second.metrics["kl_curve"]
+    off = train(trainable, adapter="w", data="numbers@1", kl_weight=0.0, steps=4)
+    assert trainable.lineage(off.version.ref).parents[0].recipe["kl_weight"] == 0.0 and off.metrics["kl_curve"] == []
 
 
 def test_same_seed_same_adapter(trainable):

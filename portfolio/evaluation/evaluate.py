@@ -48,10 +48,12 @@ def _resolve(registry: Registry, ref: str) -> tuple[str, str, str | None]:
     """(label, base name, artifact digest or None) of a version ref or ``base:NAME``."""
     if ref.startswith("base:"):
         return ref, registry.get_base(ref[5:]).name, None
+    from portfolio.serving import serving_key
+
     version = registry.get_version(ref)
-    if version.artifact_digest is None:
-        raise InvalidState(f"{version.ref} is a {version.kind} version; evaluate its parts, or merge it first")
-    return version.ref, version.base_model, version.artifact_digest
+    if version.status == "archived":
+        raise InvalidState(f"{version.ref} is archived and its bytes are gone; its stored scores remain (`portfolio show`)")
+    return version.ref, version.base_model, serving_key(registry, version)
 
 
 def evaluate(
@@ -96,6 +98,7 @@ def _compute(registry, base, pending, heldout, seq_len, batch_size, device_name,
 
     from portfolio.evaluation.metrics import evaluate_examples
     from portfolio.modeling import load_base, model_folder
+    from portfolio.serving import activate, attach
     from portfolio.training.loop import resolve_device
 
     device = resolve_device(device_name)
@@ -106,17 +109,11 @@ def _compute(registry, base, pending, heldout, seq_len, batch_size, device_name,
     model, _ = load_base(base, log=log)
     tmp = Path(tempfile.mkdtemp(prefix="portfolio-eval-"))
     try:
-        adapters = {}
+        adapters: dict[str, list[str]] = {}
         for label, artifact, _, _ in pending:
             if artifact is None or label in adapters:
                 continue
-            name = f"a{len(adapters)}"
-            folder_ = registry.export(label, tmp / name)
-            if not isinstance(model, PeftModel):
-                model = PeftModel.from_pretrained(model, folder_, adapter_name=name)
-            else:
-                model.load_adapter(folder_, adapter_name=name)
-            adapters[label] = name
+            model, adapters[label] = attach(model, registry, label, tmp, prefix=f"v{len(adapters)}_")
         model.to(device).eval()
         examples = {}
         for label, artifact, snap, key in pending:
@@ -128,7 +125,7 @@ def _compute(registry, base, pending, heldout, seq_len, batch_size, device_name,
                     metrics = evaluate_examples(model, examples[snap.ref], pad_id, batch_size, device)
             else:
                 if artifact is not None:
-                    model.set_adapter(adapters[label])
+                    activate(model, adapters[label])
                 metrics = evaluate_examples(model, examples[snap.ref], pad_id, batch_size, device)
             n_tokens = int(metrics.pop("n_tokens"))
             rows = [r["row"] for r in heldout[snap.ref]]

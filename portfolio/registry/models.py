@@ -264,6 +264,8 @@ class ArtifactRow(Base):
     kind: Mapped[str] = mapped_column(String(40))
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set when `archive` or `gc` deleted the bytes; the row stays so the trail stays whole.
+    removed_at: Mapped[Optional[datetime]] = mapped_column()
 
 
 class ScheduleRow(Base):

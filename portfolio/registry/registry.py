@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from portfolio import adapter_files, basemodel
 from portfolio.data import formats
 from portfolio.errors import AlreadyExists, IncompatibleAdapter, InvalidAdapter, InvalidState
-from portfolio.registry import db, quality, queries, runs
+from portfolio.registry import db, lifecycle, quality, queries, runs
 from portfolio.registry import entities as E
 from portfolio.registry.lineage import lineage as _lineage
 from portfolio.registry.models import (
@@ -37,7 +37,7 @@ from portfolio.registry.models import (
     VersionTagRow,
     utcnow,
 )
-from portfolio.registry.refs import check_name, parse_ref
+from portfolio.registry.refs import check_name
 from portfolio.store.local import LocalStore
 
 DEFAULT_DB = "sqlite:///.portfolio/registry.db"
@@ -153,8 +153,15 @@ class Registry:
                 size = Path(source).stat().st_size
             if created:
                 written.append(digest)
-            if session.get(ArtifactRow, digest) is None:
+            row = session.get(ArtifactRow, digest, with_for_update=True)
+            if row is None:
                 session.add(ArtifactRow(digest=digest, kind=kind, size=size))
+                session.flush()
+            elif row.removed_at is not None or not self.store.exists(digest):
+                # archive/gc removed these bytes (perhaps just now, under this row's lock):
+                # write them back before anything new points at them.
+                self.store.put_bytes(source) if isinstance(source, bytes) else self.store.put_file(source)
+                row.removed_at = None
                 session.flush()
             return digest
 
@@ -507,8 +514,7 @@ class Registry:
             if target.status in ("deprecated", "archived") and not force:
                 successor = ""
                 if target.successor_id:
-                    s = session.get(AdapterVersionRow, target.successor_id)
-                    successor = f"; it is replaced by {adapter}@{s.version}"
+                    successor = f"; it is replaced by {model_label(session, target.successor_id)}"
                 raise InvalidState(
                     f"{target_ref} is {target.status}{successor}; pass --force to point "
                     f"{alias!r} at it anyway"
@@ -598,17 +604,46 @@ class Registry:
     def export(self, ref: str, dest: str | os.PathLike) -> Path:
         """Write a version as a PEFT folder (``adapter_config.json`` with
         ``base_model_name_or_path`` set, ``adapter_model.safetensors``) that
-        ``PeftModel.from_pretrained`` and vLLM's ``--lora-modules`` load."""
+        ``PeftModel.from_pretrained`` and vLLM's ``--lora-modules`` load. A stack is written
+        as its exact `cat` merge, one adapter for servers that take one."""
         with self._read() as session:
             row = queries.version_row(session, ref)
-            if row.artifact_digest is None:
-                raise InvalidState(f"{ref} is a {row.kind} version with no single artifact to export")
+            if row.status == "archived":
+                raise InvalidState(f"{ref} is archived and its bytes are gone; export the version that replaced it")
+            stack = queries.to_versions(session, [row])[0] if row.kind == "stack" else None
             base = session.get(BaseModelRow, session.get(AdapterRow, row.adapter_id).base_model_id)
             digest, config, model_id = row.artifact_digest, dict(row.lora_config), base.model_id
+        if stack is not None:
+            from portfolio.compose.stack import export_stack
+
+            return export_stack(self, stack, dest)
         weights = self.store.path(digest)
         if not weights.is_file():
             self.store.read_bytes(digest)  # raises the helpful missing-artifact error
         return adapter_files.write_peft_folder(dest, weights, config, model_id)
+
+    def archive(self, ref: str, reason: str | None = None, force: bool = False) -> lifecycle.ArchiveResult:
+        """Retire a version for good: its status becomes ``archived`` and its artifact bytes
+        are deleted unless a live version shares them. Every record stays (lineage traces
+        through it; its scores remain). It must be deprecated first, unless ``force``, and
+        no alias or live stack may use it."""
+        with self._write() as (session, _put):
+            row = lifecycle.mark_archived(session, ref, reason, force)
+            version_id, digests = row.id, lifecycle.version_digests(row)
+        with self._write() as (session, _put):
+            removed, kept = lifecycle.remove_unreferenced(session, self.store, digests, lifecycle.artifact_users(session))
+            version = queries.to_versions(session, [session.get(AdapterVersionRow, version_id)])[0]
+        return lifecycle.ArchiveResult(version, removed, kept)
+
+    def gc(self, dry_run: bool = False, min_age: float = lifecycle.GC_GRACE_SECONDS) -> lifecycle.GcReport:
+        """Find (and unless ``dry_run`` remove) bytes nothing live needs: artifacts only
+        archived versions used, blobs with no record older than ``min_age`` seconds (left by
+        a killed writer), stale temporary files, and checkpoints of finished runs."""
+        with self._write() as (session, _put):
+            items = lifecycle.find_garbage(session, self.store, min_age)
+            if not dry_run:
+                lifecycle.collect(session, self.store, items, min_age)
+        return lifecycle.GcReport(items, dry_run)
 
     # -- runs and evaluations -----------------------------------------------------------
 
@@ -733,17 +768,10 @@ class Registry:
     # -- integrity ----------------------------------------------------------------------
 
     def verify(self) -> E.VerifyReport:
-        """Re-hash every recorded artifact; name each missing or corrupt one and what uses it."""
+        """Re-hash every recorded artifact (except those archive/gc removed on purpose); name
+        each missing or corrupt one and what uses it."""
         with self._read() as session:
-            artifacts = session.execute(sa.select(ArtifactRow.digest, ArtifactRow.kind).order_by(ArtifactRow.digest)).all()
-            users = _artifact_users(session)
-        problems = []
-        for digest, kind in artifacts:
-            state = self.store.check(digest)
-            if state != "ok":
-                problems.append({"digest": digest, "kind": kind, "state": state, "used_by": ", ".join(users.get(digest, [])) or "-"})
-        return E.VerifyReport(checked=len(artifacts), ok=len(artifacts) - len(problems), problems=problems)
-
+            return lifecycle.verify(session, self.store)
 
 def _eval_target(session: Session, model: str) -> tuple[int | None, int | None]:
     """(version id, base id) of what an evaluation scores: a version ref or ``base:NAME``."""
@@ -758,21 +786,3 @@ def model_label(session: Session, version_id: int) -> str:
         sa.select(AdapterRow.name, AdapterVersionRow.version).join(AdapterRow, AdapterRow.id == AdapterVersionRow.adapter_id).where(AdapterVersionRow.id == version_id)
     ).one()
     return f"{name}@{ver}"
-
-
-def _artifact_users(session: Session) -> dict[str, list[str]]:
-    users: dict[str, list[str]] = {}
-    for name, ver, weights, cfg in session.execute(
-        sa.select(AdapterRow.name, AdapterVersionRow.version, AdapterVersionRow.artifact_digest, AdapterVersionRow.config_digest).join(
-            AdapterRow, AdapterRow.id == AdapterVersionRow.adapter_id
-        )
-    ):
-        for digest in (weights, cfg):
-            if digest:
-                users.setdefault(digest, []).append(f"{name}@{ver}")
-    for name, ver, files, rows in session.execute(
-        sa.select(DatasetSnapshotRow.name, DatasetSnapshotRow.version, DatasetSnapshotRow.files, DatasetSnapshotRow.rows_digest)
-    ):
-        for digest in [f["sha256"] for f in files] + [rows]:
-            users.setdefault(digest, []).append(f"{name}@{ver}")
-    return users

@@ -78,6 +78,7 @@ class LocalStore:
         self._ensure()
         digest = hashlib.sha256(data).hexdigest()
         if self.exists(digest):
+            self._touch(self.path(digest))
             return digest, False
         fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
         try:
@@ -94,11 +95,40 @@ class LocalStore:
         dest = self.path(digest)
         if dest.exists():
             Path(tmp).unlink(missing_ok=True)
+            self._touch(dest)
             return digest, False
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(tmp, 0o444)  # blobs are immutable
         os.replace(tmp, dest)
         return digest, True
+
+    @staticmethod
+    def _touch(path: Path) -> None:
+        # A reused blob is about to be recorded: freshen its mtime so `gc`, which only
+        # removes unrecorded blobs older than its grace period, leaves it alone meanwhile.
+        try:
+            os.utime(path)
+        except OSError:
+            pass
+
+    def age_seconds(self, digest: str) -> float:
+        """Seconds since the blob was written or last reused (inf if absent)."""
+        import time
+
+        try:
+            return time.time() - self.path(digest).stat().st_mtime
+        except FileNotFoundError:
+            return float("inf")
+
+    def stale_temp_files(self, min_age: float) -> list[Path]:
+        """Leftovers of interrupted writes in ``tmp/`` older than ``min_age`` seconds."""
+        import time
+
+        folder = self.root / "tmp"
+        if not folder.is_dir():
+            return []
+        now = time.time()
+        return sorted(p for p in folder.iterdir() if p.is_file() and now - p.stat().st_mtime >= min_age)
 
     def read_bytes(self, digest: str) -> bytes:
         """The blob's bytes."""

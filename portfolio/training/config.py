@@ -9,6 +9,13 @@ from typing import Any
 from portfolio.errors import PortfolioError
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Set by the continual-learning study (docs/continual-learning.md): on real text, 10% replay
+# plus KL to the parent on the replay rows cut forgetting of earlier domains by 78% against
+# plain fine-tuning while ending 92% as far below the base on each new domain; replay alone,
+# even at 20%, cut it by 61%. Rank 8 is the rank the study ran at.
+DEFAULT_RANK = 8
+DEFAULT_REPLAY_RATIO = 0.10
+DEFAULT_KL_WEIGHT = 1.0
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -25,9 +32,11 @@ class TrainConfig:
     data: str
     base: str | None = None
     from_ref: str | None = None
-    replay_ratio: float = 0.1
+    replay_ratio: float = DEFAULT_REPLAY_RATIO
     replay_from: list[str] = field(default_factory=list)
-    kl_weight: float = 0.0
+    # None: DEFAULT_KL_WEIGHT when there are replay rows, else 0 (a first version has none,
+    # and the default must not make it fail); an explicit value is checked strictly.
+    kl_weight: float | None = None
     rank: int | None = None
     alpha: float | None = None
     targets: list[str] | None = None
@@ -54,9 +63,9 @@ class TrainConfig:
             problems.append(f"--alpha must be positive (got {self.alpha})")
         if not 0 <= self.replay_ratio < 1:
             problems.append(f"--replay-ratio must be in [0, 1) (got {self.replay_ratio})")
-        if self.kl_weight < 0:
+        if self.kl_weight is not None and self.kl_weight < 0:
             problems.append(f"--kl-weight must be ≥ 0 (got {self.kl_weight})")
-        if self.kl_weight > 0 and self.replay_ratio == 0:
+        if self.kl_weight and self.replay_ratio == 0:
             problems.append("--kl-weight applies to replay rows; set --replay-ratio above 0")
         if self.steps is not None and self.epochs is not None:
             problems.append("give --steps or --epochs, not both")

@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from portfolio import adapter_files
-from portfolio.data import formats
 from portfolio.data.replay import replay_counts, reservoir_sample
 from portfolio.data.splits import split_rows
 from portfolio.data.tokenize import Example, encode_rows
 from portfolio.errors import AdapterNotFound, InvalidDataset, InvalidState
 from portfolio.registry.entities import AdapterVersion, DatasetSnapshot
 from portfolio.registry.registry import DataSpec, EvalSpec, ParentSpec, Registry
-from portfolio.training.config import DEFAULT_TARGETS, InvalidTrainConfig, TrainConfig
+from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_RANK, DEFAULT_TARGETS, InvalidTrainConfig, TrainConfig
 
 
 @dataclass
@@ -82,6 +81,8 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
             raise InvalidTrainConfig(f"--from {parent.ref} is built on {parent.base_model!r}, not {base!r}")
         if parent.artifact_digest is None:
             raise InvalidTrainConfig(f"--from {parent.ref} is a {parent.kind} version; warm-start from a single adapter")
+        if parent.status == "archived":
+            raise InvalidTrainConfig(f"--from {parent.ref} is archived and its bytes are gone; warm-start from a live version")
         inherited = {"rank": parent.rank, "alpha": parent.alpha, "targets": parent.target_modules}
         for key, value in inherited.items():
             given = getattr(cfg, key)
@@ -89,7 +90,8 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
                 raise InvalidTrainConfig(f"--{key} {given} differs from {parent.ref}'s {value}; a warm start keeps the parent's shape")
         cfg = replace(cfg, rank=parent.rank, alpha=parent.alpha, targets=list(parent.target_modules))
     else:
-        cfg = replace(cfg, rank=cfg.rank or 8, alpha=cfg.alpha or 2.0 * (cfg.rank or 8), targets=cfg.targets or list(DEFAULT_TARGETS))
+        rank = cfg.rank or DEFAULT_RANK
+        cfg = replace(cfg, rank=rank, alpha=cfg.alpha or 2.0 * rank, targets=cfg.targets or list(DEFAULT_TARGETS))
 
     known = sorted({name.rsplit(".", 1)[-1] for name in base_modules})
     unknown = [t for t in cfg.targets if t not in known]
@@ -106,16 +108,19 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
     sources = [s for s in sources if s.ref != snapshot.ref]
     if cfg.replay_ratio > 0 and not sources:
         notes.append("no earlier snapshots to replay (first version, no --replay-from): training without replay")
-        if cfg.kl_weight > 0:
+        if cfg.kl_weight:
             raise InvalidTrainConfig("--kl-weight needs replay rows, and there are no earlier snapshots; pass --replay-from")
     if cfg.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise InvalidTrainConfig("--device cuda: no CUDA device is available here; use --device auto or cpu")
+    replaying = cfg.replay_ratio > 0 and bool(sources)
+    kl_weight = cfg.kl_weight if cfg.kl_weight is not None else DEFAULT_KL_WEIGHT
     cfg = replace(
         cfg, base=base, data=snapshot.ref, from_ref=parent.ref if parent else None,
         replay_from=[s.ref for s in sources], replay_ratio=cfg.replay_ratio if sources else 0.0,
+        kl_weight=kl_weight if replaying else 0.0,
     )
     return Plan(cfg, snapshot, sources, parent, notes)
 

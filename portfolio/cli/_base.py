@@ -1,0 +1,66 @@
+"""The root `portfolio` group, its one error handler and the helpers every command module
+shares (open the registry once per invocation, print JSON or a table)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from portfolio.errors import PortfolioError
+
+
+class PortfolioGroup(click.Group):
+    """A click group that reports `PortfolioError` as one line on stderr, no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PortfolioError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+def _registry(ctx: click.Context, check: bool = True):
+    from portfolio.registry.registry import Registry
+
+    obj = ctx.find_root().obj
+    if "registry" not in obj:
+        obj["registry"] = Registry.open(obj["db"], obj["store"], check=check)
+        ctx.call_on_close(obj["registry"].close)
+    return obj["registry"]
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def _table(rows: list[list[Any]], headers: list[str]) -> str:
+    cells = [headers] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _when(dt) -> str:
+    return dt.strftime("%Y-%m-%d %H:%M:%S") if dt else ""
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+@click.group(cls=PortfolioGroup)
+@click.option("--db", envvar="PORTFOLIO_DB", default=None, metavar="URL",
+              help="Registry database URL [env PORTFOLIO_DB; default sqlite:///.portfolio/registry.db].")
+@click.option("--store", envvar="PORTFOLIO_STORE", default=None, metavar="PATH",
+              help="Artifact store folder [env PORTFOLIO_STORE; default .portfolio/store].")
+@click.version_option(package_name="portfolio")
+@click.pass_context
+def cli(ctx: click.Context, db: str | None, store: str | None) -> None:
+    """Manage a portfolio of LoRA adapters: versions, lineage, data provenance."""
+    ctx.obj = {"db": db, "store": store}

@@ -1,0 +1,53 @@
+"""`portfolio train`."""
+
+from __future__ import annotations
+
+import click
+
+from portfolio.cli._base import _registry, _table, cli
+from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_RANK, DEFAULT_REPLAY_RATIO
+
+
+@cli.command()
+@click.argument("adapter", required=False)
+@click.option("--base", default=None, help="Base model (needed for a new adapter).")
+@click.option("--data", default=None, metavar="NAME@V", help="Snapshot to train on.")
+@click.option("--from", "from_ref", default=None, metavar="REF", help="Warm-start from this version (default: the adapter's latest active).")
+@click.option("--replay-ratio", type=float, default=DEFAULT_REPLAY_RATIO, show_default=True, help="Share of each batch replayed from earlier snapshots, in [0, 1).")
+@click.option("--replay-from", multiple=True, metavar="NAME@V", help="Replay these snapshots instead of the lineage's (repeatable).")
+@click.option("--kl-weight", type=float, default=None, help=f"Weight of KL(parent ‖ new) on replay rows [{DEFAULT_KL_WEIGHT:g} when replaying].")
+@click.option("--rank", type=int, default=None, help=f"LoRA rank [{DEFAULT_RANK}, or the parent's].")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha [2·rank, or the parent's].")
+@click.option("--targets", default=None, metavar="A,B,...", help="Modules to adapt [q_proj,k_proj,v_proj,o_proj].")
+@click.option("--steps", type=int, default=None, help="Optimiser steps (default: one epoch).")
+@click.option("--epochs", type=float, default=None, help="Passes over the training split.")
+@click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate (warm-up, then cosine).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per step.")
+@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for init, data order and replay sampling.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--checkpoint-every", type=int, default=50, show_default=True, help="Steps between checkpoints.")
+@click.option("--resume", type=int, default=None, metavar="RUN", help="Continue an interrupted run (other settings come from it).")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@click.pass_context
+def train(ctx: click.Context, adapter: str | None, base, data, from_ref, replay_ratio, replay_from, kl_weight, rank, alpha,
+          targets, steps, epochs, lr, batch_size, seq_len, seed, device, checkpoint_every, resume, progress) -> None:
+    """Train a new candidate version of ADAPTER on a snapshot, with replay against forgetting."""
+    from portfolio.training.config import TrainConfig
+    from portfolio.training.train import train_adapter
+
+    cfg = None
+    if resume is None:
+        if not adapter or not data:
+            raise click.UsageError("give ADAPTER and --data NAME@V (or --resume RUN)")
+        cfg = TrainConfig(
+            adapter=adapter, data=data, base=base, from_ref=from_ref, replay_ratio=replay_ratio, replay_from=list(replay_from),
+            kl_weight=kl_weight, rank=rank, alpha=alpha, targets=targets.split(",") if targets else None, steps=steps,
+            epochs=epochs, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed, device=device, checkpoint_every=checkpoint_every,
+        )
+    out = train_adapter(_registry(ctx), cfg, resume=resume, progress=progress, log=lambda m: click.echo(m, err=True))
+    m = out.metrics
+    click.echo(f"registered {out.version.ref} [candidate] from run {out.run_id}: {m['steps']} steps, final loss {m['final_loss']:.4f}, "
+               f"{m['tokens_per_s']:.0f} tokens/s, {m['wall_s']:.1f} s")
+    click.echo(_table([[e["snapshot"], f"{e['new_loss']:.4f}", f"{e['parent_loss']:.4f}", f"{e['new_loss'] - e['parent_loss']:+.4f}", e["n_tokens"]]
+                       for e in out.evaluations], ["HELD-OUT", "NEW LOSS", f"{out.parent} LOSS", "CHANGE", "TOKENS"]))

@@ -1,0 +1,233 @@
+"""Retiring versions and reclaiming bytes: archive and gc, as session functions.
+
+Records are never deleted: an archived version keeps its row, lineage edges, data edges,
+evaluations and run, so `lineage` still traces through it to the dataset bytes. Only blobs
+go, and only when nothing live needs them:
+
+- a blob is **live** if a version that is not archived uses it (weights or config; identical
+  bytes are shared between versions) or a dataset snapshot does (snapshots are never retired);
+- a blob's bytes are deleted while its `artifacts` row is locked, then the row is marked
+  ``removed_at`` in the same transaction. A writer that reuses the same bytes locks the row
+  too and writes the bytes back (`Registry._write`), so a concurrent register never ends up
+  pointing at a deleted blob. If the commit fails after the delete, the blob belonged to
+  nothing live anyway, and `gc` finishes the bookkeeping.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from portfolio.errors import InvalidState
+from portfolio.registry import queries
+from portfolio.registry.models import (
+    AdapterRow,
+    AdapterVersionRow,
+    AliasRow,
+    ArtifactRow,
+    DatasetSnapshotRow,
+    RunRow,
+    utcnow,
+)
+from portfolio.store.local import LocalStore
+
+GC_GRACE_SECONDS = 3600.0  # unrecorded blobs younger than this may belong to a write in flight
+
+
+@dataclass(frozen=True)
+class ArchiveResult:
+    """What archiving a version did to the store."""
+
+    version: Any
+    removed: list[dict[str, Any]] = field(default_factory=list)
+    kept: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for --json."""
+        return {"version": self.version.to_dict(), "removed": self.removed, "kept": self.kept}
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What `gc` found (and, unless a dry run, removed)."""
+
+    items: list[dict[str, Any]]
+    dry_run: bool
+
+    @property
+    def bytes(self) -> int:
+        """Total size of what was (or would be) removed."""
+        return sum(i["size"] for i in self.items)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for --json."""
+        return {"dry_run": self.dry_run, "bytes": self.bytes, "items": self.items}
+
+
+def mark_archived(session: Session, ref: str, reason: str | None, force: bool) -> AdapterVersionRow:
+    """Move a version to ``archived`` after checking nothing live depends on it: no alias
+    points at it, no live stack has it as a part, and it was deprecated first (unless
+    ``force``)."""
+    row = queries.version_row(session, ref)
+    name = session.get(AdapterRow, row.adapter_id).name
+    label = f"{name}@{row.version}"
+    if row.status == "archived":
+        raise InvalidState(f"{label} is already archived")
+    aliases = session.scalars(sa.select(AliasRow.name).where(AliasRow.version_id == row.id)).all()
+    if aliases:
+        raise InvalidState(
+            f"{label} is served as {name}@{aliases[0]}; move the alias first "
+            f"(`portfolio alias set {name} {aliases[0]} V` or `portfolio rollback {name} --alias {aliases[0]}`)"
+        )
+    for stack, components in _live_stacks(session):
+        if label in components:
+            raise InvalidState(f"{label} is part of the live stack {stack}; archive {stack} first")
+    if row.status != "deprecated" and not force:
+        raise InvalidState(
+            f"{label} is {row.status}; deprecate it first (`portfolio deprecate {label} --reason TEXT "
+            "[--successor REF]`) or pass --force"
+        )
+    row.status = "archived"
+    if reason:
+        row.status_reason = f"{row.status_reason}; archived: {reason}" if row.status_reason else reason
+    session.flush()
+    return row
+
+
+def _live_stacks(session: Session) -> list[tuple[str, set[str]]]:
+    rows = session.execute(
+        sa.select(AdapterRow.name, AdapterVersionRow.version, AdapterVersionRow.lora_config)
+        .join(AdapterRow, AdapterRow.id == AdapterVersionRow.adapter_id)
+        .where(AdapterVersionRow.kind == "stack", AdapterVersionRow.status != "archived")
+    ).all()
+    return [(f"{n}@{v}", {c["ref"] for c in (cfg or {}).get("components", [])}) for n, v, cfg in rows]
+
+
+def live_digests(session: Session) -> set[str]:
+    """Blobs something live still needs (see the module docstring)."""
+    live: set[str] = set()
+    for weights, config in session.execute(
+        sa.select(AdapterVersionRow.artifact_digest, AdapterVersionRow.config_digest).where(AdapterVersionRow.status != "archived")
+    ):
+        live.update(d for d in (weights, config) if d)
+    for files, rows_digest in session.execute(sa.select(DatasetSnapshotRow.files, DatasetSnapshotRow.rows_digest)):
+        live.update(f["sha256"] for f in files)
+        live.add(rows_digest)
+    return live
+
+
+def version_digests(row: AdapterVersionRow) -> list[str]:
+    """The blobs of one version."""
+    return [d for d in (row.artifact_digest, row.config_digest) if d]
+
+
+def remove_unreferenced(session: Session, store: LocalStore, digests: list[str], users: dict[str, list[str]]) -> tuple[list[dict], list[dict]]:
+    """Delete the bytes of each digest nothing live needs, marking its row removed;
+    return (removed, kept) with sizes and, for kept ones, who still needs them."""
+    live = live_digests(session)
+    removed, kept = [], []
+    for digest in digests:
+        art = session.get(ArtifactRow, digest, with_for_update=True)
+        if art is None or art.removed_at is not None:
+            continue
+        if digest in live:
+            kept.append({"digest": digest, "kind": art.kind, "size": art.size, "needed_by": ", ".join(users.get(digest, []))})
+            continue
+        store.delete(digest)
+        art.removed_at = utcnow()
+        removed.append({"digest": digest, "kind": art.kind, "size": art.size, "reason": "no live version uses it"})
+    session.flush()
+    return removed, kept
+
+
+def find_garbage(session: Session, store: LocalStore, min_age: float) -> list[dict[str, Any]]:
+    """Everything `gc` would remove: recorded blobs nothing live uses, blobs no row records
+    (a writer killed between storing and recording) older than ``min_age`` seconds, stale
+    temporary files, and work folders of runs that finished (checkpoints of interrupted runs
+    stay: they are what `train --resume` continues from)."""
+    live = live_digests(session)
+    recorded = {d: (k, s, r) for d, k, s, r in session.execute(sa.select(ArtifactRow.digest, ArtifactRow.kind, ArtifactRow.size, ArtifactRow.removed_at))}
+    items: list[dict[str, Any]] = []
+    for digest, (kind, size, removed_at) in sorted(recorded.items()):
+        present = store.exists(digest)
+        if digest in live or (removed_at is not None and not present):
+            continue
+        items.append({"type": "artifact", "digest": digest, "kind": kind, "size": size if present else 0,
+                      "reason": "used only by archived versions" if present else "bytes already gone; record not yet marked"})
+    for digest in store.digests():
+        if digest not in recorded and store.age_seconds(digest) >= min_age:
+            items.append({"type": "unrecorded", "digest": digest, "kind": "-", "size": store.path(digest).stat().st_size,
+                          "reason": "no record (left by an interrupted write)"})
+    for tmp in store.stale_temp_files(min_age):
+        items.append({"type": "temp", "digest": str(tmp), "kind": "-", "size": tmp.stat().st_size, "reason": "temporary file of an interrupted write"})
+    runs_dir = store.root / "work" / "runs"
+    if runs_dir.is_dir():
+        finished = dict(session.execute(sa.select(RunRow.id, RunRow.status).where(RunRow.status.in_(["succeeded", "failed"]))).all())
+        for folder in sorted(runs_dir.iterdir()):
+            if folder.name.isdigit() and int(folder.name) in finished:
+                size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+                items.append({"type": "run-workdir", "digest": str(folder), "kind": "checkpoints", "size": size,
+                              "reason": f"run {folder.name} {finished[int(folder.name)]}"})
+    return items
+
+
+def collect(session: Session, store: LocalStore, items: list[dict[str, Any]], min_age: float) -> None:
+    """Remove what `find_garbage` listed, re-checking each item first: a recorded artifact
+    under its row lock, an unrecorded blob by its age (a writer reusing it freshens it)."""
+    live = live_digests(session)
+    for item in items:
+        if item["type"] == "artifact":
+            art = session.get(ArtifactRow, item["digest"], with_for_update=True)
+            if art is None or item["digest"] in live:
+                continue
+            store.delete(item["digest"])
+            art.removed_at = art.removed_at or utcnow()
+        elif item["type"] == "unrecorded":
+            if session.get(ArtifactRow, item["digest"]) is None and store.age_seconds(item["digest"]) >= min_age:
+                store.delete(item["digest"])
+        elif item["type"] == "temp":
+            Path(item["digest"]).unlink(missing_ok=True)
+        elif item["type"] == "run-workdir":
+            shutil.rmtree(item["digest"], ignore_errors=True)
+    session.flush()
+
+
+def verify(session: Session, store: LocalStore):
+    """Re-hash every recorded artifact not removed on purpose; report missing or corrupt ones
+    with what uses them."""
+    from portfolio.registry.entities import VerifyReport
+
+    artifacts = session.execute(
+        sa.select(ArtifactRow.digest, ArtifactRow.kind).where(ArtifactRow.removed_at.is_(None)).order_by(ArtifactRow.digest)
+    ).all()
+    users = artifact_users(session)
+    problems = []
+    for digest, kind in artifacts:
+        state = store.check(digest)
+        if state != "ok":
+            problems.append({"digest": digest, "kind": kind, "state": state, "used_by": ", ".join(users.get(digest, [])) or "-"})
+    return VerifyReport(checked=len(artifacts), ok=len(artifacts) - len(problems), problems=problems)
+
+
+def artifact_users(session: Session) -> dict[str, list[str]]:
+    """digest -> the versions and snapshots that use it (``NAME@V``)."""
+    users: dict[str, list[str]] = {}
+    for name, ver, weights, cfg in session.execute(
+        sa.select(AdapterRow.name, AdapterVersionRow.version, AdapterVersionRow.artifact_digest, AdapterVersionRow.config_digest).join(
+            AdapterRow, AdapterRow.id == AdapterVersionRow.adapter_id
+        )
+    ):
+        for digest in (weights, cfg):
+            if digest:
+                users.setdefault(digest, []).append(f"{name}@{ver}")
+    for name, ver, files, rows in session.execute(
+        sa.select(DatasetSnapshotRow.name, DatasetSnapshotRow.version, DatasetSnapshotRow.files, DatasetSnapshotRow.rows_digest)
+    ):
+        for digest in [f["sha256"] for f in files] + [rows]:
+            users.setdefault(digest, []).append(f"{name}@{ver}")
+    return users

@@ -1,0 +1,146 @@
+"""Putting versions on a model: single, merged and stacked versions as PEFT adapters, and
+`generate`.
+
+A stack is served the way PEFT serves several adapters at once: each component is loaded
+as its own named adapter and all of them are made active (`LoraModel.set_adapter([...])`),
+so the forward pass adds every component's update. A component's stack weight w is folded
+into its B factor when it is written out (w·B·A is exact), since PEFT has no per-adapter
+weight at inference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from portfolio.errors import InvalidState
+
+
+def components(registry, version) -> list[tuple[Any, float]]:
+    """(single-artifact version, weight) pairs that make up a version: itself with weight 1,
+    or a stack's components."""
+    if version.kind != "stack":
+        return [(version, 1.0)]
+    return [(registry.get_version(c["ref"]), float(c["weight"])) for c in version.lora_config["components"]]
+
+
+def serving_key(registry, version) -> str:
+    """What identifies a version's served weights: its artifact digest, or for a stack the
+    sha256 of its (digest, weight) components. Equal key, equal outputs."""
+    if version.kind != "stack":
+        return version.artifact_digest
+    parts = [[v.artifact_digest, w] for v, w in components(registry, version)]
+    return "stack:" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def write_component(registry, version, weight: float, dest: Path) -> Path:
+    """A PEFT folder of one component with its weight folded into lora_B."""
+    if weight == 1.0:
+        return registry.export(version.ref, dest)
+    from safetensors.torch import load_file
+
+    from portfolio.compose.lora_files import write_lora
+    from portfolio.compose.merge import source_of
+
+    src = source_of(registry, version, weight)
+    tensors = {k: (t.float() * weight if ".lora_B." in k else t) for k, t in load_file(src.weights_path).items()}
+    base = registry.get_base(version.base_model)
+    return write_lora(dest, tensors, {**src.config, "base_model_name_or_path": base.model_id})
+
+
+def attach(model, registry, ref: str, workdir: Path, prefix: str = "a"):
+    """Load the version ``ref`` onto ``model`` (a base model or a PeftModel already holding
+    other adapters). Returns (model, adapter names to activate together)."""
+    from peft import PeftModel
+
+    version = registry.get_version(ref)
+    if version.status == "archived":
+        raise InvalidState(f"{version.ref} is archived and its bytes are gone; serve its successor instead")
+    names = []
+    for i, (part, weight) in enumerate(components(registry, version)):
+        name = f"{prefix}{i}"
+        folder = write_component(registry, part, weight, workdir / name)
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(folder), adapter_name=name)
+        else:
+            model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
+        names.append(name)
+    return model, names
+
+
+def activate(model, names: list[str]) -> None:
+    """Make exactly these adapters active (several at once: their updates add up)."""
+    model.base_model.set_adapter(names if len(names) > 1 else names[0], inference_mode=True)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A completion and how it was made."""
+
+    model: str
+    prompt: str
+    text: str
+    new_tokens: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for --json."""
+        return self.__dict__.copy()
+
+
+def generate(
+    registry,
+    ref: str,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+    chat: bool = True,
+    device: str = "auto",
+    log=print,
+) -> Generation:
+    """Complete ``prompt`` with a version (single, merged or stacked) or ``base:NAME`` on its
+    base model. Greedy by default; ``temperature > 0`` samples (seeded). With ``chat`` and a
+    tokenizer that has a chat template, the prompt is sent as one user message."""
+    import torch
+
+    from portfolio.modeling import load_base
+    from portfolio.training.loop import resolve_device
+
+    if max_new_tokens < 1:
+        raise InvalidState("--max-new-tokens must be at least 1")
+    if temperature < 0:
+        raise InvalidState("--temperature must be >= 0 (0 is greedy)")
+    base_name = ref[5:] if ref.startswith("base:") else registry.get_version(ref).base_model
+    model, tokenizer = load_base(registry.get_base(base_name), log=log)
+    workdir = Path(tempfile.mkdtemp(prefix="portfolio-generate-"))
+    try:
+        if not ref.startswith("base:"):
+            model, names = attach(model, registry, ref, workdir)
+            activate(model, names)
+        dev = resolve_device(device)
+        model.to(dev).eval()
+        if chat and tokenizer.chat_template:
+            inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                   return_tensors="pt", return_dict=True)
+        else:
+            inputs = tokenizer(prompt, return_tensors="pt")
+        inputs = {k: v.to(dev) for k, v in inputs.items()}
+        torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
+        new = out[0, inputs["input_ids"].shape[1]:]
+        text = tokenizer.decode(new, skip_special_tokens=True).strip()
+        return Generation(ref, prompt, text, int(new.numel()), time.perf_counter() - start)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
