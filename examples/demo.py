@@ -67,6 +67,8 @@ def main() -> None:
     portfolio("train", "python-docs", "--base", "smollm2-135m", "--data", "python-docs@1", *TRAIN)
     portfolio("alias", "set", "python-docs", "production", "1", "--reason", "first release")
 
+    # 25%, not the default 10%: the demo's runs are a few small batches, and 10% of them would
+    # replay only a handful of sequences.
     print("\n# A week later: continue the deployed version on fresh data, replaying 25% of each")
     print("# batch from the first drop and distilling the parent's predictions on those rows:")
     portfolio("train", "python-docs", "--data", "python-docs@2", "--replay-ratio", "0.25", "--kl-weight", "0.5", *TRAIN)
