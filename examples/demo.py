@@ -87,7 +87,7 @@ def main() -> None:
     print("\n# A second domain adapter for the code, then compose the two without touching the base model:")
     portfolio("train", "python-code", "--base", "smollm2-135m", "--data", "python-stdlib@1", *TRAIN)
     portfolio("merge", "python-all", "--from", "python-docs@2", "--from", "python-code@1", "--method", "linear",
-              "--weights", "0.5,0.5")  # exact: rank 16, error 0
+              "--weights", "0.5,0.5")  # exact: rank = the sum of the two, error 0
     portfolio("merge", "python-all", "--from", "python-docs@2", "--from", "python-code@1", "--method", "ties",
               "--weights", "0.5,0.5", "--density", "0.5", "--rank", "8")
     portfolio("stack", "python-duo", "--from", "python-docs@2", "--from", "python-code@1")
