@@ -36,7 +36,7 @@ bench: install
 clean:
 	rm -rf $(VENV) .portfolio build *.egg-info
 
-# The continual-learning study (docs/continual-learning.md): about an hour on 2 CPU cores.
+# The continual-learning study (docs/continual-learning.md): about 80 minutes on 2 CPU cores.
 # SCALE=gpu runs the full sequence (three drops per domain) on a GPU.
 SCALE ?= cpu
 study: install

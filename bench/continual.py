@@ -11,8 +11,8 @@ warm-starting from the previous step's version of their own adapter:
 - ``naive``: sequential fine-tuning, no replay;
 - ``replay-1``, ``replay-5``, ``replay-20``: that percentage of every batch drawn from the
   lineage's earlier snapshots (seeded reservoir sampling, `portfolio train --replay-ratio`);
-- ``replay-5-kl``: 5% replay plus KL(parent ‖ new) on the replay rows (Learning without
-  Forgetting; `--kl-weight`);
+- ``replay-5-kl``, ``replay-5-kl5``, ``replay-10-kl``: 5% or 10% replay plus KL(parent ‖ new)
+  on the replay rows, weight 1 or 5 (Learning without Forgetting; `--kl-weight`);
 - ``separate``: one adapter per domain, each from the base: no forgetting by construction,
   the reference.
 
@@ -21,8 +21,8 @@ Step 1 is the same for every strategy (nothing to replay yet), so it is trained 
 scored on the held-out rows of every domain's drops in the sequence and of a general set
 (`general`, never trained on). From the loss matrix R (rows: after step i; columns: domains)
 it reports per strategy ACC (mean final loss), BWT, forgetting of earlier domains, the gain
-on the domain just trained relative to naive's, the general-set drift, tokens trained and
-wall time; writes ``results.json``, ``results.md`` and a plot, and with ``--docs`` copies the
+on the domain just trained (in the step, and below the base) relative to naive's, the
+general-set drift, tokens trained and wall time; writes ``results.json``, ``results.md`` and a plot, and with ``--docs`` copies the
 tables and plot into docs/. The registry stays in OUT: ``portfolio --db sqlite:///OUT/registry.db
 --store OUT/store matrix --adapter cl-naive`` shows the same numbers.
 """
@@ -69,7 +69,7 @@ class Scale:
 SCALES = {
     # minutes on 2 CPU cores: a check that everything runs, not a result
     "smoke": Scale(drops=1, drop_kb=30, steps=4, batch_size=4, seq_len=128, lr=1e-3, rank=8, domains=ORDER[:2]),
-    # about an hour on 2 CPU cores
+    # about 80 minutes on 2 CPU cores with every strategy
     "cpu": Scale(drops=1, drop_kb=120, steps=30, batch_size=8, seq_len=128, lr=1e-3, rank=8),
     # minutes on one GPU: three drops per domain, interleaved, longer training
     "gpu": Scale(drops=3, drop_kb=120, steps=40, batch_size=16, seq_len=256, lr=1e-3, rank=8),

@@ -6,6 +6,8 @@ import click
 
 from portfolio.cli._base import _emit_json, _registry, _table, cli, json_option
 from portfolio.compose import METHODS
+from portfolio.registry.lifecycle import GC_GRACE_SECONDS
+from portfolio.training.config import DEVICES
 
 
 def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -70,7 +72,7 @@ def stack(ctx: click.Context, name, refs, weights, domain, description) -> None:
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy; above 0 samples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
 @click.option("--no-chat", is_flag=True, help="Send PROMPT as raw text, not as a chat message.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @json_option
 @click.pass_context
 def generate(ctx: click.Context, ref, prompt, max_new_tokens, temperature, seed, no_chat, device, as_json) -> None:
@@ -104,7 +106,7 @@ def archive(ctx: click.Context, ref: str, reason: str | None, force: bool, as_js
 
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
-@click.option("--min-age", type=float, default=3600.0, show_default=True,
+@click.option("--min-age", type=float, default=GC_GRACE_SECONDS, show_default=True,
               help="Seconds an unrecorded blob must be old before it counts as a leftover (a write may be in flight).")
 @json_option
 @click.pass_context

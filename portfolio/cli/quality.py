@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from portfolio.cli._base import _emit_json, _registry, _table, _when, cli, json_option
+from portfolio.training.config import DEVICES
 
 
 # -- evaluation, gates, promotion ------------------------------------------------------
@@ -13,7 +14,7 @@ from portfolio.cli._base import _emit_json, _registry, _table, _when, cli, json_
 @click.argument("refs", nargs=-1, required=True, metavar="REF...")
 @click.option("--data", "data", multiple=True, required=True, metavar="NAME@V", help="Snapshot whose held-out rows to score (repeatable).")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @json_option
 @click.pass_context
 def eval_cmd(ctx: click.Context, refs: tuple[str, ...], data: tuple[str, ...], seq_len: int, device: str, as_json: bool) -> None:
@@ -116,7 +117,7 @@ def gate_show(ctx: click.Context, name: str, as_json: bool) -> None:
 @click.option("--alias", default="production", show_default=True, help="Alias to move.")
 @click.option("--force", is_flag=True, help="Move the alias even if gates fail (needs --reason).")
 @click.option("--reason", default=None, help="Why (kept in the alias history).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.pass_context
 def promote(ctx: click.Context, ref: str, alias: str, force: bool, reason: str | None, device: str) -> None:
     """Move ALIAS to REF only if it passes its adapter's quality gates."""
@@ -139,7 +140,7 @@ def promote(ctx: click.Context, ref: str, alias: str, force: bool, reason: str |
 @click.option("--data", "data", multiple=True, required=True, metavar="NAME@V", help="Fresh snapshot (repeatable).")
 @click.option("--threshold", type=float, default=0.05, show_default=True, help="Relative worsening that counts as drift.")
 @click.option("--metric", type=click.Choice(["loss", "perplexity", "accuracy"]), default="loss", show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.pass_context
 def revalidate(ctx: click.Context, target: str, data: tuple[str, ...], threshold: float, metric: str, device: str) -> None:
     """Score a deployed version on fresh data against its level at promotion; flag drift."""

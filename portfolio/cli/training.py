@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from portfolio.cli._base import _registry, _table, cli
-from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_RANK, DEFAULT_REPLAY_RATIO
+from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_RANK, DEFAULT_REPLAY_RATIO, DEVICES
 
 
 @cli.command()
@@ -25,7 +25,7 @@ from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_RANK, DEFAULT_R
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per step.")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for init, data order and replay sampling.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--checkpoint-every", type=int, default=50, show_default=True, help="Steps between checkpoints.")
 @click.option("--resume", type=int, default=None, metavar="RUN", help="Continue an interrupted run (other settings come from it).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")

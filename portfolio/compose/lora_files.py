@@ -58,19 +58,20 @@ def module_shapes(source: LoraSource) -> dict[str, tuple[int, int, int]]:
     return {m: (h["A"][0], h["A"][1], h["B"][0]) for m, h in halves.items()}
 
 
-def check_same_modules(sources: list[LoraSource]) -> dict[str, tuple[int, int]]:
-    """Every source adapts the same modules with the same [out, in]; returns them."""
-    first = {m: (i, o) for m, (_, i, o) in module_shapes(sources[0]).items()}
-    for src in sources[1:]:
-        shapes = {m: (i, o) for m, (_, i, o) in module_shapes(src).items()}
-        missing, extra = sorted(set(first) - set(shapes)), sorted(set(shapes) - set(first))
+def check_same_modules(sources: list[LoraSource], shapes: list[dict[str, tuple[int, int, int]]]) -> dict[str, tuple[int, int]]:
+    """Every source adapts the same modules with the same [in, out]; returns them.
+    ``shapes`` holds `module_shapes` of each source."""
+    first = {m: (i, o) for m, (_, i, o) in shapes[0].items()}
+    for src, src_shapes in zip(sources[1:], shapes[1:]):
+        theirs = {m: (i, o) for m, (_, i, o) in src_shapes.items()}
+        missing, extra = sorted(set(first) - set(theirs)), sorted(set(theirs) - set(first))
         if missing or extra:
             what = f"lacks {missing[0]}" if missing else f"also adapts {extra[0]}"
             raise IncompatibleAdapter(
                 f"{src.label} {what} ({len(missing) + len(extra)} module(s) differ from {sources[0].label}); "
                 "a merge needs the same target modules: stack them instead (`portfolio stack`)"
             )
-        for m, shape in shapes.items():
+        for m, shape in theirs.items():
             if shape != first[m]:
                 raise IncompatibleAdapter(
                     f"{src.label} module {m} is [in, out]={list(shape)} but {sources[0].label} has {list(first[m])}; "
@@ -79,12 +80,13 @@ def check_same_modules(sources: list[LoraSource]) -> dict[str, tuple[int, int]]:
     return first
 
 
-def union_modules(sources: list[LoraSource]) -> dict[str, tuple[int, int]]:
-    """The modules any source adapts, with [in, out]; shapes must agree where they overlap."""
+def union_modules(sources: list[LoraSource], shapes: list[dict[str, tuple[int, int, int]]]) -> dict[str, tuple[int, int]]:
+    """The modules any source adapts, with [in, out]; shapes must agree where they overlap.
+    ``shapes`` holds `module_shapes` of each source."""
     out: dict[str, tuple[int, int]] = {}
     owner: dict[str, str] = {}
-    for src in sources:
-        for m, (_, i, o) in module_shapes(src).items():
+    for src, src_shapes in zip(sources, shapes):
+        for m, (_, i, o) in src_shapes.items():
             if m in out and out[m] != (i, o):
                 raise IncompatibleAdapter(
                     f"{src.label} module {m} is [in, out]={[i, o]} but {owner[m]} has {list(out[m])}; "

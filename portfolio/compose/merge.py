@@ -63,11 +63,7 @@ class MergeRecipe:
             problems.append(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
         if n_sources < 1:
             problems.append("nothing to merge; give at least one --from REF")
-        if self.weights is not None:
-            if len(self.weights) != n_sources:
-                problems.append(f"{len(self.weights)} weights for {n_sources} adapters; give one --weights value per --from")
-            if not all(math.isfinite(w) for w in self.weights):
-                problems.append("weights must be finite numbers")
+        problems += weight_problems(self.weights, n_sources)
         elementwise = self.method in mm.ELEMENTWISE
         if self.density is not None and not elementwise:
             problems.append(f"--density applies to ties, dare_* and magnitude_prune, not {self.method}")
@@ -88,6 +84,18 @@ class MergeRecipe:
         return {**asdict(self), "weights": list(self.weights or [])}
 
 
+def weight_problems(weights: tuple[float, ...] | list[float] | None, n_sources: int) -> list[str]:
+    """What is wrong with ``--weights`` for ``n_sources`` adapters (nothing if not given)."""
+    if weights is None:
+        return []
+    problems = []
+    if len(weights) != n_sources:
+        problems.append(f"{len(weights)} weights for {n_sources} adapters; give one --weights value per --from")
+    if not all(math.isfinite(w) for w in weights):
+        problems.append("weights must be finite numbers")
+    return problems
+
+
 @dataclass(frozen=True)
 class MergeStats:
     """What a merge produced: output rank and the relative Frobenius error of the factored
@@ -106,9 +114,9 @@ class MergeStats:
         return asdict(self)
 
 
-def output_rank(method: str, rank: int | None, sources: list[LoraSource]) -> int:
-    """The uniform rank of the merged factors (PEFT configs take one ``r``)."""
-    shapes = [module_shapes(s) for s in sources]
+def output_rank(method: str, rank: int | None, shapes: list[dict[str, tuple[int, int, int]]]) -> int:
+    """The uniform rank of the merged factors (PEFT configs take one ``r``), from the
+    sources' `module_shapes`."""
     per_module_sum: dict[str, int] = {}
     for sh in shapes:
         for module, (r, _, _) in sh.items():
@@ -139,8 +147,9 @@ def merge_sources(
     start = time.perf_counter()
     recipe = recipe.check(len(sources))
     sources = [LoraSource(s.label, s.weights_path, s.config, w) for s, w in zip(sources, recipe.weights)]
-    modules = union_modules(sources) if allow_missing else check_same_modules(sources)
-    rank = output_rank(recipe.method, recipe.rank, sources)
+    shapes = [module_shapes(s) for s in sources]  # safetensors headers, read once
+    modules = union_modules(sources, shapes) if allow_missing else check_same_modules(sources, shapes)
+    rank = output_rank(recipe.method, recipe.rank, shapes)
     tensors: dict[str, torch.Tensor] = {}
     err_total = norm_total = worst = 0.0
     with FactorReader(sources) as reader:

@@ -132,11 +132,6 @@ def disjoint_mean(weighted: Tensor, agree: Tensor) -> Tensor:
     return kept / agree.sum(dim=0).clamp(min=1).to(weighted.dtype)
 
 
-def task_arithmetic(deltas: Tensor, weights: Tensor, density: float = 1.0, generator=None) -> Tensor:
-    """Σ_i w_i ΔW_i (the dense reference for `linear`)."""
-    return _weighted(deltas, weights).sum(dim=0)
-
-
 def magnitude_prune(deltas: Tensor, weights: Tensor, density: float, generator=None) -> Tensor:
     """Σ_i w_i · trim(ΔW_i, density)."""
     trimmed = torch.stack([trim_by_magnitude(d, density) for d in deltas])
@@ -172,9 +167,6 @@ ELEMENTWISE: dict[str, ElementwiseMerge] = {
     "magnitude_prune": magnitude_prune,
 }
 """Merges that need each layer's dense updates, by method name."""
-
-LOW_RANK = ("cat", "linear", "svd")
-"""Merges done on the factors alone."""
 
 
 def factor_dense(delta: Tensor, rank: int, oversample: int = 10, iters: int = 4) -> tuple[Tensor, Tensor, float, float]:

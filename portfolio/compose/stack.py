@@ -8,7 +8,6 @@ it like through any version. `export_stack` writes the one-adapter equivalent: t
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 from portfolio import adapter_files
 from portfolio.compose.lora_files import module_shapes, union_modules
-from portfolio.compose.merge import MergeRecipe, check_same_base, merge_sources, source_of
+from portfolio.compose.merge import MergeRecipe, check_same_base, merge_sources, source_of, weight_problems
 from portfolio.errors import InvalidState
 
 
@@ -25,10 +24,9 @@ def flatten(registry, refs: list[str], weights: list[float] | None) -> list[tupl
     weights multiplied in (a stack of stacks is one flat stack)."""
     from portfolio.serving import components
 
-    if weights is not None and len(weights) != len(refs):
-        raise InvalidState(f"{len(weights)} weights for {len(refs)} adapters; give one --weights value per --from")
-    if weights is not None and not all(math.isfinite(w) for w in weights):
-        raise InvalidState("weights must be finite numbers")
+    problems = weight_problems(weights, len(refs))
+    if problems:
+        raise InvalidState(problems[0])
     out = []
     for ref, w in zip(refs, weights or [1.0] * len(refs)):
         for part, pw in components(registry, registry.get_version(ref)):
@@ -48,8 +46,8 @@ def stack_adapters(registry, name: str, refs: list[str], weights: list[float] | 
     parts = flatten(registry, refs, weights)
     base = check_same_base(registry, [v for v, _ in parts])
     sources = [source_of(registry, v, w) for v, w in parts]
-    modules = union_modules(sources)
     shapes = [module_shapes(s) for s in sources]
+    modules = union_modules(sources, shapes)
     composite = {
         "components": [{"ref": v.ref, "weight": w, "artifact": v.artifact_digest} for v, w in parts],
         "rank": sum(v.rank for v, _ in parts),

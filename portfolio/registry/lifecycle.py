@@ -126,16 +126,18 @@ def version_digests(row: AdapterVersionRow) -> list[str]:
     return [d for d in (row.artifact_digest, row.config_digest) if d]
 
 
-def remove_unreferenced(session: Session, store: LocalStore, digests: list[str], users: dict[str, list[str]]) -> tuple[list[dict], list[dict]]:
+def remove_unreferenced(session: Session, store: LocalStore, digests: list[str]) -> tuple[list[dict], list[dict]]:
     """Delete the bytes of each digest nothing live needs, marking its row removed;
     return (removed, kept) with sizes and, for kept ones, who still needs them."""
     live = live_digests(session)
     removed, kept = [], []
+    users: dict[str, list[str]] | None = None  # a scan of every version and snapshot: only when needed
     for digest in digests:
         art = session.get(ArtifactRow, digest, with_for_update=True)
         if art is None or art.removed_at is not None:
             continue
         if digest in live:
+            users = artifact_users(session) if users is None else users
             kept.append({"digest": digest, "kind": art.kind, "size": art.size, "needed_by": ", ".join(users.get(digest, []))})
             continue
         store.delete(digest)

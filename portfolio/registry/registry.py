@@ -631,7 +631,7 @@ class Registry:
             row = lifecycle.mark_archived(session, ref, reason, force)
             version_id, digests = row.id, lifecycle.version_digests(row)
         with self._write() as (session, _put):
-            removed, kept = lifecycle.remove_unreferenced(session, self.store, digests, lifecycle.artifact_users(session))
+            removed, kept = lifecycle.remove_unreferenced(session, self.store, digests)
             version = queries.to_versions(session, [session.get(AdapterVersionRow, version_id)])[0]
         return lifecycle.ArchiveResult(version, removed, kept)
 
