@@ -9,7 +9,9 @@ reads values, one tensor at a time.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -57,9 +59,9 @@ class LoraFolder:
         return sum(r * (i + o) for r, i, o in self.modules.values())
 
 
-def split_key(key: str) -> tuple[str, str]:
-    """``base_model.model.X.lora_A.weight`` -> (``X``, ``A``)."""
-    body = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+def split_key(key: str, keep_prefix: bool = False) -> tuple[str, str]:
+    """``base_model.model.X.lora_A.weight`` -> (``X``, ``A``) (or the prefixed name)."""
+    body = key[len(PREFIX) :] if key.startswith(PREFIX) and not keep_prefix else key
     for part in ("lora_A", "lora_B"):
         suffix = f".{part}.weight"
         if body.endswith(suffix):
@@ -89,23 +91,36 @@ def read_lora_folder(path: str | os.PathLike) -> LoraFolder:
         )
         raise InvalidAdapter(f"{path} has no {WEIGHTS_FILE}{hint}")
     try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidAdapter(f"{cfg_path}: not valid JSON ({exc})") from None
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidAdapter(f"{cfg_path}: not valid JSON ({str(exc).splitlines()[0] if str(exc) else 'nested too deeply'})") from None
+    if not isinstance(config, dict):
+        raise InvalidAdapter(f"{cfg_path}: holds a JSON {type(config).__name__}, not an object; is it PEFT's adapter_config.json?")
     if config.get("peft_type") != "LORA":
         raise InvalidAdapter(f"{cfg_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
     if config.get("use_dora"):
         raise InvalidAdapter(f"{cfg_path}: DoRA adapters are not supported (vLLM refuses them too)")
-    if not isinstance(config.get("r"), int) or config["r"] < 1:
+    if not _is_int(config.get("r")) or config["r"] < 1:
         raise InvalidAdapter(f"{cfg_path}: 'r' must be a positive integer, got {config.get('r')!r}")
-    if not isinstance(config.get("lora_alpha"), (int, float)):
-        raise InvalidAdapter(f"{cfg_path}: 'lora_alpha' must be a number")
+    alpha = config.get("lora_alpha")
+    if not _is_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
+        raise InvalidAdapter(f"{cfg_path}: 'lora_alpha' must be a finite positive number, got {alpha!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict) or not all(
+            isinstance(k, str) and (_is_int(v) if key == "rank_pattern" else _is_number(v) and math.isfinite(v)) and v > 0
+            for k, v in pattern.items()
+        ):
+            raise InvalidAdapter(f"{cfg_path}: '{key}' must map module names to positive numbers")
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
+        raise InvalidAdapter(f"{cfg_path}: 'target_modules' must be a list of module names (or a regex), got {targets!r}")
 
     halves: dict[str, dict[str, tuple[int, ...]]] = {}
     try:
         with safe_open(path / WEIGHTS_FILE, framework="pt") as fh:
             for key in fh.keys():
-                module, half = split_key(key)
+                module, half = split_key(key, keep_prefix=True)
                 halves.setdefault(module, {})[half] = tuple(fh.get_slice(key).get_shape())
             for key in fh.keys():
                 if not torch.isfinite(fh.get_tensor(key)).all():
@@ -117,6 +132,13 @@ def read_lora_folder(path: str | os.PathLike) -> LoraFolder:
     if not halves:
         raise InvalidAdapter(f"{path / WEIGHTS_FILE} holds no LoRA tensors")
     modules: dict[str, tuple[int, int, int]] = {}
+    unprefixed = [m for m in halves if not m.startswith(PREFIX)]
+    if unprefixed:
+        raise InvalidAdapter(
+            f"{path}: tensor names must start with PEFT's {PREFIX!r} (e.g. {unprefixed[0]!r} does not); "
+            "PEFT would load the folder silently without them; re-save with save_pretrained"
+        )
+    halves = {m[len(PREFIX):]: parts for m, parts in halves.items()}
     for module, parts in sorted(halves.items()):
         if set(parts) != {"A", "B"}:
             missing = "lora_B" if "A" in parts else "lora_A"
@@ -128,7 +150,60 @@ def read_lora_folder(path: str | os.PathLike) -> LoraFolder:
                 "expected [r, in] and [out, r] with the same r"
             )
         modules[module] = (a[0], a[1], b[0])
+    _check_config_matches(cfg_path, config, modules)
     return LoraFolder(path=path, config=config, modules=modules)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _targets(module: str, targets: str | list[str]) -> bool:
+    """Whether PEFT's ``target_modules`` selects ``module`` (its own matching rule: a regex
+    matches the whole name; a list entry matches the name or its last dotted parts)."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def _pattern_rank(module: str, config: dict[str, Any]) -> int:
+    for key, value in (config.get("rank_pattern") or {}).items():
+        if module == key or module.endswith("." + key) or re.search(rf"(^|\.){re.escape(key)}$", module):
+            return value
+    return config["r"]
+
+
+def _check_config_matches(cfg_path: Path, config: dict[str, Any], modules: dict[str, tuple[int, int, int]]) -> None:
+    """The config must describe the tensors: PEFT builds the layers from the config and
+    loads the tensors into them, so a mismatch loads wrong (or silently drops weights)."""
+    targets = config["target_modules"]
+    try:
+        untargeted = [m for m in modules if not _targets(m, targets)]
+    except re.error as exc:
+        raise InvalidAdapter(f"{cfg_path}: 'target_modules' is not a valid regex ({exc})") from None
+    if untargeted:
+        raise InvalidAdapter(
+            f"{cfg_path}: 'target_modules' {targets!r} does not cover module {untargeted[0]} that the "
+            "weights adapt; the config and the weights do not belong together"
+        )
+    if isinstance(targets, list):
+        unused = [t for t in targets if not any(_targets(m, [t]) for m in modules)]
+        if unused:
+            raise InvalidAdapter(
+                f"{cfg_path}: 'target_modules' lists {unused[0]!r} but the weights hold no such module; "
+                "PEFT would add it untrained; the config and the weights do not belong together"
+            )
+    for module, (rank, _, _) in modules.items():
+        want = _pattern_rank(module, config)
+        if rank != want:
+            raise InvalidAdapter(
+                f"{cfg_path}: 'r' is {want} but module {module} has rank {rank} in the weights; "
+                "the config and the weights do not belong together"
+            )
 
 
 def check_fits_base(lora: LoraFolder, base_modules: dict[str, list[int]], base_name: str) -> None:
@@ -148,23 +223,39 @@ def check_fits_base(lora: LoraFolder, base_modules: dict[str, list[int]], base_n
 
 
 def write_peft_folder(
-    dest: str | os.PathLike, weights: str | os.PathLike, config: dict[str, Any], base_model_name_or_path: str
+    dest: str | os.PathLike, weights: str | os.PathLike, config: dict[str, Any], base_model_name_or_path: str,
+    digest: str | None = None,
 ) -> Path:
     """Write a loadable PEFT folder at ``dest`` atomically (a temporary folder, then a
-    rename), with ``base_model_name_or_path`` set so servers know the base."""
+    rename), with ``base_model_name_or_path`` set so servers know the base. With ``digest``,
+    the written weights are read back and compared with it before the folder appears."""
+    from portfolio.errors import IntegrityFailure, StoreError
+    from portfolio.store.local import sha256_file
+
     dest = Path(dest)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise InvalidAdapter(f"{dest} exists and is not empty; choose a new folder or empty it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
+        raise InvalidAdapter(f"{dest} exists (or is a link) and is not an empty folder; choose a new folder or empty it")
+    tmp = None
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; an export is for servers to read
         shutil.copyfile(weights, tmp / WEIGHTS_FILE)
+        if digest is not None and sha256_file(tmp / WEIGHTS_FILE) != digest:
+            raise IntegrityFailure(f"the weights written to {dest} do not match {digest[:12]}; the disk or the store is failing")
         config = {**config, "base_model_name_or_path": base_model_name_or_path}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if dest.exists():
             dest.rmdir()
         os.replace(tmp, dest)
+    except OSError as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise StoreError(f"cannot write {dest}: {exc.strerror or exc}; choose a writable folder") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest

@@ -5,6 +5,11 @@ SmolLM2-135M), then cached as a plain safetensors folder keyed by the GGUF's sha
 ``PORTFOLIO_CACHE`` (default ``~/.cache/portfolio``), shared by every registry of the user;
 later loads read the cache in about a second. The cache is derived data: deleting it is
 always safe.
+
+Every load checks the bytes it is about to use: the base's own weight files against the
+sha256s recorded when it was registered, and the cache against the manifest written when it
+was built (a damaged cache is rebuilt from the checked GGUF). Each file is hashed once per
+process while it stays unchanged.
 """
 
 from __future__ import annotations
@@ -15,9 +20,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import json
+
 from portfolio.basemodel import resolve_source
-from portfolio.errors import BaseModelNotFound
+from portfolio.errors import BaseModelNotFound, IntegrityFailure
 from portfolio.registry.entities import BaseModel
+from portfolio.store.local import sha256_file, verify_file
+
+CACHE_MANIFEST = "portfolio-cache.json"
 
 
 def cache_root() -> Path:
@@ -39,11 +49,15 @@ def model_folder(base: BaseModel, log=print) -> tuple[Path, str | None]:
     folder = resolve_source(base.source)
     if not folder.is_dir():
         raise BaseModelNotFound(f"base {base.name!r}: its folder {folder} is gone; register it again with `portfolio base add`")
+    check_base_files(base, folder)
     if base.gguf_file is None:
         return folder, None
     cached = cache_dir(base)
     if (cached / "config.json").is_file():
-        return cached, None
+        if _cache_intact(cached):
+            return cached, None
+        log(f"the dequantised cache {cached} does not match its manifest; rebuilding it")
+        shutil.rmtree(cached, ignore_errors=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log(f"dequantising {base.gguf_file} once (cached in {cached})...")
@@ -54,12 +68,35 @@ def model_folder(base: BaseModel, log=print) -> tuple[Path, str | None]:
     try:
         _save_plain(model, tmp)
         tokenizer.save_pretrained(tmp)
+        manifest = {"source_sha256": base.weights_sha256,
+                    "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}}
+        (tmp / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, cached)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (cached / "config.json").is_file():  # lost a race with another process: fine
             raise
     return cached, None
+
+
+def check_base_files(base: BaseModel, folder: Path) -> None:
+    """Refuse a base whose weight files no longer hash to what was registered."""
+    for f in base.files:
+        path = folder / f["name"]
+        if not path.is_file():
+            raise BaseModelNotFound(f"base {base.name!r}: {path} is gone; reinstall it or register the base again under a new name")
+        verify_file(path, f["sha256"], f"base model {base.name!r} ({path})")
+
+
+def _cache_intact(cached: Path) -> bool:
+    """Whether every file the cache's manifest lists is there with its recorded sha256."""
+    try:
+        manifest = json.loads((cached / CACHE_MANIFEST).read_text())
+        for name, digest in manifest["files"].items():
+            verify_file(cached / name, digest, f"cache file {name}")
+        return bool(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IntegrityFailure):
+        return False
 
 
 def _save_plain(model: Any, folder: Path) -> None:

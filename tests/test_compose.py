@@ -135,7 +135,7 @@ def test_eval_scores_a_stack_and_reuses_the_score(composed):
         (["--from", "a@1", "--from", "b@1", "--weights", "1,x"], "not a comma-separated list"),
         (["--from", "a@1", "--from", "nope@1"], "nope"),
         (["--from", "a@1", "--from", "b@1", "--method", "cat", "--rank", "4"], "cat is exact"),
-        (["--from", "a@1", "--from", "b@1", "--weights", "1e38,1e38"], "not finite"),
+        (["--from", "a@1", "--from", "b@1", "--weights", "1e38,1e38"], "weights must be finite numbers between"),
     ],
     ids=["modules", "weights", "weights-syntax", "unknown-ref", "cat-rank", "overflow"],
 )

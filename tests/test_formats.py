@@ -1,3 +1,4 @@
+import io
 import json
 
 import pytest
@@ -16,9 +17,10 @@ from portfolio.errors import InvalidDataset
     ids=["text", "prompt-completion", "chat"],
 )
 def test_accepted_formats(write_jsonl, rows, fmt):
-    parsed, got = formats.parse_files([write_jsonl("d.jsonl", rows)])
-    assert got == fmt
-    assert parsed[0].records == rows
+    records = []
+    parsed, got = formats.parse_files([write_jsonl("d.jsonl", rows)], records.append)
+    assert got == fmt and parsed[0].n_rows == len(rows)
+    assert records == rows
 
 
 @pytest.mark.parametrize(
@@ -46,13 +48,16 @@ def test_text_files_are_one_document_each(tmp_path):
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("first doc\nline two\n")
     b.write_text("second")
-    parsed, fmt = formats.parse_files([a, b])
-    assert fmt == "text" and [p.records for p in parsed] == [[{"text": "first doc\nline two\n"}], [{"text": "second"}]]
+    records = []
+    parsed, fmt = formats.parse_files([a, b], records.append)
+    assert fmt == "text" and [p.n_rows for p in parsed] == [1, 1]
+    assert records == [{"text": "first doc\nline two\n"}, {"text": "second"}]
 
 
 def test_rows_keep_stable_ids_and_hashes(write_jsonl):
-    parsed, _ = formats.parse_files([write_jsonl("d.jsonl", [{"text": "a"}, {"text": "b"}])])
-    rows = formats.read_rows(formats.rows_jsonl(parsed))
+    out = io.BytesIO()
+    formats.parse_files([write_jsonl("d.jsonl", [{"text": "a"}, {"text": "b"}])], formats.RowWriter(out))
+    rows = formats.read_rows(out.getvalue())
     assert [r["row"] for r in rows] == [0, 1]
     assert rows[1]["sha"] == formats.row_sha({"text": "b"})
     assert rows[0]["data"] == {"text": "a"}
@@ -63,3 +68,42 @@ def test_non_utf8_is_refused_with_line(tmp_path):
     path.write_bytes(json.dumps({"text": "ok"}).encode() + b"\n" + b'{"text": "caf\xe9"}\n')
     with pytest.raises(InvalidDataset, match="line 2: not UTF-8"):
         formats.parse_files([path])
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\u0085", "\x0b", "\x1c"], ids=["LS", "PS", "NEL", "VT", "FS"])
+def test_unicode_line_breaks_inside_records_are_text(tmp_path, char):
+    """JSON allows U+2028 and friends inside strings; only \\n ends a line, in the input and
+    in the stored rows, so such a record is accepted and reads back whole."""
+    jsonl, txt = tmp_path / "d.jsonl", tmp_path / "d.txt"
+    jsonl.write_text(json.dumps({"text": f"a{char}b"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    txt.write_text(f"one{char}document", encoding="utf-8")
+    for path, record in ((jsonl, {"text": f"a{char}b"}), (txt, {"text": f"one{char}document"})):
+        out = io.BytesIO()
+        formats.parse_files([path], formats.RowWriter(out))
+        assert [r["data"] for r in formats.read_rows(out.getvalue())] == [record]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"text": "\\ud800"}', "lone surrogate"),
+], ids=["deep-nesting", "lone-surrogate"])
+def test_hostile_lines_are_refused_with_their_line(tmp_path, line, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "ok"}\n' + line + "\n")
+    with pytest.raises(InvalidDataset, match=f"line 2: .*{message}"):
+        formats.parse_files([path])
+
+
+def test_a_large_file_is_streamed(tmp_path):
+    """Parsing holds one line at a time: peak memory stays far below the file's size."""
+    import tracemalloc
+
+    path = tmp_path / "big.jsonl"
+    line = json.dumps({"text": "x" * 1000}) + "\n"
+    path.write_text(line * 20_000)  # 20 MB
+    tracemalloc.start()
+    parsed, _ = formats.parse_files([path], formats.RowWriter(io.BufferedWriter(io.FileIO(tmp_path / "rows", "w"))))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert parsed[0].n_rows == 20_000
+    assert peak < 2_000_000, f"peak {peak / 1e6:.1f} MB for a 20 MB file"

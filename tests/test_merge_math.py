@@ -173,8 +173,15 @@ def test_non_finite_source_is_named(tmp_path, three):
         merge_sources([three[0], bad], MergeRecipe("linear"), tmp_path / "out")
 
 
-def test_overflowing_result_is_refused(tmp_path, three):
+def test_overflowing_result_is_refused(tmp_path):
+    # weights are bounded (±1e4), so overflow needs huge sources: the result is still checked
+    huge = [write_adapter(tmp_path / n, seed, rank=4, alpha=8, scale_b=1e36) for n, seed in (("a", 1), ("b", 2))]
     with pytest.raises(InvalidAdapter, match="not finite"):
+        merge_sources(huge, MergeRecipe("linear", (1e4, 1e4)), tmp_path / "out")
+
+
+def test_weights_beyond_their_bound_are_refused(tmp_path, three):
+    with pytest.raises(InvalidState, match="finite numbers between"):
         merge_sources(three[:2], MergeRecipe("linear", (3e38, 3e38)), tmp_path / "out")
 
 

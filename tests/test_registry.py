@@ -240,7 +240,7 @@ def test_export_loads_in_peft_and_reproduces_outputs(registry_with_base, lora_di
     base_logits = LlamaForCausalLM.from_pretrained(tiny_base).eval()(ids).logits
     assert torch.allclose(logits[0], logits[1])
     assert not torch.allclose(logits[0], base_logits, atol=1e-4)  # the adapter really changes the model
-    with pytest.raises(InvalidAdapter, match="not empty"):
+    with pytest.raises(InvalidAdapter, match="not an empty folder"):
         reg.export("py@1", out)
 
 

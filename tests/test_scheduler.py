@@ -101,9 +101,9 @@ def test_a_worker_killed_mid_job_is_taken_over(setup):
                  settings={**TRAIN, "steps": 300, "checkpoint_every": 5})
     victim = cli(url, store, "scheduler", "run", "--lease", "2", "--worker", "victim", wait=False)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(store.glob("work/runs/*/checkpoint.pt")):
+    while time.time() < deadline and not list(store.glob("work/runs/*/checkpoint.safetensors")):
         time.sleep(0.05)
-    assert list((store / "work" / "runs").glob("*/checkpoint.pt")), victim.communicate(timeout=5)
+    assert list((store / "work" / "runs").glob("*/checkpoint.safetensors")), victim.communicate(timeout=5)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert reg.list_versions() == []
@@ -131,7 +131,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(setup):
     assert worker.returncode == 0, err
     [job] = jobs.list_jobs(reg)
     assert job["state"] == "queued" and job["attempts"] == 0 and "released" in job["log"][-1]
-    assert list((store / "work" / "runs").glob("*/checkpoint.pt"))  # the current step was checkpointed
+    assert list((store / "work" / "runs").glob("*/checkpoint.safetensors"))  # the current step was checkpointed
     assert cli(url, store, "scheduler", "run", "--once").returncode == 0
     assert [v.ref for v in reg.list_versions()] == ["w@1"]
 

@@ -156,7 +156,7 @@ def test_kill_9_mid_training_then_resume(trainable, sqlite_url, store_dir):
     checkpoint = None
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        found = list((store_dir / "work" / "runs").glob("*/checkpoint.pt")) if (store_dir / "work").exists() else []
+        found = list((store_dir / "work" / "runs").glob("*/checkpoint.safetensors")) if (store_dir / "work").exists() else []
         if found:
             checkpoint = found[0]
             break

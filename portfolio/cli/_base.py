@@ -4,6 +4,7 @@ shares (open the registry once per invocation, print JSON or a table)."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import click
@@ -18,11 +19,29 @@ class PortfolioGroup(click.Group):
         try:
             return super().invoke(ctx)
         except PortfolioError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {one_line(str(exc))}", err=True)
+            ctx.exit(exc.exit_code)
+        except click.UsageError as exc:
+            # click's own report takes four lines; ours is one, with where to look
+            where = f"; see `{exc.ctx.command_path} --help`" if exc.ctx is not None else ""
+            click.echo(f"error: {one_line(exc.format_message())}{where}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+        except (click.exceptions.Exit, click.Abort, click.ClickException):
+            raise
+        except Exception as exc:  # a bug: still one line, the traceback only on request
+            if os.environ.get("PORTFOLIO_DEBUG"):
+                raise
+            click.echo(f"error: internal error {type(exc).__name__}: {one_line(str(exc))} "
+                       "(a bug in portfolio; rerun with PORTFOLIO_DEBUG=1 for the traceback and report it)", err=True)
+            ctx.exit(3)
+
+
+def one_line(text: str) -> str:
+    """A message folded onto one line (paths and JSON excerpts may hold line breaks)."""
+    return " ".join(text.split()) if text else text
 
 
 def _registry(ctx: click.Context, check: bool = True):

@@ -344,6 +344,6 @@ def verify(ctx: click.Context, as_json: bool) -> None:
     else:
         for p in report.problems:
             click.echo(f"{p['state']}: {p['kind']} {p['digest']} used by {p['used_by']}")
-        click.echo(f"checked {report.checked} artifacts: {report.ok} ok, {len(report.problems)} missing or corrupt")
+        click.echo(f"checked {report.checked} artifacts and base weight files: {report.ok} ok, {len(report.problems)} missing or corrupt")
     if report.problems:
         ctx.exit(1)

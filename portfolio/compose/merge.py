@@ -84,6 +84,9 @@ class MergeRecipe:
         return {**asdict(self), "weights": list(self.weights or [])}
 
 
+MAX_WEIGHT = 1e4  # beyond this a weighted update overflows float32 long before it is useful
+
+
 def weight_problems(weights: tuple[float, ...] | list[float] | None, n_sources: int) -> list[str]:
     """What is wrong with ``--weights`` for ``n_sources`` adapters (nothing if not given)."""
     if weights is None:
@@ -91,8 +94,8 @@ def weight_problems(weights: tuple[float, ...] | list[float] | None, n_sources: 
     problems = []
     if len(weights) != n_sources:
         problems.append(f"{len(weights)} weights for {n_sources} adapters; give one --weights value per --from")
-    if not all(math.isfinite(w) for w in weights):
-        problems.append("weights must be finite numbers")
+    if not all(math.isfinite(w) and abs(w) <= MAX_WEIGHT for w in weights):
+        problems.append(f"weights must be finite numbers between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}")
     return problems
 
 
@@ -124,6 +127,11 @@ def output_rank(method: str, rank: int | None, shapes: list[dict[str, tuple[int,
     exact = max(per_module_sum.values())
     if method == "cat" or (method == "linear" and rank is None):
         return exact
+    if rank is not None:
+        # the widest rank any layer can hold: more is zero padding
+        full = max(min(i, o) for sh in shapes for _, i, o in sh.values())
+        if rank > full:
+            raise InvalidState(f"--rank {rank} exceeds what these layers can hold ({full}); pass --rank {full} or less")
     return rank or max(r for sh in shapes for r, _, _ in sh.values())
 
 
@@ -230,12 +238,18 @@ def merge_adapters(
     from portfolio.registry.registry import ParentSpec
 
     versions = [registry.get_version(r) for r in refs]
+    seen: dict[str, str] = {}
+    for ref, v in zip(refs, versions):
+        if v.ref in seen:
+            raise InvalidState(f"--from {ref} names {v.ref} again (as {seen[v.ref]}); list each version once and give it the summed weight")
+        seen[v.ref] = ref
     recipe = recipe.check(len(versions))
     stacked = [v.ref for v in versions if v.kind == "stack"]
     if stacked:
         raise InvalidState(f"{stacked[0]} is a stack; merge its parts, or `portfolio export` it to one adapter first")
     base = check_same_base(registry, versions)
     sources = [source_of(registry, v, w) for v, w in zip(versions, recipe.weights)]
+    output_rank(recipe.method, recipe.rank, [module_shapes(s) for s in sources])  # refuse an impossible rank before any record
     run = registry.start_run("merge", name, {"recipe": recipe.to_dict(), "sources": [v.ref for v in versions]}, seed=recipe.seed)
     tmp = Path(tempfile.mkdtemp(prefix="portfolio-merge-"))
     try:
@@ -285,7 +299,5 @@ def source_of(registry, version, weight: float) -> LoraSource:
     if version.status == "archived" or version.artifact_digest is None:
         what = "is archived and its bytes are gone" if version.status == "archived" else f"is a {version.kind} version"
         raise InvalidState(f"{version.ref} {what}; it cannot be read as an adapter")
-    path = registry.store.path(version.artifact_digest)
-    if not path.is_file():
-        registry.store.read_bytes(version.artifact_digest)  # raises the helpful missing-artifact error
+    path = registry.store.verified_path(version.artifact_digest, f"the weights of {version.ref}")
     return LoraSource(version.ref, path, dict(version.lora_config), weight)

@@ -11,24 +11,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from portfolio.errors import InvalidDataset
 
 FORMATS = ("text", "prompt_completion", "messages")
+NEWLINE = b"\n"
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
 
 
 @dataclass(frozen=True)
 class ParsedFile:
-    """One input file: its bytes' digest and the records it holds."""
+    """One input file: its bytes' digest, size, format and how many rows it holds."""
 
     path: Path
     sha256: str
     size: int
-    records: list[dict[str, Any]]
+    n_rows: int
+    fmt: str
 
 
 def canonical_json(obj: Any) -> str:
@@ -92,65 +95,117 @@ def _check_record(record: Any, where: str) -> str:
     return fmt
 
 
-def parse_file(path: str | os.PathLike) -> tuple[ParsedFile, str]:
-    """Read and validate one file; return it with its format."""
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidDataset(f"{where}: not UTF-8 text; re-encode the file as UTF-8") from None
+
+
+def _parse_line(line: str, where: str) -> Any:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InvalidDataset(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise InvalidDataset(f"{where}: JSON nested too deeply; flatten the record") from None
+    try:
+        canonical_json(record).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidDataset(
+            f"{where}: holds a lone surrogate ({exc.object[exc.start:exc.end].encode('unicode_escape').decode()}), "
+            "which is not Unicode text; fix the \\u escape"
+        ) from None
+    except RecursionError:
+        raise InvalidDataset(f"{where}: JSON nested too deeply; flatten the record") from None
+    return record
+
+
+def parse_file(path: str | os.PathLike, on_record: Callable[[dict[str, Any]], None] | None = None) -> ParsedFile:
+    """Read and validate one file line by line (a file of any size is never held in
+    memory whole, except a .txt, which is one document), hashing its bytes on the way;
+    each valid record goes to ``on_record``. Lines end at ``\n`` only: U+2028, U+0085 and
+    other Unicode line breaks are ordinary characters inside a record, as JSON says."""
     path = Path(path)
     if not path.is_file():
         raise InvalidDataset(f"{path}: no such file; give the path of a .jsonl or .txt file")
-    raw = path.read_bytes()
-    digest = hashlib.sha256(raw).hexdigest()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise InvalidDataset(f"{path} line {line}: not UTF-8 text; re-encode the file as UTF-8") from None
-    if path.suffix.lower() == ".txt":
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".jsonl", ".json", ".ndjson"):
+        raise InvalidDataset(f"{path}: unsupported file type {path.suffix or '(none)'!r}; use .jsonl or .txt")
+    hasher = hashlib.sha256()
+    size = 0
+    if suffix == ".txt":
+        raw = path.read_bytes()
+        hasher.update(raw)
+        text = _decode(raw, f"{path} line {raw[: _bad_utf8_at(raw)].count(NEWLINE) + 1}")
         if not text.strip():
             raise InvalidDataset(f"{path}: the file is empty; a .txt file is one document")
-        return ParsedFile(path, digest, len(raw), [{"text": text}]), "text"
-    if path.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
-        raise InvalidDataset(
-            f"{path}: unsupported file type {path.suffix or '(none)'!r}; use .jsonl or .txt"
-        )
-    records: list[dict[str, Any]] = []
+        _parse_line(json.dumps({"text": text}), str(path))  # the same Unicode checks as JSONL
+        if on_record is not None:
+            on_record({"text": text})
+        return ParsedFile(path, hasher.hexdigest(), len(raw), 1, "text")
+    n_rows = 0
     fmt: str | None = None
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidDataset(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        this = _check_record(record, where)
-        if fmt is None:
-            fmt = this
-        elif this != fmt:
-            raise InvalidDataset(
-                f"{where}: a {this} row in a file of {fmt} rows; keep one format per snapshot"
-            )
-        records.append(record)
-    if not records:
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            hasher.update(raw)
+            size += len(raw)
+            where = f"{path} line {lineno}"
+            line = _decode(raw, where)
+            if not line.strip():
+                continue
+            record = _parse_line(line, where)
+            this = _check_record(record, where)
+            if fmt is None:
+                fmt = this
+            elif this != fmt:
+                raise InvalidDataset(f"{where}: a {this} row in a file of {fmt} rows; keep one format per snapshot")
+            n_rows += 1
+            if on_record is not None:
+                on_record(record)
+    if not n_rows:
         raise InvalidDataset(f"{path}: no rows; the file is empty")
-    return ParsedFile(path, digest, len(raw), records), fmt  # type: ignore[return-value]
+    return ParsedFile(path, hasher.hexdigest(), size, n_rows, fmt)  # type: ignore[arg-type]
 
 
-def parse_files(paths: list[str | os.PathLike]) -> tuple[list[ParsedFile], str]:
-    """Validate several files that make one snapshot; they must share one format."""
+def _bad_utf8_at(raw: bytes) -> int:
+    try:
+        raw.decode("utf-8")
+        return len(raw)
+    except UnicodeDecodeError as exc:
+        return exc.start
+
+
+def parse_files(paths: list[str | os.PathLike], on_record: Callable[[dict[str, Any]], None] | None = None) -> tuple[list[ParsedFile], str]:
+    """Validate several files that make one snapshot; they must share one format. Records
+    go to ``on_record`` in order (see `RowWriter`)."""
     if not paths:
         raise InvalidDataset("no files given; pass at least one .jsonl or .txt file")
     parsed: list[ParsedFile] = []
     fmt: str | None = None
     for p in paths:
-        pf, this = parse_file(p)
-        if fmt is not None and this != fmt:
+        pf = parse_file(p, on_record)
+        if fmt is not None and pf.fmt != fmt:
             raise InvalidDataset(
-                f"{pf.path}: holds {this} rows but earlier files hold {fmt}; "
-                "one snapshot holds one format"
+                f"{pf.path}: holds {pf.fmt} rows but earlier files hold {fmt}; one snapshot holds one format"
             )
-        fmt = this
+        fmt = pf.fmt
         parsed.append(pf)
     return parsed, fmt  # type: ignore[return-value]
+
+
+class RowWriter:
+    """Writes a snapshot's rows as stored, one record at a time: one JSON object per line
+    with a stable row id, the row's content hash and the record itself."""
+
+    def __init__(self, out: BinaryIO):
+        self.out = out
+        self.n_rows = 0
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        line = canonical_json({"row": self.n_rows, "sha": row_sha(record), "data": record})
+        self.out.write(line.encode("utf-8") + b"\n")
+        self.n_rows += 1
 
 
 def snapshot_sha256(files: list[ParsedFile]) -> str:
@@ -162,18 +217,7 @@ def snapshot_sha256(files: list[ParsedFile]) -> str:
     return hashlib.sha256(manifest.encode()).hexdigest()
 
 
-def rows_jsonl(files: list[ParsedFile]) -> bytes:
-    """The snapshot's rows as stored: one JSON object per line with a stable row id,
-    the row's content hash and the record itself."""
-    lines = []
-    row_id = 0
-    for f in files:
-        for record in f.records:
-            lines.append(canonical_json({"row": row_id, "sha": row_sha(record), "data": record}))
-            row_id += 1
-    return ("\n".join(lines) + "\n").encode()
-
-
 def read_rows(data: bytes) -> list[dict[str, Any]]:
     """Parse stored rows back: a list of ``{"row", "sha", "data"}``."""
-    return [json.loads(line) for line in data.decode().splitlines() if line]
+    # split at "\n" only: stored records may hold U+2028 and friends, which splitlines() breaks on
+    return [json.loads(line) for line in data.decode().split("\n") if line]

@@ -9,6 +9,7 @@ from portfolio.errors import AdapterNotFound, InvalidState
 from portfolio.evaluation.evaluate import DEFAULT_SEQ_LEN, evaluate
 from portfolio.evaluation.gates import GateCheck, GatePolicy, check_gates, relative_improvement
 from portfolio.registry.entities import AliasEvent, Lineage
+from portfolio.registry.refs import VERSION_RE
 from portfolio.registry.registry import Registry
 
 DEFAULT_DRIFT_THRESHOLD = 0.05
@@ -97,7 +98,7 @@ def revalidate(registry: Registry, target: str, data: list[str], *, threshold: f
     if threshold < 0:
         raise InvalidState(f"--threshold must be ≥ 0 (got {threshold})")
     version = registry.get_version(target)
-    alias = target.partition("@")[2] if not target.partition("@")[2].isdigit() else None
+    alias = target.partition("@")[2] if not VERSION_RE.fullmatch(target.partition("@")[2]) else None
     own = _train_snapshots(registry.lineage(version.ref))
     if not own:
         raise InvalidState(f"{version.ref} records no training snapshot to compare with; evaluate it with `portfolio eval` instead")

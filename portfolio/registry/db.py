@@ -6,6 +6,7 @@ turns on foreign keys for SQLite, and maps database errors to `PortfolioError`s.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
+from alembic.script.revision import ResolutionError
+from alembic.util.exc import CommandError
+from sqlalchemy.exc import ArgumentError, DataError, DBAPIError, IntegrityError, NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from portfolio.errors import AlreadyExists, DatabaseError, SchemaOutOfDate
@@ -69,16 +72,54 @@ def create_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):  # noqa: ANN001
-            conn.exec_driver_sql("BEGIN")
+            # A deferred BEGIN that later writes is upgraded to a writer under WAL, and that
+            # upgrade fails with SQLITE_BUSY at once, ignoring the busy timeout: a write
+            # transaction must begin as a writer, so concurrent writers queue instead of failing.
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE_OPTION) else "BEGIN")
 
         return engine
     try:
         return sa.create_engine(url, pool_pre_ping=True)
+    except NoSuchModuleError:
+        raise DatabaseError(
+            f"unknown database kind {parsed.drivername!r} in {redact(url)}; use sqlite:///FILE or "
+            "postgresql+psycopg://user@host:5432/db"
+        ) from None
     except ModuleNotFoundError as exc:
         raise DatabaseError(
             f"no driver for {redact(url)} ({exc.name} is not installed); for PostgreSQL use "
             "postgresql+psycopg://... (psycopg 3 ships with portfolio)"
         ) from None
+
+
+WRITE_OPTION = "portfolio_write"
+
+
+def writer(engine: Engine) -> Engine:
+    """The same engine for transactions that write: on SQLite they begin ``IMMEDIATE``."""
+    return engine.execution_options(**{WRITE_OPTION: True})
+
+
+def lock_name(session: Session, kind: str, name: str) -> None:
+    """Serialise writers that number or create things called ``name`` (the next dataset or
+    adapter version is max + 1): on PostgreSQL a transaction-scoped advisory lock; on
+    SQLite write transactions are already serial (``BEGIN IMMEDIATE``)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    key = int.from_bytes(hashlib.sha256(f"{kind}:{name}".encode()).digest()[:8], "big", signed=True)
+    session.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
+def insert_ignore(session: Session, table: sa.Table, values: dict) -> bool:
+    """``INSERT ... ON CONFLICT DO NOTHING``; return whether the row was inserted. On
+    PostgreSQL it waits for a concurrent transaction that inserted the same key."""
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    key = list(table.primary_key.columns)[0]
+    result = session.execute(insert(table).values(**values).on_conflict_do_nothing().returning(key))
+    return result.first() is not None
 
 
 def alembic_config(engine: Engine) -> Config:
@@ -99,7 +140,7 @@ def current_revision(engine: Engine) -> str | None:
     try:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
-    except OperationalError as exc:
+    except DBAPIError as exc:
         raise DatabaseError(
             f"cannot connect to the registry at {redact(str(engine.url))}: {_first_line(exc)}; "
             "check --db / PORTFOLIO_DB"
@@ -137,6 +178,11 @@ def _migrate(engine: Engine, fn, revision: str) -> None:
         raise DatabaseError(
             f"migrating the registry to {revision} failed ({_first_line(exc)}); it was left at revision {before or 'empty'}"
         ) from exc
+    except (CommandError, ResolutionError, KeyError) as exc:
+        known = ", ".join(s.revision for s in ScriptDirectory.from_config(cfg).walk_revisions())
+        raise DatabaseError(
+            f"no migration path to revision {revision!r} ({_first_line(exc)}); use head, base or one of {known}"
+        ) from None
 
 
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
@@ -160,6 +206,15 @@ def check_schema(engine: Engine) -> None:
     if current == head:
         return
     where = redact(str(engine.url))
+    try:
+        known = ScriptDirectory.from_config(alembic_config(engine)).get_revision(current) is not None
+    except (CommandError, ResolutionError, KeyError):
+        known = False
+    if current is not None and not known:
+        raise SchemaOutOfDate(
+            f"the registry at {where} is at revision {current}, which this portfolio does not know: a newer "
+            f"portfolio made it; upgrade portfolio (this one reaches {head})"
+        )
     if current is None:
         raise SchemaOutOfDate(
             f"the registry at {where} is not initialised; run `portfolio init` "
@@ -186,9 +241,12 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     except IntegrityError as exc:
         session.rollback()
         raise AlreadyExists(f"the registry refused the change: {_first_line(exc)}") from exc
-    except OperationalError as exc:
+    except (OperationalError, DataError) as exc:
         session.rollback()
         raise DatabaseError(f"registry database error: {_first_line(exc)}") from exc
+    except DBAPIError as exc:
+        session.rollback()
+        raise DatabaseError(f"registry database error: {_first_line(exc)}; check --db / PORTFOLIO_DB") from exc
     except BaseException:
         session.rollback()
         raise

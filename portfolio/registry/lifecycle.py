@@ -24,17 +24,18 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from portfolio.errors import InvalidState
-from portfolio.registry import queries
+from portfolio.registry import db, queries
 from portfolio.registry.models import (
     AdapterRow,
     AdapterVersionRow,
     AliasRow,
     ArtifactRow,
+    BaseModelRow,
     DatasetSnapshotRow,
     RunRow,
     utcnow,
 )
-from portfolio.store.local import LocalStore
+from portfolio.store.local import LocalStore, sha256_file
 
 GC_GRACE_SECONDS = 3600.0  # unrecorded blobs younger than this may belong to a write in flight
 
@@ -190,8 +191,13 @@ def collect(session: Session, store: LocalStore, items: list[dict[str, Any]], mi
             store.delete(item["digest"])
             art.removed_at = art.removed_at or utcnow()
         elif item["type"] == "unrecorded":
-            if session.get(ArtifactRow, item["digest"]) is None and store.age_seconds(item["digest"]) >= min_age:
+            # Claim the digest by inserting its row (it waits for a writer recording the same
+            # bytes and then finds the row taken); the claim goes again before the commit.
+            if store.age_seconds(item["digest"]) >= min_age and db.insert_ignore(
+                session, ArtifactRow.__table__, {"digest": item["digest"], "kind": "claim", "size": 0, "created_at": utcnow()}
+            ):
                 store.delete(item["digest"])
+                session.execute(sa.delete(ArtifactRow).where(ArtifactRow.digest == item["digest"]))
         elif item["type"] == "temp":
             Path(item["digest"]).unlink(missing_ok=True)
         elif item["type"] == "run-workdir":
@@ -213,7 +219,28 @@ def verify(session: Session, store: LocalStore):
         state = store.check(digest)
         if state != "ok":
             problems.append({"digest": digest, "kind": kind, "state": state, "used_by": ", ".join(users.get(digest, [])) or "-"})
-    return VerifyReport(checked=len(artifacts), ok=len(artifacts) - len(problems), problems=problems)
+    checked = len(artifacts)
+    for base in session.scalars(sa.select(BaseModelRow).order_by(BaseModelRow.name)):
+        for f in base.files:
+            checked += 1
+            state = _base_file_state(base.source, f)
+            if state != "ok":
+                problems.append({"digest": f["sha256"], "kind": "base_weights", "state": state, "used_by": f"base {base.name} ({f['name']})"})
+    return VerifyReport(checked=checked, ok=checked - len(problems), problems=problems)
+
+
+def _base_file_state(source: str, f: dict[str, Any]) -> str:
+    """Re-hash one weight file of a registered base: ``ok``, ``missing`` or ``corrupt``."""
+    from portfolio.basemodel import resolve_source
+    from portfolio.errors import BaseModelNotFound
+
+    try:
+        path = resolve_source(source) / f["name"]
+    except BaseModelNotFound:
+        return "missing"
+    if not path.is_file():
+        return "missing"
+    return "ok" if sha256_file(path) == f["sha256"] else "corrupt"
 
 
 def artifact_users(session: Session) -> dict[str, list[str]]:

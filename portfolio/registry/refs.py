@@ -7,7 +7,10 @@ from dataclasses import dataclass
 
 from portfolio.errors import InvalidReference
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,199}")
+VERSION_RE = re.compile(r"[0-9]+")
+MAX_VERSION = 2**31 - 1
+ALIAS_MAX = 100  # the alias columns are VARCHAR(100)  # the INTEGER column that holds version numbers
 
 
 @dataclass(frozen=True)
@@ -21,14 +24,22 @@ class Ref:
         return self.name if self.selector is None else f"{self.name}@{self.selector}"
 
 
-def check_name(name: str, what: str = "name") -> str:
-    """Validate a name for an adapter, base, dataset or alias."""
-    if not NAME_RE.match(name or ""):
+def check_name(name: str, what: str = "name", max_len: int = 200) -> str:
+    """Validate a name for an adapter, base, dataset or alias: ASCII letters, digits,
+    ``.``, ``_``, ``-``, starting with a letter or digit, at most ``max_len`` long."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or len(name) > max_len:
         raise InvalidReference(
             f"invalid {what} {name!r}: use letters, digits, '.', '_' or '-' "
-            "(up to 200, starting with a letter or digit)"
+            f"(up to {max_len}, starting with a letter or digit)"
         )
     return name
+
+
+def check_length(value: str | None, limit: int, what: str) -> str | None:
+    """Refuse text longer than the column that stores it."""
+    if value is not None and len(value) > limit:
+        raise InvalidReference(f"{what} is {len(value)} characters long; the registry keeps at most {limit}")
+    return value
 
 
 def parse_ref(text: str) -> Ref:
@@ -39,10 +50,10 @@ def parse_ref(text: str) -> Ref:
     check_name(name)
     if not sep:
         return Ref(name, None)
-    if selector.isdigit():
+    if VERSION_RE.fullmatch(selector):
         version = int(selector)
-        if version < 1:
-            raise InvalidReference(f"invalid reference {text!r}: versions start at 1")
+        if not 1 <= version <= MAX_VERSION:
+            raise InvalidReference(f"invalid reference {text!r}: versions run from 1 to {MAX_VERSION}")
         return Ref(name, version)
-    check_name(selector, "alias")
+    check_name(selector, "alias", ALIAS_MAX)
     return Ref(name, selector)

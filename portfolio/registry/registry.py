@@ -8,6 +8,7 @@ so a failed command leaves neither half a row nor an orphan artifact.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from portfolio.registry.models import (
     VersionTagRow,
     utcnow,
 )
-from portfolio.registry.refs import check_name
+from portfolio.registry.refs import ALIAS_MAX, VERSION_RE, check_length, check_name, parse_ref
 from portfolio.store.local import LocalStore
 
 DEFAULT_DB = "sqlite:///.portfolio/registry.db"
@@ -85,6 +86,7 @@ class Registry:
         self.engine = engine
         self.store = store
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._write_sessions = sessionmaker(db.writer(engine), expire_on_commit=False)
 
     @classmethod
     def open(cls, db_url: str | None = None, store: str | os.PathLike | None = None, *, check: bool = True) -> "Registry":
@@ -128,9 +130,9 @@ class Registry:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
-        """A session for packages that keep their own tables (the scheduler): commits on
-        success, rolls back on error, like every registry call."""
-        with db.session_scope(self._sessions) as session:
+        """A write transaction for packages that keep their own tables (the scheduler):
+        commits on success, rolls back on error, like every registry call."""
+        with db.session_scope(self._write_sessions) as session:
             yield session
 
     @contextmanager
@@ -140,33 +142,33 @@ class Registry:
 
     @contextmanager
     def _write(self) -> Iterator[tuple[Session, Any]]:
-        """A transaction plus ``put(path_or_bytes, kind) -> digest`` that stores a blob and
-        records it; blobs this call newly wrote are deleted again if the transaction fails."""
+        """A write transaction plus ``put(path_or_bytes, kind) -> digest`` that stores a blob
+        and records it; blobs this call newly wrote are deleted again if the transaction fails.
+
+        The blob's ``artifacts`` row is its lock. A writer inserts (or locks) the row before it
+        puts the bytes in place, and whoever deletes bytes (this clean-up, `archive`, `gc`)
+        does so only while holding that row: so a writer that relies on bytes another writer
+        is about to discard either waits for the discard and writes them again, or makes the
+        discard keep them. A committed version therefore never points at a deleted blob."""
         written: list[str] = []
 
         def put(source: str | os.PathLike | bytes, kind: str, session: Session) -> str:
-            if isinstance(source, bytes):
-                digest, created = self.store.put_bytes(source)
-                size = len(source)
-            else:
-                digest, created = self.store.put_file(source)
-                size = Path(source).stat().st_size
-            if created:
-                written.append(digest)
-            row = session.get(ArtifactRow, digest, with_for_update=True)
-            if row is None:
-                session.add(ArtifactRow(digest=digest, kind=kind, size=size))
-                session.flush()
-            elif row.removed_at is not None or not self.store.exists(digest):
-                # archive/gc removed these bytes (perhaps just now, under this row's lock):
-                # write them back before anything new points at them.
-                self.store.put_bytes(source) if isinstance(source, bytes) else self.store.put_file(source)
-                row.removed_at = None
-                session.flush()
-            return digest
+            staged = self.store.stage(source)
+            try:
+                db.insert_ignore(session, ArtifactRow.__table__, {"digest": staged.digest, "kind": kind, "size": staged.size, "created_at": utcnow()})
+                row = session.get(ArtifactRow, staged.digest, with_for_update=True, populate_existing=True)
+                if row.removed_at is not None:  # archive/gc removed these bytes: they come back now
+                    row.removed_at = None
+                    session.flush()
+                if self.store.commit(staged):
+                    written.append(staged.digest)
+            except BaseException:
+                self.store.discard(staged)
+                raise
+            return staged.digest
 
         try:
-            with db.session_scope(self._sessions) as session:
+            with db.session_scope(self._write_sessions) as session:
                 yield session, lambda source, kind: put(source, kind, session)
         except BaseException:
             if written:
@@ -174,15 +176,18 @@ class Registry:
             raise
 
     def _discard_unrecorded(self, digests: list[str]) -> None:
-        # Another writer may have recorded the same bytes meanwhile: keep those.
-        try:
-            with self._read() as session:
-                kept = set(session.scalars(sa.select(ArtifactRow.digest).where(ArtifactRow.digest.in_(digests))))
-        except Exception:
-            return  # cannot tell; leave them for `portfolio gc`
+        """Delete blobs a failed write put in place, unless a record now names them. Each is
+        claimed by inserting its ``artifacts`` row first: that waits for (and then yields to)
+        a concurrent writer that recorded the same bytes, and keeps new writers waiting until
+        the bytes are gone; the claim is then rolled back."""
         for digest in digests:
-            if digest not in kept:
-                self.store.delete(digest)
+            try:
+                with db.session_scope(self._write_sessions) as session:
+                    if db.insert_ignore(session, ArtifactRow.__table__, {"digest": digest, "kind": "claim", "size": 0, "created_at": utcnow()}):
+                        self.store.delete(digest)
+                    session.rollback()
+            except Exception:
+                return  # cannot tell; `portfolio gc` removes what no record names
 
     # -- base models --------------------------------------------------------------------
 
@@ -197,6 +202,7 @@ class Registry:
             )
         info = basemodel.inspect_base(path, gguf_file)
         with self._write() as (session, _put):
+            db.lock_name(session, "base", name)
             existing = session.scalar(sa.select(BaseModelRow).where(BaseModelRow.name == name))
             if existing is not None:
                 if existing.weights_sha256 == info.weights_sha256:
@@ -249,34 +255,42 @@ class Registry:
         content returns the existing snapshot. Returns (snapshot, created)."""
         check_name(name, "dataset name")
         check_name(domain, "domain")
-        parsed, fmt = formats.parse_files(files)
-        sha = formats.snapshot_sha256(parsed)
-        with self._write() as (session, put):
-            existing = session.scalar(
-                sa.select(DatasetSnapshotRow).where(DatasetSnapshotRow.name == name, DatasetSnapshotRow.sha256 == sha)
-            )
-            if existing is not None:
-                return queries.to_snapshot(existing), False
-            for pf in parsed:
-                put(pf.path, "dataset_file")
-            rows_digest = put(formats.rows_jsonl(parsed), "dataset_rows")
-            latest = session.scalar(sa.select(sa.func.max(DatasetSnapshotRow.version)).where(DatasetSnapshotRow.name == name))
-            row = DatasetSnapshotRow(
-                name=name,
-                version=(latest or 0) + 1,
-                domain=domain,
-                sha256=sha,
-                format=fmt,
-                row_count=sum(len(pf.records) for pf in parsed),
-                n_bytes=sum(pf.size for pf in parsed),
-                files=[{"name": pf.path.name, "sha256": pf.sha256, "size": pf.size} for pf in parsed],
-                rows_digest=rows_digest,
-                source_uri=source or (str(Path(parsed[0].path).resolve()) if len(parsed) == 1 else str(Path(parsed[0].path).resolve().parent)),
-                license=license,
-            )
-            session.add(row)
-            session.flush()
-            return queries.to_snapshot(row), True
+        check_length(source, 2000, "--source")
+        check_length(license, 200, "--license")
+        # rows are validated and normalised in one streaming pass into a temporary file, so a
+        # large file is never held in memory whole
+        with tempfile.NamedTemporaryFile(prefix="portfolio-rows-", suffix=".jsonl") as rows_file:
+            writer = formats.RowWriter(rows_file)
+            parsed, fmt = formats.parse_files(files, writer)
+            rows_file.flush()
+            sha = formats.snapshot_sha256(parsed)
+            with self._write() as (session, put):
+                db.lock_name(session, "dataset", name)
+                existing = session.scalar(
+                    sa.select(DatasetSnapshotRow).where(DatasetSnapshotRow.name == name, DatasetSnapshotRow.sha256 == sha)
+                )
+                if existing is not None:
+                    return queries.to_snapshot(existing), False
+                for pf in parsed:
+                    put(pf.path, "dataset_file")
+                rows_digest = put(rows_file.name, "dataset_rows")
+                latest = session.scalar(sa.select(sa.func.max(DatasetSnapshotRow.version)).where(DatasetSnapshotRow.name == name))
+                row = DatasetSnapshotRow(
+                    name=name,
+                    version=(latest or 0) + 1,
+                    domain=domain,
+                    sha256=sha,
+                    format=fmt,
+                    row_count=writer.n_rows,
+                    n_bytes=sum(pf.size for pf in parsed),
+                    files=[{"name": pf.path.name, "sha256": pf.sha256, "size": pf.size} for pf in parsed],
+                    rows_digest=rows_digest,
+                    source_uri=source or _default_source(parsed),
+                    license=license,
+                )
+                session.add(row)
+                session.flush()
+                return queries.to_snapshot(row), True
 
     def get_snapshot(self, ref: str) -> E.DatasetSnapshot:
         """The snapshot ``NAME@V`` (``NAME`` alone: the latest)."""
@@ -296,7 +310,7 @@ class Registry:
     def snapshot_rows(self, ref: str) -> list[dict[str, Any]]:
         """The snapshot's rows exactly as registered: ``{"row", "sha", "data"}`` each."""
         snapshot = self.get_snapshot(ref)
-        return formats.read_rows(self.store.read_bytes(snapshot.rows_digest))
+        return formats.read_rows(self.store.read_bytes(snapshot.rows_digest, f"the rows of {snapshot.ref}"))
 
     # -- adapters and versions ----------------------------------------------------------
 
@@ -361,6 +375,7 @@ class Registry:
             if d.role not in ROLES:
                 raise InvalidState(f"unknown data role {d.role!r}; use one of {', '.join(ROLES)}")
         with self._write() as (session, put):
+            db.lock_name(session, "adapter", name)
             base_row = queries.base_row(session, base)
             snapshots = [(queries.snapshot_row(session, d.ref), d) for d in data]
             for snap, d in snapshots:
@@ -505,11 +520,12 @@ class Registry:
         """Point ``adapter@alias`` at a version and append the move to the alias history.
         A candidate version becomes active; a deprecated or archived one is refused unless
         ``force``."""
-        check_name(alias, "alias")
-        if str(alias).isdigit():
+        check_name(alias, "alias", ALIAS_MAX)
+        if VERSION_RE.fullmatch(str(alias)):
             raise InvalidState(f"alias {alias!r} is a number and would shadow version {alias}; choose a name")
         target_ref = f"{adapter}@{version}"
         with self._write() as (session, _put):
+            db.lock_name(session, "adapter", adapter)
             target = queries.version_row(session, target_ref)
             if target.status in ("deprecated", "archived") and not force:
                 successor = ""
@@ -572,9 +588,11 @@ class Registry:
     def tag(self, ref: str, tags: dict[str, str]) -> E.AdapterVersion:
         """Set (or overwrite) ``key=value`` tags on a version."""
         with self._write() as (session, _put):
+            db.lock_name(session, "adapter", parse_ref(ref).name)
             version = queries.version_row(session, ref)
             for key, value in tags.items():
                 check_name(key, "tag key")
+                check_length(value, 1000, f"the value of tag {key!r}")
                 row = session.scalar(sa.select(VersionTagRow).where(VersionTagRow.version_id == version.id, VersionTagRow.key == key))
                 if row is None:
                     session.add(VersionTagRow(version_id=version.id, key=key, value=value))
@@ -613,14 +631,13 @@ class Registry:
             stack = queries.to_versions(session, [row])[0] if row.kind == "stack" else None
             base = session.get(BaseModelRow, session.get(AdapterRow, row.adapter_id).base_model_id)
             digest, config, model_id = row.artifact_digest, dict(row.lora_config), base.model_id
+            row_label = model_label(session, row.id)
         if stack is not None:
             from portfolio.compose.stack import export_stack
 
             return export_stack(self, stack, dest)
-        weights = self.store.path(digest)
-        if not weights.is_file():
-            self.store.read_bytes(digest)  # raises the helpful missing-artifact error
-        return adapter_files.write_peft_folder(dest, weights, config, model_id)
+        weights = self.store.verified_path(digest, f"the weights of {row_label}")
+        return adapter_files.write_peft_folder(dest, weights, config, model_id, digest=digest)
 
     def archive(self, ref: str, reason: str | None = None, force: bool = False) -> lifecycle.ArchiveResult:
         """Retire a version for good: its status becomes ``archived`` and its artifact bytes
@@ -772,6 +789,12 @@ class Registry:
         each missing or corrupt one and what uses it."""
         with self._read() as session:
             return lifecycle.verify(session, self.store)
+
+def _default_source(parsed: list[formats.ParsedFile]) -> str:
+    """Where the files came from when no --source is given: the file, or their folder."""
+    where = Path(parsed[0].path).resolve()
+    return str(where if len(parsed) == 1 else where.parent)[:2000]
+
 
 def _eval_target(session: Session, model: str) -> tuple[int | None, int | None]:
     """(version id, base id) of what an evaluation scores: a version ref or ``base:NAME``."""

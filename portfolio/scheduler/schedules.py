@@ -13,11 +13,11 @@ import sqlalchemy as sa
 from portfolio.errors import AlreadyExists, NotFound, PortfolioError
 from portfolio.registry.entities import as_utc
 from portfolio.registry.models import JobRow, ScheduleRow, utcnow
-from portfolio.registry.refs import check_name
+from portfolio.registry.refs import check_length, check_name
 from portfolio.registry.registry import Registry
 from portfolio.store.local import sha256_file
 
-EVERY_RE = re.compile(r"^(\d+)\s*([smhd])$")
+EVERY_RE = re.compile(r"([0-9]+) *([smhd])")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -25,20 +25,26 @@ class InvalidSchedule(PortfolioError, ValueError):
     """A schedule setting is malformed."""
 
 
+MAX_EVERY = 365 * 86400
+
+
 def parse_every(text: str) -> int:
     """``30s``, ``15m``, ``6h``, ``1d`` -> seconds."""
-    match = EVERY_RE.match(text.strip().lower())
+    match = EVERY_RE.fullmatch(text.strip().lower())
     if not match or int(match.group(1)) == 0:
         raise InvalidSchedule(f"--every {text!r}: write a positive number and a unit s, m, h or d (e.g. 6h)")
-    return int(match.group(1)) * UNITS[match.group(2)]
+    seconds = int(match.group(1)) * UNITS[match.group(2)]
+    if seconds > MAX_EVERY:
+        raise InvalidSchedule(f"--every {text!r} is longer than a year; schedule at most every 365d")
+    return seconds
 
 
 def next_run(every_seconds: int | None, cron: str | None, after: datetime) -> datetime:
     """The next due time after ``after`` (UTC): a fixed interval, or the next cron match."""
     if cron:
-        from croniter import croniter
+        from cronsim import CronSim
 
-        return croniter(cron, after.astimezone(timezone.utc)).get_next(datetime).astimezone(timezone.utc)
+        return next(CronSim(cron, after.astimezone(timezone.utc))).astimezone(timezone.utc)
     return after + timedelta(seconds=every_seconds or 0)
 
 
@@ -73,11 +79,16 @@ def add_schedule(registry: Registry, adapter: str, watch: str, *, every: str | N
     if (every is None) == (cron is None):
         raise InvalidSchedule("give --every INTERVAL or --cron 'EXPR' (one of them)")
     every_seconds = parse_every(every) if every else None
+    check_length(cron, 200, "--cron")
+    check_length(pattern, 200, "--pattern")
+    check_length(watch, 2000, "--watch")
     if cron:
-        from croniter import croniter
+        from cronsim import CronSim, CronSimError
 
-        if not croniter.is_valid(cron):
-            raise InvalidSchedule(f"--cron {cron!r} is not a valid cron expression (five fields, UTC), e.g. '0 3 * * *'")
+        try:
+            CronSim(cron, datetime.now(timezone.utc))
+        except (CronSimError, ValueError) as exc:
+            raise InvalidSchedule(f"--cron {cron!r} is not a valid cron expression ({exc}; five fields, UTC), e.g. '0 3 * * *'") from None
     if not Path(watch).is_dir():
         raise InvalidSchedule(f"--watch {watch}: no such folder; create it first")
     try:

@@ -4,20 +4,60 @@ Every blob lives at ``<root>/blobs/<first two hex>/<sha256>``, so identical byte
 once and the name of a blob is the proof of its content. Writes go to a temporary file in
 the same folder, are flushed to disk, then renamed into place: a reader never sees a
 half-written blob, and a crash leaves at most a stray ``tmp/`` file.
+
+Reads for use go through `verified_path` / `read_bytes`, which re-hash a blob the first time
+a process uses it (and again whenever the file changes on disk), so a flipped bit is refused
+with the `portfolio verify` advice instead of being trained on, merged or served.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from portfolio.errors import NotFound, StoreError
+from portfolio.errors import IntegrityFailure, NotFound, StoreError
 
 CHUNK = 1 << 20
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+
+# (file path, digest) -> (inode, size, mtime_ns) of the file when it last hashed right: a
+# process hashes a blob once, and again only if the file was replaced or touched since.
+_verified: dict[tuple[str, str], tuple[int, int, int]] = {}
+
+
+def check_digest(digest: str) -> str:
+    """Refuse anything but 64 lowercase hex digits: digests come from the database and name
+    files, so ``../x`` must never reach the file system."""
+    if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+        raise IntegrityFailure(
+            f"the registry names an artifact {str(digest)[:80]!r}, which is not a sha256 digest; "
+            "the database was edited by hand or is damaged (run `portfolio verify`)"
+        )
+    return digest
+
+
+def verify_file(path: Path, digest: str, what: str) -> Path:
+    """Return ``path`` once its bytes hash to ``digest`` (hashed once per process while the
+    file stays unchanged); raise `IntegrityFailure` naming ``what`` otherwise."""
+    st = path.stat()
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    key = (str(path), digest)
+    if _verified.get(key) == stamp:
+        return path
+    if sha256_file(path) != digest:
+        _verified.pop(key, None)
+        raise IntegrityFailure(
+            f"{what} is damaged: its bytes no longer hash to {digest[:12]}; "
+            "nothing was read from it; run `portfolio verify` to list every damaged artifact"
+        )
+    _verified[key] = stamp
+    return path
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -27,6 +67,15 @@ def sha256_file(path: str | os.PathLike) -> str:
         while block := fh.read(CHUNK):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A file copied into the store's ``tmp/`` and hashed, not yet in place."""
+
+    digest: str
+    size: int
+    tmp: str
 
 
 class LocalStore:
@@ -50,57 +99,64 @@ class LocalStore:
 
     def path(self, digest: str) -> Path:
         """Where the blob with this digest lives (whether or not it exists)."""
+        check_digest(digest)
         return self.root / "blobs" / digest[:2] / digest
 
     def exists(self, digest: str) -> bool:
         """Whether the blob is present."""
         return self.path(digest).is_file()
 
-    def put_file(self, src: str | os.PathLike) -> tuple[str, bool]:
-        """Copy a file into the store; return ``(digest, newly_written)``."""
+    def stage(self, source: str | os.PathLike | bytes) -> "Staged":
+        """Copy a file (or bytes) to a temporary file in the store, hashing on the way; the
+        blob appears under its digest only at `commit`. Writers stage first, lock the
+        digest's record, then commit, so a blob is never deleted under a writer's feet."""
         self._ensure()
         hasher = hashlib.sha256()
         fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
         try:
-            with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-                while block := inp.read(CHUNK):
-                    hasher.update(block)
-                    out.write(block)
+            with os.fdopen(fd, "wb") as out:
+                if isinstance(source, bytes):
+                    hasher.update(source)
+                    out.write(source)
+                else:
+                    with open(source, "rb") as inp:
+                        while block := inp.read(CHUNK):
+                            hasher.update(block)
+                            out.write(block)
+                size = out.tell()
                 out.flush()
                 os.fsync(out.fileno())
-            return self._commit(tmp, hasher.hexdigest())
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        return Staged(hasher.hexdigest(), size, tmp)
+
+    def commit(self, staged: "Staged") -> bool:
+        """Put a staged file in place (or drop it and freshen the blob already there);
+        return whether the blob was newly written."""
+        dest = self.path(staged.digest)
+        if dest.exists():
+            Path(staged.tmp).unlink(missing_ok=True)
+            self._touch(dest)
+            return False
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(staged.tmp, 0o444)  # blobs are immutable
+        os.replace(staged.tmp, dest)
+        return True
+
+    def discard(self, staged: "Staged") -> None:
+        """Drop a staged file that will not be committed."""
+        Path(staged.tmp).unlink(missing_ok=True)
+
+    def put_file(self, src: str | os.PathLike) -> tuple[str, bool]:
+        """Copy a file into the store; return ``(digest, newly_written)``."""
+        staged = self.stage(src)
+        return staged.digest, self.commit(staged)
 
     def put_bytes(self, data: bytes) -> tuple[str, bool]:
         """Store bytes; return ``(digest, newly_written)``."""
-        self._ensure()
-        digest = hashlib.sha256(data).hexdigest()
-        if self.exists(digest):
-            self._touch(self.path(digest))
-            return digest, False
-        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            return self._commit(tmp, digest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    def _commit(self, tmp: str, digest: str) -> tuple[str, bool]:
-        dest = self.path(digest)
-        if dest.exists():
-            Path(tmp).unlink(missing_ok=True)
-            self._touch(dest)
-            return digest, False
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(tmp, 0o444)  # blobs are immutable
-        os.replace(tmp, dest)
-        return digest, True
+        staged = self.stage(data)
+        return staged.digest, self.commit(staged)
 
     @staticmethod
     def _touch(path: Path) -> None:
@@ -130,22 +186,37 @@ class LocalStore:
         now = time.time()
         return sorted(p for p in folder.iterdir() if p.is_file() and now - p.stat().st_mtime >= min_age)
 
-    def read_bytes(self, digest: str) -> bytes:
-        """The blob's bytes."""
+    def _missing(self, digest: str) -> NotFound:
+        return NotFound(
+            f"artifact {digest[:12]} is missing from the store {self.root}; "
+            "run `portfolio verify` to list every missing or damaged artifact"
+        )
+
+    def verified_path(self, digest: str, what: str | None = None) -> Path:
+        """The blob's file, after checking its bytes still hash to ``digest`` (once per
+        process while the file is unchanged). ``what`` names it in the error."""
+        path = self.path(digest)
         try:
-            return self.path(digest).read_bytes()
+            return verify_file(path, digest, what or f"artifact {digest[:12]}")
         except FileNotFoundError:
-            raise NotFound(
-                f"artifact {digest[:12]} is missing from the store {self.root}; "
-                "run `portfolio verify` to list every missing or damaged artifact"
-            ) from None
+            raise self._missing(digest) from None
+
+    def read_bytes(self, digest: str, what: str | None = None) -> bytes:
+        """The blob's bytes, checked against their digest."""
+        try:
+            data = self.path(digest).read_bytes()
+        except FileNotFoundError:
+            raise self._missing(digest) from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise IntegrityFailure(
+                f"{what or f'artifact {digest[:12]}'} is damaged: its bytes no longer hash to {digest[:12]}; "
+                "nothing was read from it; run `portfolio verify` to list every damaged artifact"
+            )
+        return data
 
     def copy_to(self, digest: str, dest: str | os.PathLike) -> None:
-        """Write the blob to ``dest`` (a fresh, writable copy)."""
-        src = self.path(digest)
-        if not src.is_file():
-            self.read_bytes(digest)  # raises the helpful NotFound
-        shutil.copyfile(src, dest)
+        """Write the blob to ``dest`` (a fresh, writable copy), checked first."""
+        shutil.copyfile(self.verified_path(digest), dest)
 
     def delete(self, digest: str) -> bool:
         """Remove a blob; return whether it was there."""
@@ -162,10 +233,14 @@ class LocalStore:
             return
         for sub in sorted(blobs.iterdir()):
             for blob in sorted(sub.iterdir()):
-                yield blob.name
+                if DIGEST_RE.match(blob.name) and blob.name[:2] == sub.name:
+                    yield blob.name
 
     def check(self, digest: str) -> str:
-        """Re-hash a blob: ``"ok"``, ``"missing"`` or ``"corrupt"``."""
+        """Re-hash a blob: ``"ok"``, ``"missing"``, ``"corrupt"`` or ``"invalid"`` (the
+        record names no sha256 digest)."""
+        if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+            return "invalid"
         path = self.path(digest)
         if not path.is_file():
             return "missing"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,9 +59,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        for flag, value in (("--lr", self.lr), ("--alpha", self.alpha), ("--replay-ratio", self.replay_ratio),
+                            ("--kl-weight", self.kl_weight), ("--epochs", self.epochs), ("--dropout", self.dropout),
+                            ("--weight-decay", self.weight_decay), ("--grad-clip", self.grad_clip),
+                            ("--min-lr-ratio", self.min_lr_ratio)):
+            if value is not None and not math.isfinite(value):
+                problems.append(f"{flag} must be a finite number (got {value})")
         if self.rank is not None and self.rank < 1:
             problems.append(f"--rank must be at least 1 (got {self.rank})")
-        if self.alpha is not None and self.alpha <= 0:
+        if self.alpha is not None and not self.alpha > 0:
             problems.append(f"--alpha must be positive (got {self.alpha})")
         if not 0 <= self.replay_ratio < 1:
             problems.append(f"--replay-ratio must be in [0, 1) (got {self.replay_ratio})")
@@ -72,9 +79,9 @@ class TrainConfig:
             problems.append("give --steps or --epochs, not both")
         if self.steps is not None and self.steps < 1:
             problems.append(f"--steps must be at least 1 (got {self.steps})")
-        if self.epochs is not None and self.epochs <= 0:
+        if self.epochs is not None and not self.epochs > 0:
             problems.append(f"--epochs must be positive (got {self.epochs})")
-        if self.lr <= 0:
+        if not self.lr > 0:
             problems.append(f"--lr must be positive (got {self.lr})")
         if self.batch_size < 1:
             problems.append(f"--batch-size must be at least 1 (got {self.batch_size})")

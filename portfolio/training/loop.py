@@ -9,7 +9,6 @@ Nothing here touches the registry: `portfolio.training.train` wires it in.
 from __future__ import annotations
 
 import math
-import os
 import random
 import resource
 import time
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 
 from portfolio.data.replay import replay_counts
 from portfolio.data.tokenize import IGNORE, Example, collate, shifted_labels
+from portfolio.training.checkpoint import load_checkpoint, save_checkpoint
 from portfolio.training.config import TrainConfig, get_lr
 
 
@@ -103,13 +103,6 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically: a reader (or a resume after kill -9) sees the old or the new file."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process (CPU: max RSS) or of the CUDA allocator."""
     if device.type == "cuda":
@@ -143,14 +136,8 @@ def train_loop(
 
     # Resume: every piece of state that affects the result is in the checkpoint.
     if checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        with torch.no_grad():
-            for name, tensor in state["params"].items():
-                params[name].copy_(tensor)
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"].cpu())
-        start = state["step"]
-        result = state["result"]
+        start, fields = load_checkpoint(checkpoint_path, params, optimizer)
+        result = LoopResult(**fields)
 
     for step in range(start, schedule.steps):
         t0 = time.perf_counter()
@@ -198,13 +185,7 @@ def train_loop(
         stopping = should_stop is not None and should_stop() and step + 1 < schedule.steps
         if stopping or ((step + 1) % cfg.checkpoint_every == 0 and step + 1 < schedule.steps):
             result.peak_memory_mb = max(result.peak_memory_mb, peak_memory_mb(device))
-            save_checkpoint(checkpoint_path, {
-                "step": step + 1,
-                "params": {n: p.detach().cpu().clone() for n, p in params.items()},
-                "optimizer": optimizer.state_dict(),
-                "rng": torch.get_rng_state(),
-                "result": result,
-            })
+            save_checkpoint(checkpoint_path, step + 1, params, optimizer, result)
             if on_checkpoint is not None:
                 on_checkpoint(step + 1)
             if stopping:  # asked to stop (SIGTERM): the step is checkpointed, nothing is lost

@@ -28,6 +28,7 @@ from portfolio.data.tokenize import Example, encode_rows
 from portfolio.errors import AdapterNotFound, InvalidDataset, InvalidState
 from portfolio.registry.entities import AdapterVersion, DatasetSnapshot
 from portfolio.registry.registry import DataSpec, EvalSpec, ParentSpec, Registry
+from portfolio.training.checkpoint import FILENAME as CHECKPOINT_FILE, checkpoint_step
 from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_RANK, DEFAULT_TARGETS, InvalidTrainConfig, TrainConfig
 
 
@@ -97,6 +98,10 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
     unknown = [t for t in cfg.targets if t not in known]
     if unknown:
         raise InvalidTrainConfig(f"--targets {','.join(unknown)}: not a linear layer of base {base!r}; choose from {', '.join(known)}")
+    widest = min(min(shape) for name, shape in base_modules.items() if name.rsplit(".", 1)[-1] in cfg.targets)
+    if cfg.rank > widest:
+        raise InvalidTrainConfig(f"--rank {cfg.rank} exceeds the narrowest targeted layer of base {base!r} ({widest}); "
+                                 f"a LoRA rank above {widest} adds nothing but parameters")
 
     if cfg.replay_from:
         sources = [registry.get_snapshot(ref) for ref in cfg.replay_from]
@@ -266,9 +271,8 @@ def train_adapter(
             if on_step:
                 on_step(step, stats)
 
-        checkpoint = workdir / "checkpoint.pt"
-        if checkpoint.is_file():
-            bar.update(torch.load(checkpoint, weights_only=False)["step"])
+        checkpoint = workdir / CHECKPOINT_FILE
+        bar.update(checkpoint_step(checkpoint))
         result = train_loop(
             model, data.fresh, data.replay, cfg, schedule, pad_id, checkpoint,
             parent_logits=parent_logits, on_step=step_hook, should_stop=should_stop,
