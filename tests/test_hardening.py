@@ -166,7 +166,8 @@ def test_damaged_adapter_is_refused_by_every_reader(damaged, tmp_path, write_jso
     if use == "export":
         call = lambda: reg.export(version.ref, tmp_path / "out")  # noqa: E731
     elif use == "merge":
-        call = lambda: merge_adapters(reg, "m", [version.ref, version.ref], MergeRecipe("linear", (0.5, 0.5)), log=quiet)  # noqa: E731
+        other = reg.import_adapter("other", make_other_lora(tmp_path, Path(reg.get_base("tiny").source)), base="tiny")
+        call = lambda: merge_adapters(reg, "m", [other.ref, version.ref], MergeRecipe("linear", (0.5, 0.5)), log=quiet)  # noqa: E731
     elif use == "stack":
         call = lambda: stack_adapters(reg, "s", [version.ref]) and generate(reg, "s@1", "hi", max_new_tokens=2, log=quiet)  # noqa: E731
     elif use == "generate":
