@@ -31,6 +31,10 @@ class PortfolioGroup(click.Group):
             ctx.exit(130)
         except (click.exceptions.Exit, click.Abort, click.ClickException):
             raise
+        except BrokenPipeError:
+            # the reader went away (`| head`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            ctx.exit(141)
         except Exception as exc:  # a bug: still one line, the traceback only on request
             if os.environ.get("PORTFOLIO_DEBUG"):
                 raise
@@ -82,4 +86,20 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 @click.pass_context
 def cli(ctx: click.Context, db: str | None, store: str | None) -> None:
     """Manage a portfolio of LoRA adapters: versions, lineage, data provenance."""
+    quiet_libraries()
     ctx.obj = {"db": db, "store": store}
+
+
+def quiet_libraries() -> None:
+    """What a person reads is portfolio's own output: no progress bars, deprecation notes or
+    info logs from transformers, PEFT or the hub (portfolio shows its own progress)."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for module in ("transformers", "peft", "torch", "huggingface_hub", "accelerate"):
+        warnings.filterwarnings("ignore", module=module)
+        logging.getLogger(module).setLevel(logging.ERROR)
+    # transformers reads both variables when it is first imported, which is later: no import here,
+    # so commands that never load a model stay fast

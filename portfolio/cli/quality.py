@@ -7,32 +7,61 @@ import click
 from portfolio.cli._base import _emit_json, _registry, _table, _when, cli, json_option
 from portfolio.training.config import DEVICES
 
+# the loss metrics (per snapshot) and the behavioural ones (per suite); kept here as names so
+# that `--help` does not import the suites package
+ALL_METRICS = ["loss", "perplexity", "accuracy", "pass_rate", "critical_failures", "refusal_rate", "format_validity",
+               "mean_words", "choice_accuracy", "ece", "brier"]
+
 
 # -- evaluation, gates, promotion ------------------------------------------------------
 
 @cli.command("eval")
 @click.argument("refs", nargs=-1, required=True, metavar="REF...")
-@click.option("--data", "data", multiple=True, required=True, metavar="NAME@V", help="Snapshot whose held-out rows to score (repeatable).")
+@click.option("--data", "data", multiple=True, metavar="NAME@V", help="Snapshot whose held-out rows to score (repeatable).")
+@click.option("--suite", "suites", multiple=True, metavar="NAME@V", help="Behavioural suite to run (repeatable).")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar while generating.")
 @json_option
 @click.pass_context
-def eval_cmd(ctx: click.Context, refs: tuple[str, ...], data: tuple[str, ...], seq_len: int, device: str, as_json: bool) -> None:
-    """Score versions (NAME@V) or a base (base:NAME) on held-out rows; reuses stored results."""
-    from portfolio.evaluation.evaluate import evaluate
+def eval_cmd(ctx: click.Context, refs: tuple[str, ...], data: tuple[str, ...], suites: tuple[str, ...], seq_len: int, device: str,
+             progress: bool, as_json: bool) -> None:
+    """Score versions (NAME@V) or a base (base:NAME) on held-out rows and/or behavioural suites;
+    stored results for identical inputs are reused."""
+    from portfolio.errors import InvalidState
 
-    scores = evaluate(_registry(ctx), list(refs), list(data), seq_len=seq_len, device=device, log=lambda m: click.echo(m, err=True))
+    if not data and not suites:
+        raise InvalidState("nothing to evaluate on; give --data NAME@V (held-out loss) and/or --suite NAME@V (behaviour)")
+    reg, log = _registry(ctx), (lambda m: click.echo(m, err=True))
+    out: dict = {}
+    if data:
+        from portfolio.evaluation.evaluate import evaluate
+
+        scores = evaluate(reg, list(refs), list(data), seq_len=seq_len, device=device, log=log)
+        out["loss"] = [{"model": s.model, "snapshot": s.snapshot, **s.metrics, "n_tokens": s.n_tokens, "reused": s.reused} for s in scores]
+        if not as_json:
+            click.echo(_table([[s.model, s.snapshot, f"{s.metrics['loss']:.4f}", f"{s.metrics['perplexity']:.2f}", f"{s.metrics['accuracy']:.3f}",
+                                s.n_tokens, "stored" if s.reused else "computed"] for s in scores],
+                              ["MODEL", "SNAPSHOT", "LOSS", "PPL", "ACCURACY", "TOKENS", "RESULT"]))
+    if suites:
+        from portfolio.cli.suites import METRIC_HEADERS, metrics_rows
+        from portfolio.suites.run import run_suites
+
+        results = run_suites(reg, list(refs), list(suites), device=device, log=log, progress=progress and not as_json)
+        out["suites"] = [{"model": r.model, "suite": r.suite, "metrics": r.metrics, "reused": r.reused} for r in results]
+        if not as_json:
+            for r in results:
+                click.echo(f"\n{r.model} on {r.suite} ({'stored' if r.reused else 'computed'})")
+                click.echo(_table(metrics_rows(r.model, r.metrics), METRIC_HEADERS))
     if as_json:
-        return _emit_json([{"model": s.model, "snapshot": s.snapshot, **s.metrics, "n_tokens": s.n_tokens, "reused": s.reused} for s in scores])
-    click.echo(_table([[s.model, s.snapshot, f"{s.metrics['loss']:.4f}", f"{s.metrics['perplexity']:.2f}", f"{s.metrics['accuracy']:.3f}",
-                        s.n_tokens, "stored" if s.reused else "computed"] for s in scores],
-                      ["MODEL", "SNAPSHOT", "LOSS", "PPL", "ACCURACY", "TOKENS", "RESULT"]))
+        _emit_json(out["loss"] if not suites else out)
 
 
 @cli.command()
 @click.option("--adapter", "adapters", multiple=True, help="Only these adapters (repeatable).")
 @click.option("--data", "data", multiple=True, metavar="NAME@V", help="Only these snapshots (repeatable).")
-@click.option("--metric", type=click.Choice(["loss", "perplexity", "accuracy"]), default="loss", show_default=True)
+@click.option("--metric", type=click.Choice(ALL_METRICS), default="loss", show_default=True,
+              help="A loss metric (columns are snapshots) or a suite metric (columns are suites).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also write a heatmap (.png or .html).")
 @json_option
 @click.pass_context
@@ -44,21 +73,24 @@ def matrix(ctx: click.Context, adapters, data, metric: str, plot: str | None, as
     if as_json:
         _emit_json({"metric": metric, "rows": m.rows, "cols": m.cols,
                     "values": [{"model": r, "snapshot": c, "value": v} for (r, c), v in m.values.items()],
-                    "continual": [{"adapter": s.adapter, "latest": s.latest, "bwt": s.bwt, "forgetting": s.forgetting} for s in m.continual]})
+                    "continual": [{"adapter": s.adapter, "latest": s.latest, "acc": s.acc, "bwt": s.bwt, "fwt": s.fwt, "forgetting": s.forgetting}
+                                  for s in m.continual]})
     else:
         click.echo(_table([[r] + [("" if m.get(r, c) is None else f"{m.get(r, c):.4f}") for c in m.cols] for r in m.rows], [metric.upper()] + m.cols))
         for st in m.continual:
             forgot = ", ".join(f"{k} {v:+.4f}" for k, v in st.forgetting.items()) or "-"
             bwt = "-" if st.bwt is None else f"{st.bwt:+.4f}"
-            click.echo(f"\n{st.adapter} (latest {st.latest}): BWT {bwt}; forgetting {forgot}")
+            acc = "-" if st.acc is None else f"{st.acc:.4f}"
+            fwt = "-" if st.fwt is None else f"{st.fwt:+.4f}"
+            click.echo(f"\n{st.adapter} (latest {st.latest}): ACC {acc}; BWT {bwt}; FWT {fwt}; forgetting {forgot}")
     if plot:
         click.echo(f"wrote {plot_matrix(m, plot)}", err=as_json)
 
 
 @cli.command()
 @click.argument("name")
-@click.option("--metric", type=click.Choice(["loss", "perplexity", "accuracy"]), default="loss", show_default=True)
-@click.option("--data", default=None, metavar="NAME@V", help="Only this snapshot.")
+@click.option("--metric", type=click.Choice(ALL_METRICS), default="loss", show_default=True)
+@click.option("--data", default=None, metavar="NAME@V", help="Only this snapshot (or suite, for a suite metric).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also write a line plot (.png or .html).")
 @json_option
 @click.pass_context
@@ -87,12 +119,50 @@ def gate_group() -> None:
 @click.option("--min-gain", type=float, default=0.0, show_default=True, help="Required relative improvement on the fresh (training) data.")
 @click.option("--retention", multiple=True, metavar="NAME@V", help="Snapshot that must not regress (repeatable; default: earlier training data).")
 @click.option("--metric", type=click.Choice(["loss", "perplexity", "accuracy"]), default="loss", show_default=True)
+@click.option("--suite", "suites", multiple=True, metavar="NAME@V", help="Behavioural suite the candidate must pass (repeatable).")
+@click.option("--min-pass", type=float, default=None, help="Minimum pass rate over each suite (0..1).")
+@click.option("--slice-min-pass", "slice_min_pass", multiple=True, metavar="LABEL=VALUE:RATE", help="Minimum pass rate of a slice, e.g. risk=high:1.0 (repeatable).")
+@click.option("--allow-critical-failures", is_flag=True, help="Do not require every critical case to pass.")
+@click.option("--max-refusal-increase", type=float, default=None, help="Largest allowed rise of the refusal rate vs the incumbent (0..1).")
+@click.option("--max-verbosity-change", type=float, default=None, help="Largest allowed relative change of mean answer words, e.g. 0.5.")
+@click.option("--max-pass-regression", type=float, default=None, help="Largest allowed drop of the pass rate vs the incumbent (0..1).")
+@click.option("--max-ece", type=float, default=None, help="Largest allowed expected calibration error on choice cases (0..1).")
 @click.pass_context
-def gate_set(ctx: click.Context, name: str, max_regression: float, min_gain: float, retention: tuple[str, ...], metric: str) -> None:
-    """Store the gate policy of adapter NAME."""
-    g = _registry(ctx).set_gate(name, metric, max_regression, min_gain, list(retention))
+def gate_set(ctx: click.Context, name: str, max_regression: float, min_gain: float, retention: tuple[str, ...], metric: str,
+             suites: tuple[str, ...], min_pass: float | None, slice_min_pass: tuple[str, ...], allow_critical_failures: bool,
+             max_refusal_increase: float | None, max_verbosity_change: float | None, max_pass_regression: float | None,
+             max_ece: float | None) -> None:
+    """Store the gate policy of adapter NAME: loss gates, and with --suite, behavioural ones."""
+    from portfolio.errors import InvalidState
+    from portfolio.evaluation.gates import SuiteCriteria, parse_slice_min_pass
+
+    behaviour = [min_pass, max_refusal_increase, max_verbosity_change, max_pass_regression, max_ece]
+    if not suites and (slice_min_pass or allow_critical_failures or any(v is not None for v in behaviour)):
+        raise InvalidState("behavioural criteria need the suites they apply to; add --suite NAME@V")
+    criteria = None
+    if suites:
+        criteria = SuiteCriteria(list(suites), min_pass, parse_slice_min_pass(list(slice_min_pass)), not allow_critical_failures,
+                                 max_refusal_increase, max_verbosity_change, max_pass_regression, max_ece).to_dict()
+    g = _registry(ctx).set_gate(name, metric, max_regression, min_gain, list(retention), criteria)
     click.echo(f"gate for {name}: {metric} may regress ≤ {g['max_regression']:.1%} on {', '.join(g['retention']) or 'earlier training data'}; "
                f"must gain ≥ {g['min_gain']:.1%} on fresh data")
+    if g["suite_criteria"]:
+        click.echo(f"behaviour: {describe_criteria(g['suite_criteria'])}")
+
+
+def describe_criteria(c: dict) -> str:
+    """Behavioural criteria in one line."""
+    parts = [f"suites {', '.join(c['suites'])}"]
+    if c.get("min_pass_rate") is not None:
+        parts.append(f"pass ≥ {c['min_pass_rate']:.0%}")
+    parts += [f"{label} pass ≥ {rate:.0%}" for label, rate in c.get("slice_min_pass", {}).items()]
+    if c.get("critical_must_pass", True):
+        parts.append("every critical case passes")
+    for key, what, fmt in (("max_refusal_increase", "refusal rate rises ≤", "{:.0%}"), ("max_verbosity_change", "mean words change ≤ ±", "{:.0%}"),
+                           ("max_pass_regression", "pass rate drops ≤", "{:.0%}"), ("max_ece", "ECE ≤", "{:.3f}")):
+        if c.get(key) is not None:
+            parts.append(f"{what}{fmt.format(c[key])}".replace("≤ ±", "≤ ±"))
+    return "; ".join(parts)
 
 
 @gate_group.command("show")
@@ -109,7 +179,30 @@ def gate_show(ctx: click.Context, name: str, as_json: bool) -> None:
         return _emit_json({**g, "default": stored is None})
     click.echo(f"adapter         {name}{' (defaults; set with `portfolio gate set`)' if stored is None else ''}\nmetric          {g['metric']}\n"
                f"max regression  {g['max_regression']:.1%} on retention snapshots\nmin gain        {g['min_gain']:.1%} on fresh data\n"
-               f"retention       {', '.join(g['retention']) or 'every earlier training snapshot in the lineage'}")
+               f"retention       {', '.join(g['retention']) or 'every earlier training snapshot in the lineage'}\n"
+               f"behaviour       {describe_criteria(g['suite_criteria']) if g.get('suite_criteria') else 'none (add with gate set --suite NAME@V)'}")
+
+
+def gate_table(checks, candidate: str, incumbent: str) -> str:
+    """The promote table: loss gates as relative changes, behavioural gates as rates."""
+    def fmt(c, value):
+        if c.kind in ("retention", "gain"):
+            return f"{value:.4f}"
+        if c.kind == "critical":
+            return f"{value:.0f} failing"
+        if c.kind == "verbosity":
+            return f"{value:.1f} words"
+        return "-" if value != value else (f"{value:.3f}" if c.kind == "ece" else f"{value:.0%}")
+
+    def limit(c):
+        if c.kind in ("retention", "gain"):
+            return f"{c.limit:+.2%}"
+        return {"critical": "0 failing", "verbosity": f"±{c.limit:.0%}", "refusal_rate": f"rise ≤ {c.limit:.0%}",
+                "pass_regression": f"drop ≤ {c.limit:.0%}", "ece": f"≤ {c.limit:.3f}"}.get(c.kind, f"≥ {c.limit:.0%}")
+
+    return _table([[c.kind, c.snapshot, fmt(c, c.candidate), fmt(c, c.incumbent),
+                    f"{c.change:+.2%}" if c.kind != "critical" else f"{c.change:+.0f}", limit(c), "pass" if c.passed else "FAIL"]
+                   for c in checks], ["GATE", "ON", candidate, incumbent, "CHANGE", "LIMIT", "RESULT"])
 
 
 @cli.command()
@@ -124,8 +217,10 @@ def promote(ctx: click.Context, ref: str, alias: str, force: bool, reason: str |
     from portfolio.evaluation.promote import promote as run_promote
 
     out = run_promote(_registry(ctx), ref, alias, force=force, reason=reason, device=device, log=lambda m: click.echo(m, err=True))
-    click.echo(_table([[c.kind, c.snapshot, f"{c.candidate:.4f}", f"{c.incumbent:.4f}", f"{c.change:+.2%}", f"{c.limit:+.2%}", "pass" if c.passed else "FAIL"]
-                       for c in out.checks], ["GATE", "SNAPSHOT", out.candidate, out.incumbent, "CHANGE", "LIMIT", "RESULT"]))
+    click.echo(gate_table(out.checks, out.candidate, out.incumbent))
+    for c in out.checks:
+        if not c.passed and c.detail:
+            click.echo(f"  {c.kind} {c.snapshot}: {c.detail}")
     if out.promoted:
         how = "OVERRIDE: gates failed, forced" if out.forced else "gates passed"
         click.echo(f"{out.candidate.rpartition('@')[0]}@{alias} -> {out.candidate} ({how})")
@@ -137,19 +232,21 @@ def promote(ctx: click.Context, ref: str, alias: str, force: bool, reason: str |
 
 @cli.command()
 @click.argument("target", metavar="NAME@ALIAS")
-@click.option("--data", "data", multiple=True, required=True, metavar="NAME@V", help="Fresh snapshot (repeatable).")
-@click.option("--threshold", type=float, default=0.05, show_default=True, help="Relative worsening that counts as drift.")
+@click.option("--data", "data", multiple=True, metavar="NAME@V", help="Fresh snapshot (repeatable).")
+@click.option("--suite", "suites", multiple=True, metavar="NAME@V", help="Fresh behavioural cases (repeatable).")
+@click.option("--threshold", type=float, default=0.05, show_default=True, help="Worsening that counts as drift (relative loss; absolute pass rate).")
 @click.option("--metric", type=click.Choice(["loss", "perplexity", "accuracy"]), default="loss", show_default=True)
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.pass_context
-def revalidate(ctx: click.Context, target: str, data: tuple[str, ...], threshold: float, metric: str, device: str) -> None:
-    """Score a deployed version on fresh data against its level at promotion; flag drift."""
+def revalidate(ctx: click.Context, target: str, data: tuple[str, ...], suites: tuple[str, ...], threshold: float, metric: str, device: str) -> None:
+    """Score a deployed version on fresh data (and fresh suite cases) against its level at
+    promotion; flag drift."""
     from portfolio.evaluation.promote import revalidate as run_revalidate
 
-    results = run_revalidate(_registry(ctx), target, list(data), threshold=threshold, metric=metric, device=device,
+    results = run_revalidate(_registry(ctx), target, list(data), suites=list(suites), threshold=threshold, metric=metric, device=device,
                              log=lambda m: click.echo(m, err=True))
-    click.echo(_table([[r.version, r.snapshot, f"{r.value:.4f}", f"{r.baseline:.4f}", f"{r.change:+.2%}", "DRIFT" if r.drifted else "ok"] for r in results],
-                      ["VERSION", "FRESH DATA", metric.upper(), "AT PROMOTION", "CHANGE", "RESULT"]))
+    click.echo(_table([[r.version, r.snapshot, r.metric, f"{r.value:.4f}", f"{r.baseline:.4f}", f"{r.change:+.2%}", "DRIFT" if r.drifted else "ok"]
+                       for r in results], ["VERSION", "FRESH DATA", "METRIC", "VALUE", "AT PROMOTION", "CHANGE", "RESULT"]))
     drifted = [r for r in results if r.drifted]
     if drifted:
         click.echo(f"{results[0].version} has drifted on {', '.join(r.snapshot for r in drifted)} (worse than {threshold:.0%}); "

@@ -9,11 +9,18 @@ incumbent; the base when there is none):
   relative:  (inc − cand) / inc ≥ min_gain.
 
 For a metric where higher is better (accuracy) both differences flip sign.
+
+Behavioural criteria (`SuiteCriteria`) gate on suite runs of candidate and incumbent: a
+minimum pass rate overall and per slice, every critical case passing, a maximum rise in the
+refusal rate, a maximum relative change in mean answer length, a maximum drop in pass rate
+against the incumbent, and a maximum expected calibration error.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from portfolio.errors import PortfolioError
 
@@ -34,28 +41,87 @@ class GatePolicy:
     max_regression: float = 0.02
     min_gain: float = 0.0
     retention: list[str] = field(default_factory=list)
+    suite_criteria: dict[str, Any] | None = None
+
+    @property
+    def suites(self) -> "SuiteCriteria | None":
+        """The behavioural criteria, if any suite gates this adapter."""
+        return SuiteCriteria(**self.suite_criteria) if self.suite_criteria else None
 
     def __post_init__(self) -> None:
         problems = []
         if self.metric not in LOWER_IS_BETTER:
             problems.append(f"--metric must be one of {', '.join(LOWER_IS_BETTER)} (got {self.metric!r})")
-        if self.max_regression < 0:
-            problems.append(f"--max-regression must be ≥ 0 (got {self.max_regression})")
+        if not self.max_regression >= 0 or not math.isfinite(self.max_regression):
+            problems.append(f"--max-regression must be a finite number ≥ 0 (got {self.max_regression})")
+        if not math.isfinite(self.min_gain):
+            problems.append(f"--min-gain must be a finite number (got {self.min_gain})")
         if problems:
             raise InvalidGate("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class SuiteCriteria:
+    """Release criteria on behaviour, checked on every suite in ``suites``. Rates are shares
+    (0..1); None switches a criterion off."""
+
+    suites: list[str]
+    min_pass_rate: float | None = None
+    slice_min_pass: dict[str, float] = field(default_factory=dict)
+    critical_must_pass: bool = True
+    max_refusal_increase: float | None = None
+    max_verbosity_change: float | None = None
+    max_pass_regression: float | None = None
+    max_ece: float | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.suites:
+            problems.append("behavioural criteria need at least one --suite NAME@V")
+        for name in ("min_pass_rate", "max_refusal_increase", "max_pass_regression", "max_ece"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                problems.append(f"--{name.replace('_', '-')} must be a share from 0 to 1 (got {value})")
+        if self.max_verbosity_change is not None and not 0 <= self.max_verbosity_change <= 100:
+            problems.append(f"--max-verbosity-change must be a relative change ≥ 0, e.g. 0.5 for ±50% (got {self.max_verbosity_change})")
+        for label, rate in self.slice_min_pass.items():
+            if not 0 <= rate <= 1:
+                problems.append(f"--slice-min-pass {label}:{rate}: the rate must be a share from 0 to 1")
+        if problems:
+            raise InvalidGate("; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for storage and --json."""
+        return asdict(self)
+
+
+def parse_slice_min_pass(items: list[str]) -> dict[str, float]:
+    """``["risk=high:1.0", ...]`` -> ``{"risk=high": 1.0}``."""
+    out = {}
+    for item in items:
+        label, sep, rate = item.rpartition(":")
+        key, eq, value = label.partition("=")
+        try:
+            out[label] = float(rate)
+        except ValueError:
+            out[label] = float("nan")
+        if not sep or not eq or not key or not value or not math.isfinite(out[label]):
+            raise InvalidGate(f"--slice-min-pass {item!r}: write LABEL=VALUE:RATE, e.g. risk=high:1.0")
+    return out
 
 
 @dataclass(frozen=True)
 class GateCheck:
     """One comparison: passed or not, with the numbers."""
 
-    kind: str  # "retention" or "gain"
-    snapshot: str
+    kind: str  # "retention", "gain", or a behavioural criterion ("pass_rate", "slice_pass", "critical", ...)
+    snapshot: str  # a snapshot, or a suite (with the slice for per-slice checks)
     candidate: float
     incumbent: float
-    change: float  # relative improvement (positive = candidate better)
+    change: float  # relative improvement (positive = candidate better); for suites, see check_suite_gates
     limit: float
     passed: bool
+    detail: str = ""
 
 
 def relative_improvement(candidate: float, incumbent: float, metric: str) -> float:
@@ -75,3 +141,51 @@ def check_gates(policy: GatePolicy, fresh: list[str], retention: list[str],
         change = relative_improvement(candidate[snap], incumbent[snap], policy.metric)
         checks.append(GateCheck("gain", snap, candidate[snap], incumbent[snap], change, policy.min_gain, change >= policy.min_gain - EPS))
     return checks
+
+
+def check_suite_gates(criteria: SuiteCriteria, suite: str, candidate: dict[str, Any], incumbent: dict[str, Any],
+                      candidate_cases: list[dict[str, Any]]) -> list[GateCheck]:
+    """Behavioural checks of one suite, from both models' metrics (``{"overall", "slices"}``).
+    ``change`` is candidate − incumbent in absolute share (relative for verbosity)."""
+    cand, inc = candidate["overall"], incumbent["overall"]
+    checks: list[GateCheck] = []
+    if criteria.min_pass_rate is not None:
+        checks.append(GateCheck("pass_rate", suite, cand["pass_rate"], inc["pass_rate"], cand["pass_rate"] - inc["pass_rate"],
+                                criteria.min_pass_rate, cand["pass_rate"] >= criteria.min_pass_rate - EPS))
+    for label, limit in criteria.slice_min_pass.items():
+        c, i = candidate["slices"].get(label), incumbent["slices"].get(label)
+        if c is None:
+            continue  # the slice is in another of the gate's suites
+        failing = [r["id"] for r in candidate_cases if r["slice"].get(label.split("=", 1)[0]) == label.split("=", 1)[1] and not r["passed"]]
+        checks.append(GateCheck("slice_pass", f"{suite} {label}", c["pass_rate"], i["pass_rate"] if i else float("nan"),
+                                c["pass_rate"] - (i["pass_rate"] if i else 0.0), limit, c["pass_rate"] >= limit - EPS,
+                                f"failing: {', '.join(failing)}" if failing else ""))
+    if criteria.critical_must_pass:
+        failed = cand["critical_failed"]
+        outputs = {r["id"]: r["output"] for r in candidate_cases}
+        detail = "; ".join(f"{cid}: {_short(outputs.get(cid))}" for cid in failed)
+        checks.append(GateCheck("critical", suite, float(len(failed)), float(inc["critical_failures"]),
+                                float(inc["critical_failures"] - len(failed)), 0.0, not failed, detail))
+    if criteria.max_refusal_increase is not None and cand["refusal_rate"] is not None and inc["refusal_rate"] is not None:
+        rise = cand["refusal_rate"] - inc["refusal_rate"]
+        checks.append(GateCheck("refusal_rate", suite, cand["refusal_rate"], inc["refusal_rate"], rise, criteria.max_refusal_increase,
+                                rise <= criteria.max_refusal_increase + EPS))
+    if criteria.max_verbosity_change is not None and cand["mean_words"] is not None and inc["mean_words"] is not None:
+        rel = (cand["mean_words"] - inc["mean_words"]) / inc["mean_words"] if inc["mean_words"] else 0.0
+        checks.append(GateCheck("verbosity", suite, cand["mean_words"], inc["mean_words"], rel, criteria.max_verbosity_change,
+                                abs(rel) <= criteria.max_verbosity_change + EPS))
+    if criteria.max_pass_regression is not None:
+        drop = inc["pass_rate"] - cand["pass_rate"]
+        checks.append(GateCheck("pass_regression", suite, cand["pass_rate"], inc["pass_rate"], -drop, criteria.max_pass_regression,
+                                drop <= criteria.max_pass_regression + EPS))
+    if criteria.max_ece is not None and cand["ece"] is not None:
+        checks.append(GateCheck("ece", suite, cand["ece"], inc["ece"] if inc["ece"] is not None else float("nan"),
+                                (inc["ece"] or 0.0) - cand["ece"], criteria.max_ece, cand["ece"] <= criteria.max_ece + EPS))
+    return checks
+
+
+def _short(text: str | None, width: int = 80) -> str:
+    if text is None:
+        return "(no output)"
+    flat = " ".join(text.split())
+    return repr(flat if len(flat) <= width else flat[: width - 1] + "…")

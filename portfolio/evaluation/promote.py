@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from portfolio.errors import AdapterNotFound, InvalidState
 from portfolio.evaluation.evaluate import DEFAULT_SEQ_LEN, evaluate
-from portfolio.evaluation.gates import GateCheck, GatePolicy, check_gates, relative_improvement
+from portfolio.evaluation.gates import GateCheck, GatePolicy, check_gates, check_suite_gates, relative_improvement
 from portfolio.registry.entities import AliasEvent, Lineage
 from portfolio.registry.refs import VERSION_RE
 from portfolio.registry.registry import Registry
@@ -27,6 +27,7 @@ class PromoteOutcome:
     promoted: bool
     forced: bool
     event: AliasEvent | None = None
+    suite_scores: list = field(default_factory=list)
 
     @property
     def failed(self) -> list[GateCheck]:
@@ -62,15 +63,37 @@ def promote(registry: Registry, ref: str, alias: str = "production", *, force: b
     by = {(s.model, s.snapshot): s.metrics[policy.metric] for s in scores}
     checks = check_gates(policy, fresh, retention, {s: by[(candidate.ref, s)] for s in fresh + retention},
                          {s: by[(incumbent, s)] for s in fresh + retention})
+    criteria = policy.suites
+    suite_scores = []
+    if criteria is not None:
+        from portfolio.suites.run import run_suites
+
+        suite_scores = run_suites(registry, [candidate.ref, incumbent], criteria.suites, device=device, log=log)
+        for cand_score, inc_score in zip(suite_scores[: len(criteria.suites)], suite_scores[len(criteria.suites):]):
+            checks += check_suite_gates(criteria, cand_score.suite, cand_score.metrics, inc_score.metrics, cand_score.cases)
     passed = all(c.passed for c in checks)
     if passed or force:
         why = reason or f"gates passed ({len(checks)} checks)"
         event = registry.set_alias(candidate.adapter, alias, candidate.version, reason=why, force=force and not passed,
                                    action="promote" if passed else "override")
-        return PromoteOutcome(candidate.ref, incumbent, alias, policy, checks, True, force and not passed, event)
-    failed = "; ".join(f"{c.kind} on {c.snapshot}: {c.change:+.1%} (limit {c.limit:+.1%})" for c in checks if not c.passed)
+        return PromoteOutcome(candidate.ref, incumbent, alias, policy, checks, True, force and not passed, event, suite_scores)
+    failed = "; ".join(describe_failure(c) for c in checks if not c.passed)
     registry.record_refusal(candidate.adapter, alias, candidate.ref, f"gates failed: {failed}")
-    return PromoteOutcome(candidate.ref, incumbent, alias, policy, checks, False, False)
+    return PromoteOutcome(candidate.ref, incumbent, alias, policy, checks, False, False, None, suite_scores)
+
+
+def describe_failure(c: GateCheck) -> str:
+    """One failed check in words, for the alias history and the refusal message."""
+    if c.kind in ("retention", "gain"):
+        return f"{c.kind} on {c.snapshot}: {c.change:+.1%} (limit {c.limit:+.1%})"
+    if c.kind == "critical":
+        return f"critical cases failing on {c.snapshot}: {c.detail}"
+    if c.kind == "verbosity":
+        return f"verbosity on {c.snapshot}: mean words {c.change:+.0%} (limit ±{c.limit:.0%})"
+    if c.kind == "ece":
+        return f"ece on {c.snapshot}: {c.candidate:.3f} (limit {c.limit:.3f})"
+    extra = f" [{c.detail}]" if c.detail else ""
+    return f"{c.kind} on {c.snapshot}: {c.candidate:.0%} (limit {c.limit:.0%}){extra}"
 
 
 @dataclass(frozen=True)
@@ -89,16 +112,61 @@ class Revalidation:
     details: dict = field(default_factory=dict)
 
 
-def revalidate(registry: Registry, target: str, data: list[str], *, threshold: float = DEFAULT_DRIFT_THRESHOLD,
-               metric: str = "loss", seq_len: int = DEFAULT_SEQ_LEN, device: str = "auto",
-               log: Callable[[str], None] = print) -> list[Revalidation]:
+def revalidate(registry: Registry, target: str, data: list[str], *, suites: list[str] | None = None,
+               threshold: float = DEFAULT_DRIFT_THRESHOLD, metric: str = "loss", seq_len: int = DEFAULT_SEQ_LEN,
+               device: str = "auto", log: Callable[[str], None] = print) -> list[Revalidation]:
     """Score the version behind ``target`` (e.g. ``NAME@production``) on fresh snapshots and
     compare with its score on the data it was trained on (its level at promotion): a relative
-    worsening beyond ``threshold`` marks it drifted. Every result is recorded."""
-    if threshold < 0:
+    worsening beyond ``threshold`` marks it drifted. With ``suites`` (fresh cases), its pass
+    rate on each is compared with its pass rate on the suites that gated it (else the previous
+    snapshot of the same suite): a drop beyond ``threshold`` (absolute) is drift. Every result
+    is recorded."""
+    if not threshold >= 0:
         raise InvalidState(f"--threshold must be ≥ 0 (got {threshold})")
+    if not data and not suites:
+        raise InvalidState("nothing to revalidate on; give --data NAME@V and/or --suite NAME@V")
     version = registry.get_version(target)
     alias = target.partition("@")[2] if not VERSION_RE.fullmatch(target.partition("@")[2]) else None
+    results = _revalidate_loss(registry, version, data, threshold, metric, seq_len, device, log) if data else []
+    if suites:
+        results += _revalidate_suites(registry, version, suites, threshold, device, log)
+    registry.record_revalidations(version.ref, alias, [
+        {"snapshot": r.snapshot if r.metric != "pass_rate" else None, "suite": r.snapshot if r.metric == "pass_rate" else None,
+         "metric": r.metric, "baseline": r.baseline, "baseline_snapshot": r.baseline_snapshot,
+         "value": r.value, "threshold": threshold, "drifted": r.drifted} for r in results
+    ])
+    return results
+
+
+def _revalidate_suites(registry: Registry, version, suites: list[str], threshold: float, device: str, log) -> list[Revalidation]:
+    from portfolio.suites.run import run_suites
+
+    stored = registry.get_gate(version.adapter)
+    criteria = GatePolicy(**stored).suites if stored else None
+    fresh = [registry.get_suite(s).ref for s in suites]
+    baseline_suites = [s for s in (criteria.suites if criteria else []) if s not in fresh]
+    if not baseline_suites:
+        for ref in fresh:
+            name, _, v = ref.rpartition("@")
+            if int(v) > 1 and f"{name}@{int(v) - 1}" not in fresh:
+                baseline_suites.append(f"{name}@{int(v) - 1}")
+    if not baseline_suites:
+        raise InvalidState(f"no suite to compare {', '.join(fresh)} with: gate {version.adapter} on a suite "
+                           "(`portfolio gate set --suite`) or revalidate on a later snapshot of a suite it passed")
+    scores = run_suites(registry, [version.ref], baseline_suites + fresh, device=device, log=log)
+    base_scores = scores[: len(baseline_suites)]
+    baseline = sum(s.overall["pass_rate"] for s in base_scores) / len(base_scores)
+    out = []
+    for s in scores[len(baseline_suites):]:
+        change = s.overall["pass_rate"] - baseline
+        out.append(Revalidation(version.ref, s.suite, "pass_rate", baseline, ",".join(baseline_suites), s.overall["pass_rate"],
+                                change, threshold, change < -threshold - 1e-9,
+                                {"failed": [c["id"] for c in s.cases if not c["passed"]]}))
+    return out
+
+
+def _revalidate_loss(registry: Registry, version, data: list[str], threshold: float, metric: str, seq_len: int, device: str,
+                     log) -> list[Revalidation]:
     own = _train_snapshots(registry.lineage(version.ref))
     if not own:
         raise InvalidState(f"{version.ref} records no training snapshot to compare with; evaluate it with `portfolio eval` instead")
@@ -110,8 +178,4 @@ def revalidate(registry: Registry, target: str, data: list[str], *, threshold: f
         snap = registry.get_snapshot(ref).ref
         change = relative_improvement(by[snap], baseline, metric)
         results.append(Revalidation(version.ref, snap, metric, baseline, ",".join(own), by[snap], change, threshold, change < -threshold))
-    registry.record_revalidations(version.ref, alias, [
-        {"snapshot": r.snapshot, "metric": metric, "baseline": r.baseline, "baseline_snapshot": r.baseline_snapshot,
-         "value": r.value, "threshold": threshold, "drifted": r.drifted} for r in results
-    ])
     return results

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from portfolio.errors import InvalidState
-from portfolio.evaluation.continual import ContinualStats, backward_transfer, forgetting
+from portfolio.evaluation.continual import ContinualStats, average_accuracy, backward_transfer, forgetting, forward_transfer
 from portfolio.evaluation.gates import LOWER_IS_BETTER
 from portfolio.registry.registry import Registry
+from portfolio.suites.scoring import SUITE_METRICS
 
 
 @dataclass
@@ -31,6 +32,15 @@ class Matrix:
         return self.values.get((row, col))
 
 
+def _lower(metric: str) -> bool:
+    """Whether lower is better (loss, ECE, Brier, critical failures; not rates and words)."""
+    if metric in LOWER_IS_BETTER:
+        return LOWER_IS_BETTER[metric]
+    from portfolio.suites.scoring import HIGHER_IS_BETTER
+
+    return HIGHER_IS_BETTER.get(metric) is False
+
+
 def _version_key(model: str) -> tuple:
     if model.startswith("base:"):
         return (0, model, 0)
@@ -41,8 +51,10 @@ def _version_key(model: str) -> tuple:
 def build_matrix(registry: Registry, adapters: list[str] | None = None, snapshots: list[str] | None = None, metric: str = "loss") -> Matrix:
     """The matrix of ``metric`` and, per adapter, forgetting and backward transfer over its
     versions (each version's task = the snapshot it trained on)."""
+    if metric in SUITE_METRICS:
+        return _suite_matrix(registry, adapters, snapshots, metric)
     if metric not in LOWER_IS_BETTER:
-        raise InvalidState(f"--metric must be one of {', '.join(LOWER_IS_BETTER)}")
+        raise InvalidState(f"--metric must be one of {', '.join(list(LOWER_IS_BETTER) + list(SUITE_METRICS))}")
     table = registry.evaluation_table(adapters, snapshots, metric)
     values = {(r["model"], r["snapshot"]): r["value"] for r in table}
     rows = sorted({r["model"] for r in table}, key=_version_key)
@@ -58,12 +70,31 @@ def build_matrix(registry: Registry, adapters: list[str] | None = None, snapshot
             if edge.role == "train" and edge.version in versions:
                 tasks.setdefault(edge.version, edge.snapshot)
         R = {v: {c: values[(v, c)] for c in cols if (v, c) in values} for v in versions}
-        continual.append(ContinualStats(adapter, versions[-1], forgetting(R, versions, tasks, metric), backward_transfer(R, versions, tasks, metric)))
+        base = f"base:{registry.get_version(versions[-1]).base_model}"
+        baseline = {c: values[(base, c)] for c in cols if (base, c) in values}
+        continual.append(ContinualStats(adapter, versions[-1], forgetting(R, versions, tasks, metric), backward_transfer(R, versions, tasks, metric),
+                                        average_accuracy(R, versions, tasks), forward_transfer(R, versions, tasks, baseline, metric)))
     return Matrix(metric, rows, cols, values, continual)
+
+
+def _suite_matrix(registry: Registry, adapters: list[str] | None, suites: list[str] | None, metric: str) -> Matrix:
+    """Models × suites of a behavioural metric (overall), from stored suite results."""
+    results = [r for s in (suites or [None]) for r in registry.suite_results(suite=s)]
+    values = {(r.model, r.suite): r.metrics["overall"][metric] for r in results
+              if r.metrics["overall"].get(metric) is not None and (not adapters or r.model.startswith("base:") or r.model.rpartition("@")[0] in adapters)}
+    rows = sorted({m for m, _ in values}, key=_version_key)
+    cols = sorted({s for _, s in values}, key=lambda s: (s.rpartition("@")[0], int(s.rpartition("@")[2])))
+    return Matrix(metric, rows, cols, values, [])
 
 
 def build_history(registry: Registry, adapter: str, metric: str = "loss", snapshot: str | None = None) -> list[dict[str, Any]]:
     """``metric`` of every version of ``adapter`` on every snapshot (or one), oldest first."""
+    if metric in SUITE_METRICS:
+        out = [{"model": r.model, "adapter": adapter, "version": int(r.model.rpartition("@")[2]), "snapshot": r.suite,
+                "value": r.metrics["overall"][metric], "created_at": r.created_at}
+               for r in registry.suite_results(suite=snapshot)
+               if r.model.rpartition("@")[0] == adapter and r.metrics["overall"].get(metric) is not None]
+        return sorted(out, key=lambda r: (r["version"], r["snapshot"]))
     table = registry.evaluation_table([adapter], [snapshot] if snapshot else None, metric)
     out = [r for r in table if r["adapter"] == adapter]
     return sorted(out, key=lambda r: (r["version"], r["snapshot"]))
@@ -110,7 +141,7 @@ def plot_matrix(matrix: Matrix, path: str | Path) -> Path:
         raise InvalidState("no stored evaluations to plot; run `portfolio eval` first")
     grid = np.array([[matrix.get(r, c) if matrix.get(r, c) is not None else np.nan for c in matrix.cols] for r in matrix.rows])
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(matrix.cols), 1.0 + 0.45 * len(matrix.rows)))
-    cmap = "viridis_r" if LOWER_IS_BETTER[matrix.metric] else "viridis"
+    cmap = "viridis_r" if _lower(matrix.metric) else "viridis"
     im = ax.imshow(grid, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(matrix.cols)), matrix.cols, rotation=30, ha="right")
     ax.set_yticks(range(len(matrix.rows)), matrix.rows)
@@ -121,7 +152,7 @@ def plot_matrix(matrix: Matrix, path: str | Path) -> Path:
             if not np.isnan(grid[i, j]):
                 ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=8, color="white",
                         path_effects=[patheffects.withStroke(linewidth=2, foreground="black")])
-    fig.colorbar(im, ax=ax, label=f"{matrix.metric} ({'lower' if LOWER_IS_BETTER[matrix.metric] else 'higher'} is better)")
+    fig.colorbar(im, ax=ax, label=f"{matrix.metric} ({'lower' if _lower(matrix.metric) else 'higher'} is better)")
     ax.set_title(f"{matrix.metric} of every model on every snapshot")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in matrix.cols)
     body = "".join(
@@ -153,7 +184,7 @@ def plot_history(history: list[dict[str, Any]], adapter: str, metric: str, path:
         points = [(h["version"], h["value"]) for h in history if h["snapshot"] == snap]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=snap)
     ax.set_xlabel(f"{adapter} version")
-    ax.set_ylabel(f"{metric} on held-out rows")
+    ax.set_ylabel(f"{metric} on {'suite cases' if metric in SUITE_METRICS else 'held-out rows'}")
     ax.set_xticks(sorted({h["version"] for h in history}))
     ax.grid(alpha=0.3)
     ax.legend(title="snapshot")

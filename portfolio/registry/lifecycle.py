@@ -33,6 +33,7 @@ from portfolio.registry.models import (
     BaseModelRow,
     DatasetSnapshotRow,
     RunRow,
+    SuiteSnapshotRow,
     utcnow,
 )
 from portfolio.store.local import LocalStore, sha256_file
@@ -119,6 +120,7 @@ def live_digests(session: Session) -> set[str]:
     for files, rows_digest in session.execute(sa.select(DatasetSnapshotRow.files, DatasetSnapshotRow.rows_digest)):
         live.update(f["sha256"] for f in files)
         live.add(rows_digest)
+    live.update(session.scalars(sa.select(SuiteSnapshotRow.sha256)))  # suites are never retired either
     return live
 
 
@@ -259,4 +261,6 @@ def artifact_users(session: Session) -> dict[str, list[str]]:
     ):
         for digest in [f["sha256"] for f in files] + [rows]:
             users.setdefault(digest, []).append(f"{name}@{ver}")
+    for name, ver, digest in session.execute(sa.select(SuiteSnapshotRow.name, SuiteSnapshotRow.version, SuiteSnapshotRow.sha256)):
+        users.setdefault(digest, []).append(f"suite {name}@{ver}")
     return users

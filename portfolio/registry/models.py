@@ -197,6 +197,8 @@ class GatePolicyRow(Base):
     max_regression: Mapped[float] = mapped_column(Float)
     min_gain: Mapped[float] = mapped_column(Float)
     retention: Mapped[list[Any]] = mapped_column(JSON)
+    # behavioural release criteria (suites and their thresholds), see evaluation/gates.py
+    suite_criteria: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -207,7 +209,9 @@ class RevalidationRow(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"), index=True)
-    snapshot_id: Mapped[int] = mapped_column(ForeignKey("dataset_snapshots.id"))
+    # fresh data is a dataset snapshot (loss) or a behavioural suite (pass rate)
+    snapshot_id: Mapped[Optional[int]] = mapped_column(ForeignKey("dataset_snapshots.id"))
+    suite_id: Mapped[Optional[int]] = mapped_column(ForeignKey("suites.id"))
     alias: Mapped[Optional[str]] = mapped_column(String(100))
     metric: Mapped[str] = mapped_column(String(100))
     baseline: Mapped[float] = mapped_column(Float)
@@ -316,3 +320,37 @@ class JobRow(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[Optional[datetime]] = mapped_column()
     finished_at: Mapped[Optional[datetime]] = mapped_column()
+
+
+class SuiteSnapshotRow(Base):
+    """An immutable, content-hashed behavioural suite (its file is a blob under ``sha256``)."""
+
+    __tablename__ = "suites"
+    __table_args__ = (UniqueConstraint("name", "version"), UniqueConstraint("name", "sha256"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    description: Mapped[Optional[str]] = mapped_column(Text)
+    n_cases: Mapped[int] = mapped_column(Integer)
+    slices: Mapped[list[Any]] = mapped_column(JSON)
+    kinds: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SuiteResultRow(Base):
+    """One model's run of one suite: per-slice metrics and every case's output and verdicts."""
+
+    __tablename__ = "suite_results"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    suite_id: Mapped[int] = mapped_column(ForeignKey("suites.id"), index=True)
+    version_id: Mapped[Optional[int]] = mapped_column(ForeignKey("adapter_versions.id"), index=True)
+    base_model_id: Mapped[Optional[int]] = mapped_column(ForeignKey("base_models.id"))
+    eval_key: Mapped[str] = mapped_column(String(64), index=True)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    cases: Mapped[list[Any]] = mapped_column(JSON)
+    code_version: Mapped[Optional[str]] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -71,21 +71,33 @@ def get_gate(session: Session, adapter: str) -> dict[str, Any] | None:
     if row is None:
         return None
     return {"adapter": adapter, "metric": row.metric, "max_regression": row.max_regression, "min_gain": row.min_gain,
-            "retention": list(row.retention)}
+            "retention": list(row.retention), "suite_criteria": dict(row.suite_criteria) if row.suite_criteria else None}
 
 
-def set_gate(session: Session, adapter: str, metric: str, max_regression: float, min_gain: float, retention: list[str]) -> None:
+def set_gate(session: Session, adapter: str, metric: str, max_regression: float, min_gain: float, retention: list[str],
+             suite_criteria: dict[str, Any] | None = None) -> None:
     """Create or replace an adapter's gate policy; retention snapshots must exist."""
     a = queries.adapter_row(session, adapter)
     resolved = []
     for ref in retention:
         snap = queries.snapshot_row(session, ref)
         resolved.append(f"{snap.name}@{snap.version}")
+    if suite_criteria:
+        from portfolio.registry.suites import suite_row
+
+        rows = [suite_row(session, ref) for ref in suite_criteria["suites"]]
+        suite_criteria = {**suite_criteria, "suites": [f"{r.name}@{r.version}" for r in rows]}
+        known = {label for r in rows for label in r.slices}
+        unknown = [label for label in suite_criteria.get("slice_min_pass", {}) if label not in known]
+        if unknown:
+            raise InvalidState(f"--slice-min-pass {unknown[0]}: no case of {', '.join(suite_criteria['suites'])} has that slice "
+                               f"(slices: {', '.join(sorted(known)) or 'none'})")
     row = session.scalar(sa.select(GatePolicyRow).where(GatePolicyRow.adapter_id == a.id))
     if row is None:
         row = GatePolicyRow(adapter_id=a.id)
         session.add(row)
     row.metric, row.max_regression, row.min_gain, row.retention, row.updated_at = metric, max_regression, min_gain, resolved, utcnow()
+    row.suite_criteria = suite_criteria or None
     session.flush()
 
 
@@ -121,13 +133,17 @@ def rollback_target(session: Session, adapter: str, alias: str) -> int:
 
 
 def record_revalidations(session: Session, ref: str, alias: str | None, results: list[dict[str, Any]]) -> None:
-    """Store revalidation results of one version (``snapshot, metric, baseline,
+    """Store revalidation results of one version (``snapshot`` or ``suite``, ``metric, baseline,
     baseline_snapshot, value, threshold, drifted`` each) and set its drifted flag to whether
     any of them drifted."""
+    from portfolio.registry.suites import suite_row
+
     version = queries.version_row(session, ref)
     for r in results:
-        snap = queries.snapshot_row(session, r["snapshot"])
-        session.add(RevalidationRow(version_id=version.id, snapshot_id=snap.id, alias=alias, metric=r["metric"], baseline=r["baseline"],
+        snap = queries.snapshot_row(session, r["snapshot"]) if r.get("snapshot") else None
+        suite = suite_row(session, r["suite"]) if r.get("suite") else None
+        session.add(RevalidationRow(version_id=version.id, snapshot_id=snap.id if snap else None, suite_id=suite.id if suite else None,
+                                    alias=alias, metric=r["metric"], baseline=r["baseline"],
                                     baseline_snapshot=r["baseline_snapshot"], value=r["value"], threshold=r["threshold"], drifted=r["drifted"]))
     version.drifted = any(r["drifted"] for r in results)
     session.flush()

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from portfolio import adapter_files, basemodel
 from portfolio.data import formats
 from portfolio.errors import AlreadyExists, IncompatibleAdapter, InvalidAdapter, InvalidState
-from portfolio.registry import db, lifecycle, quality, queries, runs
+from portfolio.registry import db, lifecycle, quality, queries, runs, suites
 from portfolio.registry import entities as E
 from portfolio.registry.lineage import lineage as _lineage
 from portfolio.registry.models import (
@@ -749,16 +749,77 @@ class Registry:
             snaps = [f"{r.name}@{r.version}" for r in (queries.snapshot_row(session, s) for s in snapshots or [])]
             return quality.evaluation_table(session, adapters, snaps or None, metric)
 
+    # -- behavioural suites ---------------------------------------------------------------
+
+    def add_suite(self, name: str, path: str | os.PathLike, description: str | None = None) -> tuple[suites.SuiteSnapshot, bool]:
+        """Register a suite file as the next immutable snapshot of suite ``name`` after
+        validating every case (nothing is stored if one line is bad). Identical bytes return
+        the existing snapshot. Returns (suite, created)."""
+        from portfolio.suites.cases import read_suite_file, sha256
+
+        check_name(name, "suite name")
+        data, suite = read_suite_file(path)
+        kinds: dict[str, int] = {}
+        for case in suite.cases:
+            for check in case.checks:
+                kinds[check["kind"]] = kinds.get(check["kind"], 0) + 1
+        with self._write() as (session, put):
+            db.lock_name(session, "suite", name)
+            digest = put(data, "suite_file")
+            assert digest == sha256(data)
+            return suites.add_suite(session, name, digest, description, len(suite.cases), suite.slices, kinds)
+
+    def get_suite(self, ref: str) -> suites.SuiteSnapshot:
+        """The suite ``NAME@V`` (``NAME`` alone: the latest)."""
+        with self._read() as session:
+            return suites.to_suite(suites.suite_row(session, ref))
+
+    def list_suites(self, name: str | None = None) -> list[suites.SuiteSnapshot]:
+        """Every suite snapshot (of one name)."""
+        with self._read() as session:
+            return suites.list_suites(session, name)
+
+    def suite_cases(self, ref: str):
+        """The parsed cases of a suite snapshot, read back from its checked bytes."""
+        from portfolio.suites.cases import parse_suite
+
+        suite = self.get_suite(ref)
+        return parse_suite(self.store.read_bytes(suite.sha256, f"the file of suite {suite.ref}"), suite.ref)
+
+    def find_suite_result(self, eval_key: str) -> suites.SuiteResult | None:
+        """A stored suite result for exactly these inputs, or None."""
+        with self._read() as session:
+            return suites.find_result(session, eval_key)
+
+    def record_suite_result(self, model: str, suite: str, eval_key: str, settings: dict[str, Any], metrics: dict[str, Any],
+                            cases: list[dict[str, Any]], code_version: str | None = None) -> suites.SuiteResult:
+        """Store a model's (version ref or ``base:NAME``) run of a suite."""
+        with self._write() as (session, _put):
+            version_id, base_id = _eval_target(session, model)
+            return suites.record_result(session, version_id, base_id, suite, eval_key, settings, metrics, cases, code_version)
+
+    def suite_results(self, suite: str | None = None, model: str | None = None) -> list[suites.SuiteResult]:
+        """The newest stored result per (model, suite), of one suite and/or one model."""
+        with self._read() as session:
+            version_ids = None
+            if model is not None and not model.startswith("base:"):
+                version_ids = [queries.version_row(session, model).id]
+            results = suites.latest_results(session, suite, version_ids)
+            if model is not None and model.startswith("base:"):
+                results = [r for r in results if r.model == model]
+            return results
+
     # -- gates, promotion, revalidation ---------------------------------------------------
 
     def set_gate(self, adapter: str, metric: str = "loss", max_regression: float = 0.02, min_gain: float = 0.0,
-                 retention: list[str] | None = None) -> dict[str, Any]:
-        """Store an adapter's gate policy (replacing any earlier one)."""
+                 retention: list[str] | None = None, suite_criteria: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Store an adapter's gate policy (replacing any earlier one); ``suite_criteria`` are
+        the behavioural release criteria (`evaluation.gates.SuiteCriteria` fields)."""
         from portfolio.evaluation.gates import GatePolicy
 
-        GatePolicy(adapter, metric, max_regression, min_gain, list(retention or []))  # validates
+        GatePolicy(adapter, metric, max_regression, min_gain, list(retention or []), suite_criteria).suites  # validates
         with self._write() as (session, _put):
-            quality.set_gate(session, adapter, metric, max_regression, min_gain, list(retention or []))
+            quality.set_gate(session, adapter, metric, max_regression, min_gain, list(retention or []), suite_criteria)
             return quality.get_gate(session, adapter)
 
     def get_gate(self, adapter: str) -> dict[str, Any] | None:

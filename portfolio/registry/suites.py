@@ -1,0 +1,136 @@
+"""Behavioural suites in the registry: snapshots and results, as session functions exposed by
+`Registry` (like `quality.py`). The suite file itself is a blob under its sha256."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from portfolio.errors import NotFound
+from portfolio.registry import entities as E
+from portfolio.registry.models import AdapterRow, AdapterVersionRow, BaseModelRow, SuiteResultRow, SuiteSnapshotRow
+from portfolio.registry.refs import parse_ref
+
+
+class SuiteNotFound(NotFound):
+    """No suite snapshot matches the reference."""
+
+
+@dataclass(frozen=True)
+class SuiteSnapshot(E.Entity):
+    """An immutable, content-hashed behavioural suite."""
+
+    name: str
+    version: int
+    sha256: str
+    description: str | None
+    n_cases: int
+    slices: list[str]
+    kinds: dict[str, int]
+    created_at: datetime
+
+    @property
+    def ref(self) -> str:
+        """``NAME@VERSION``."""
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class SuiteResult(E.Entity):
+    """One model's stored run of one suite."""
+
+    model: str
+    suite: str
+    eval_key: str
+    settings: dict[str, Any]
+    metrics: dict[str, Any]
+    cases: list[dict[str, Any]]
+    created_at: datetime
+
+
+def to_suite(row: SuiteSnapshotRow) -> SuiteSnapshot:
+    """Row -> entity."""
+    return SuiteSnapshot(row.name, row.version, row.sha256, row.description, row.n_cases, list(row.slices),
+                         dict(row.kinds), E.as_utc(row.created_at))
+
+
+def suite_row(session: Session, text: str) -> SuiteSnapshotRow:
+    """The suite ``NAME@V`` (or the latest of ``NAME``)."""
+    ref = parse_ref(text)
+    if isinstance(ref.selector, str):
+        raise SuiteNotFound(f"suite reference {text!r} must name a version: NAME@VERSION")
+    query = sa.select(SuiteSnapshotRow).where(SuiteSnapshotRow.name == ref.name)
+    query = query.order_by(SuiteSnapshotRow.version.desc()).limit(1) if ref.selector is None else query.where(SuiteSnapshotRow.version == ref.selector)
+    row = session.scalar(query)
+    if row is None:
+        raise SuiteNotFound(f"no suite {text!r}; see `portfolio suite list`, or add it with `portfolio suite add {ref.name} FILE.jsonl`")
+    return row
+
+
+def add_suite(session: Session, name: str, sha: str, description: str | None, n_cases: int, slices: list[str],
+              kinds: dict[str, int]) -> tuple[SuiteSnapshot, bool]:
+    """Record the next snapshot of suite ``name`` (or return the one with the same bytes)."""
+    existing = session.scalar(sa.select(SuiteSnapshotRow).where(SuiteSnapshotRow.name == name, SuiteSnapshotRow.sha256 == sha))
+    if existing is not None:
+        return to_suite(existing), False
+    latest = session.scalar(sa.select(sa.func.max(SuiteSnapshotRow.version)).where(SuiteSnapshotRow.name == name))
+    row = SuiteSnapshotRow(name=name, version=(latest or 0) + 1, sha256=sha, description=description, n_cases=n_cases,
+                           slices=slices, kinds=kinds)
+    session.add(row)
+    session.flush()
+    return to_suite(row), True
+
+
+def list_suites(session: Session, name: str | None = None) -> list[SuiteSnapshot]:
+    """Every suite snapshot, by name and version."""
+    query = sa.select(SuiteSnapshotRow).order_by(SuiteSnapshotRow.name, SuiteSnapshotRow.version)
+    if name:
+        query = query.where(SuiteSnapshotRow.name == name)
+    return [to_suite(r) for r in session.scalars(query)]
+
+
+def _label(session: Session, row: SuiteResultRow) -> str:
+    if row.version_id is None:
+        return f"base:{session.get(BaseModelRow, row.base_model_id).name}"
+    name, version = session.execute(
+        sa.select(AdapterRow.name, AdapterVersionRow.version).join(AdapterRow, AdapterRow.id == AdapterVersionRow.adapter_id)
+        .where(AdapterVersionRow.id == row.version_id)).one()
+    return f"{name}@{version}"
+
+
+def to_result(session: Session, row: SuiteResultRow) -> SuiteResult:
+    """Row -> entity."""
+    suite = session.get(SuiteSnapshotRow, row.suite_id)
+    return SuiteResult(_label(session, row), f"{suite.name}@{suite.version}", row.eval_key, dict(row.settings),
+                       dict(row.metrics), list(row.cases), E.as_utc(row.created_at))
+
+
+def find_result(session: Session, eval_key: str) -> SuiteResult | None:
+    """The newest stored result with exactly these inputs, or None."""
+    row = session.scalar(sa.select(SuiteResultRow).where(SuiteResultRow.eval_key == eval_key).order_by(SuiteResultRow.id.desc()).limit(1))
+    return to_result(session, row) if row is not None else None
+
+
+def record_result(session: Session, version_id: int | None, base_id: int | None, suite: str, eval_key: str,
+                  settings: dict[str, Any], metrics: dict[str, Any], cases: list[dict[str, Any]], code_version: str | None) -> SuiteResult:
+    """Store one model's run of one suite."""
+    row = SuiteResultRow(suite_id=suite_row(session, suite).id, version_id=version_id, base_model_id=base_id, eval_key=eval_key,
+                         settings=settings, metrics=metrics, cases=cases, code_version=code_version)
+    session.add(row)
+    session.flush()
+    return to_result(session, row)
+
+
+def latest_results(session: Session, suite: str | None = None, version_ids: list[int] | None = None) -> list[SuiteResult]:
+    """The newest result per (model, suite), optionally of one suite or some versions."""
+    newest = sa.select(sa.func.max(SuiteResultRow.id)).group_by(SuiteResultRow.suite_id, SuiteResultRow.version_id, SuiteResultRow.base_model_id)
+    query = sa.select(SuiteResultRow).where(SuiteResultRow.id.in_(newest)).order_by(SuiteResultRow.id)
+    if suite:
+        query = query.where(SuiteResultRow.suite_id == suite_row(session, suite).id)
+    if version_ids is not None:
+        query = query.where(SuiteResultRow.version_id.in_(version_ids))
+    return [to_result(session, r) for r in session.scalars(query)]

@@ -1,0 +1,1 @@
+"""Behavioural suites: cases and checks, running them on versions, release metrics."""

@@ -1,0 +1,249 @@
+"""Running suites: batched greedy generation for several versions in one model load, choice
+scoring by log-likelihood, verdicts, metrics, and reuse of stored results.
+
+The base is loaded once and every pending version is attached as a named PEFT adapter. Cases
+of all single-artifact versions (and of the base, as PEFT's ``__base__``) go through the same
+left-padded batches, each row with its own adapter (PEFT's mixed-adapter batches,
+``adapter_names``), generated greedily with the KV cache; a stack, whose parts must be active
+together, gets batches of its own. A ``choice`` check scores each option by the sum of its
+tokens' log-probabilities after the prompt, in batches too.
+
+A result's key is the sha256 of the base weights, the version's serving key (artifact digest,
+or a stack's parts), the suite's sha256, the generation settings and `SUITES_VERSION`: equal
+key, equal outputs, so a stored result is returned and nothing is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from portfolio.errors import InvalidState
+from portfolio.suites.cases import Case, Suite
+from portfolio.suites.checks import FORMAT_KINDS, is_refusal, judge, parse_json_output, words
+from portfolio.suites.scoring import softmax, summarize_by_slice
+
+SUITES_VERSION = 1  # bump when generation, checks or scoring change, so stored results are not reused
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+
+
+@dataclass(frozen=True)
+class SuiteScore:
+    """One model's run of one suite: metrics (overall and per slice) and every case."""
+
+    model: str
+    suite: str
+    metrics: dict[str, Any]
+    cases: list[dict[str, Any]]
+    reused: bool
+
+    @property
+    def overall(self) -> dict[str, Any]:
+        """The suite-wide metrics."""
+        return self.metrics["overall"]
+
+
+def suite_eval_key(base_sha: str, serving: str | None, suite_sha: str, settings: dict[str, Any]) -> str:
+    """The identity of a suite run's inputs."""
+    payload = {"base": base_sha, "adapter": serving, "suite": suite_sha, "settings": settings, "code": SUITES_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def run_suites(registry, models: list[str], suites: list[str], *, batch_size: int | None = None, device: str = "auto",
+               log: Callable[[str], None] = print, progress: bool = False) -> list[SuiteScore]:
+    """Every model (version refs or ``base:NAME``) on every suite; computed only where no
+    stored result matches, all pending work in one model load."""
+    from portfolio.evaluation.evaluate import _resolve
+
+    resolved = [_resolve(registry, m) for m in models]
+    bases = {b for _, b, _ in resolved}
+    if len(bases) > 1:
+        raise InvalidState(f"models on different bases cannot share one suite run: {', '.join(sorted(bases))}")
+    base = registry.get_base(bases.pop())
+    snaps = [registry.get_suite(s) for s in suites]
+    parsed = {s.ref: registry.suite_cases(s.ref) for s in snaps}
+    scores: dict[tuple[str, str], SuiteScore] = {}
+    pending: list[tuple[str, str | None, str, str, dict[str, Any]]] = []
+    for label, _, serving in resolved:
+        for snap in snaps:
+            settings = {"max_new_tokens": parsed[snap.ref].max_new_tokens, "greedy": True}
+            key = suite_eval_key(base.weights_sha256, serving, snap.sha256, settings)
+            stored = registry.find_suite_result(key)
+            if stored is not None:
+                scores[(label, snap.ref)] = SuiteScore(label, snap.ref, stored.metrics, stored.cases, True)
+            else:
+                pending.append((label, serving, snap.ref, key, settings))
+    if pending:
+        _compute(registry, base, pending, parsed, batch_size, device, scores, log, progress)
+    return [scores[(label, s.ref)] for label, _, _ in resolved for s in snaps]
+
+
+def _compute(registry, base, pending, parsed: dict[str, Suite], batch_size, device_name, scores, log, progress) -> None:
+    import torch
+
+    from portfolio.modeling import load_base
+    from portfolio.serving import attach
+    from portfolio.training.loop import resolve_device
+
+    device = resolve_device(device_name)
+    batch_size = batch_size or (32 if device.type == "cuda" else 16)
+    model, tokenizer = load_base(base, log=log)
+    tmp = Path(tempfile.mkdtemp(prefix="portfolio-suite-"))
+    try:
+        adapters: dict[str, list[str]] = {}
+        for label, serving, *_ in pending:
+            if serving is not None and label not in adapters:
+                model, adapters[label] = attach(model, registry, label, tmp, prefix=f"s{len(adapters)}_")
+        model.to(device).eval()
+        engine = Engine(model, tokenizer, device, batch_size, progress)
+        # one request per (model, case): a model runs as one adapter name in a mixed batch, or
+        # (a stack) as several names active together, in batches of its own
+        groups: dict[str, list[str] | None] = {}
+        for label, serving, *_ in pending:
+            names = adapters.get(label)
+            groups[label] = names if names and len(names) > 1 else None
+        route = {label: (adapters[label][0] if label in adapters else BASE_ADAPTER) for label in groups}
+        outputs: dict[tuple[str, str, str], str] = {}
+        choices: dict[tuple[str, str, str], list[float]] = {}
+        with torch.no_grad():
+            for stack_names in [None] + [n for n in groups.values() if n]:
+                members = [lbl for lbl, n in groups.items() if n == stack_names]
+                work = [(lbl, ref, case) for lbl, _, ref, _, _ in pending if lbl in members for case in parsed[ref].cases]
+                if not work:
+                    continue
+                if stack_names is not None:
+                    from portfolio.serving import activate
+
+                    activate(model, stack_names)
+                peft_names = None if stack_names is not None or not adapters else [route[lbl] for lbl, _, _ in work]
+                gen = [(i, w) for i, w in enumerate(work) if w[2].generates]
+                for ref in {ref for _, ref, _ in work}:
+                    need = [(i, w) for i, w in gen if w[1] == ref]
+                    if need:
+                        log(f"generating {len(need)} answers for {ref} ({', '.join(members)})")
+                        texts = engine.generate([w[2].chat() for _, w in need], parsed[ref].max_new_tokens,
+                                                [peft_names[i] for i, _ in need] if peft_names else None)
+                        for (_, (lbl, r, case)), text in zip(need, texts):
+                            outputs[(lbl, r, case.id)] = text
+                mc = [(i, w) for i, w in enumerate(work) if any(c["kind"] == "choice" for c in w[2].checks)]
+                if mc:
+                    logps = engine.option_logprobs([(w[2].chat(), _choice(w[2])["options"]) for _, w in mc],
+                                                   [peft_names[i] for i, _ in mc] if peft_names else None)
+                    for (_, (lbl, r, case)), lp in zip(mc, logps):
+                        choices[(lbl, r, case.id)] = lp
+        for label, _, ref, key, settings in pending:
+            suite = parsed[ref]
+            results = [judge_case(case, outputs.get((label, ref, case.id)), choices.get((label, ref, case.id)), suite.refusal_patterns)
+                       for case in suite.cases]
+            metrics = summarize_by_slice(results)
+            registry.record_suite_result(label, ref, key, settings, metrics, results, code_version=str(SUITES_VERSION))
+            scores[(label, ref)] = SuiteScore(label, ref, metrics, results, False)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _choice(case: Case) -> dict[str, Any]:
+    return next(c for c in case.checks if c["kind"] == "choice")
+
+
+def judge_case(case: Case, output: str | None, option_logps: list[float] | None, refusal_patterns: list[str]) -> dict[str, Any]:
+    """One case's verdicts from its output (and its options' log-likelihoods)."""
+    verdicts = []
+    choice = None
+    for check in case.checks:
+        if check["kind"] == "choice":
+            probs = softmax(option_logps)
+            pred = max(range(len(probs)), key=probs.__getitem__)
+            choice = {"options": check["options"], "probs": probs, "pred": pred, "answer": check["answer"]}
+            verdicts.append({"kind": "choice", "passed": pred == check["answer"], "note": f"{probs[pred]:.2f} on {check['options'][pred]!r}"})
+        else:
+            passed, note = judge(check, output or "", refusal_patterns)
+            verdicts.append({"kind": check["kind"], "passed": passed, "note": note})
+    has_format = any(c["kind"] in FORMAT_KINDS for c in case.checks)
+    return {
+        "id": case.id, "slice": case.slice, "critical": case.critical, "output": output,
+        "checks": verdicts, "passed": all(v["passed"] for v in verdicts),
+        "refused": is_refusal(output, refusal_patterns) if output is not None else None,
+        "words": words(output) if output is not None else None,
+        "format_ok": parse_json_output(output or "")[0] if has_format and output is not None else None,
+        "choice": choice,
+    }
+
+
+class Engine:
+    """Batched greedy generation and option scoring on one loaded (PEFT) model."""
+
+    def __init__(self, model, tokenizer, device, batch_size: int, progress: bool = False):
+        self.model, self.tokenizer, self.device, self.batch_size, self.progress = model, tokenizer, device, batch_size, progress
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def encode(self, chat: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation with the assistant's turn opened."""
+        if self.tokenizer.chat_template:
+            enc = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
+            return list(enc["input_ids"])
+        return self.tokenizer("\n".join(m["content"] for m in chat))["input_ids"]
+
+    def _batches(self, n: int, lengths: list[int]):
+        order = sorted(range(n), key=lambda i: lengths[i])  # similar lengths share a batch: less padding
+        from tqdm.auto import tqdm
+
+        chunks = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+        return tqdm(chunks, desc="suite", unit="batch", disable=not self.progress, leave=False)
+
+    def generate(self, chats: list[list[dict[str, str]]], max_new_tokens: int, adapter_names: list[str] | None) -> list[str]:
+        """Greedy completions, one per chat, in left-padded batches (with the KV cache)."""
+        import torch
+
+        prompts = [self.encode(c) for c in chats]
+        out: list[str] = [""] * len(prompts)
+        for idx in self._batches(len(prompts), [len(p) for p in prompts]):
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]):] = 1
+            extra = {"adapter_names": [adapter_names[i] for i in idx]} if adapter_names else {}
+            gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                      max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id, **extra)
+            for row, i in enumerate(idx):
+                out[i] = self.tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+        return out
+
+    def option_logprobs(self, items: list[tuple[list[dict[str, str]], list[str]]], adapter_names: list[str] | None) -> list[list[float]]:
+        """For each (chat, options): the summed log-probability of each option's tokens after
+        the prompt."""
+        import torch
+
+        seqs: list[tuple[int, list[int], int]] = []  # (item, ids, prompt length)
+        for n, (chat, options) in enumerate(items):
+            prompt = self.encode(chat)
+            for option in options:
+                seqs.append((n, prompt + self.tokenizer(option, add_special_tokens=False)["input_ids"], len(prompt)))
+        scores: list[float] = [0.0] * len(seqs)
+        names = [adapter_names[n] for n, _, _ in seqs] if adapter_names else None
+        for idx in self._batches(len(seqs), [len(s[1]) for s in seqs]):
+            width = max(len(seqs[i][1]) for i in idx)
+            ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, :len(seqs[i][1])] = torch.tensor(seqs[i][1])
+                mask[row, :len(seqs[i][1])] = 1
+            extra = {"adapter_names": [names[i] for i in idx]} if names else {}
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **extra).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            for row, i in enumerate(idx):
+                _, seq, start = seqs[i]
+                targets = torch.tensor(seq[start:], device=logp.device)
+                scores[i] = float(logp[row, start - 1:len(seq) - 1].gather(1, targets[:, None]).sum())
+        out: list[list[float]] = [[] for _ in items]
+        for (n, _, _), s in zip(seqs, scores):
+            out[n].append(s)
+        return out
