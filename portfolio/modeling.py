@@ -14,6 +14,7 @@ process while it stays unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -61,8 +62,9 @@ def model_folder(base: BaseModel, log=print) -> tuple[Path, str | None]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log(f"dequantising {base.gguf_file} once (cached in {cached})...")
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=base.gguf_file, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=base.gguf_file, local_files_only=True)
+    with _quiet_gguf():
+        model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=base.gguf_file, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=base.gguf_file, local_files_only=True)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cached.parent))
     try:
@@ -77,6 +79,22 @@ def model_folder(base: BaseModel, log=print) -> tuple[Path, str | None]:
         if not (cached / "config.json").is_file():  # lost a race with another process: fine
             raise
     return cached, None
+
+
+@contextlib.contextmanager
+def _quiet_gguf():
+    """transformers' GGUF reader draws its own tqdm bar, deaf to the usual switches: silence it
+    while we dequantise (the line above says what is happening)."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def check_base_files(base: BaseModel, folder: Path) -> None:

@@ -223,3 +223,21 @@ def test_suite_cli(db_url, store_dir, tiny_base, lora_dir, tmp_path):
     refused = run("promote", "py@1", ok=False)
     assert refused.exit_code == 1 and "slice_pass" in refused.output and "refuse: '" in refused.output
     assert "refused" in run("alias", "history", "py").output
+
+
+def test_stacks_and_the_base_run_beside_single_versions(world, tmp_path):
+    """A stack's parts must be active together: it gets batches of its own, and its answers
+    equal `generate` on the stack (greedy, one at a time)."""
+    from portfolio.compose.stack import stack_adapters
+    from portfolio.serving import generate
+
+    reg, _ = world
+    stack = stack_adapters(reg, "duo", ["json@1", "json@2"])
+    suite, _ = reg.add_suite("two", write_suite(tmp_path / "two.jsonl", [
+        {"id": f"q-{n}", "prompt": f"Return user {n} as JSON", "checks": [{"kind": "json"}]} for n in NAMES[:2]]))
+    scores = run_suites(reg, ["base:tiny", stack.ref, "json@1"], [suite.ref], log=quiet)
+    assert [s.model for s in scores] == ["base:tiny", stack.ref, "json@1"]
+    for case in scores[1].cases:
+        alone = generate(reg, stack.ref, f"Return user {case['id'][2:]} as JSON", max_new_tokens=64, log=quiet).text
+        assert case["output"] == alone
+    assert scores[0].cases[0]["output"] != scores[2].cases[0]["output"]

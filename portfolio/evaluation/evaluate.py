@@ -56,6 +56,16 @@ def _resolve(registry: Registry, ref: str) -> tuple[str, str, str | None]:
     return version.ref, version.base_model, serving_key(registry, version)
 
 
+def resolve_models(registry: Registry, models: list[str]) -> tuple[list[tuple[str, str, str | None]], Any]:
+    """(label, base name, serving key) of each model, and the one base they share (models on
+    different bases cannot share one model load)."""
+    resolved = [_resolve(registry, m) for m in models]
+    bases = {base for _, base, _ in resolved}
+    if len(bases) > 1:
+        raise InvalidState(f"models on different bases cannot share one evaluation: {', '.join(sorted(bases))}")
+    return resolved, registry.get_base(bases.pop())
+
+
 def evaluate(
     registry: Registry,
     models: list[str],
@@ -68,11 +78,7 @@ def evaluate(
 ) -> list[Score]:
     """Scores of every model on every snapshot's held-out rows (loss, perplexity,
     accuracy, tokens scored); computed only where no stored result matches."""
-    resolved = [_resolve(registry, m) for m in models]
-    bases = {base for _, base, _ in resolved}
-    if len(bases) > 1:
-        raise InvalidState(f"models on different bases cannot share one evaluation: {', '.join(sorted(bases))}")
-    base = registry.get_base(bases.pop())
+    resolved, base = resolve_models(registry, models)
     snaps = [registry.get_snapshot(s) for s in snapshots]
     heldout = {s.ref: split_rows(registry.snapshot_rows(s.ref))[1] for s in snaps}
 

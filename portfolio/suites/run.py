@@ -59,13 +59,9 @@ def run_suites(registry, models: list[str], suites: list[str], *, batch_size: in
                log: Callable[[str], None] = print, progress: bool = False) -> list[SuiteScore]:
     """Every model (version refs or ``base:NAME``) on every suite; computed only where no
     stored result matches, all pending work in one model load."""
-    from portfolio.evaluation.evaluate import _resolve
+    from portfolio.evaluation.evaluate import resolve_models
 
-    resolved = [_resolve(registry, m) for m in models]
-    bases = {b for _, b, _ in resolved}
-    if len(bases) > 1:
-        raise InvalidState(f"models on different bases cannot share one suite run: {', '.join(sorted(bases))}")
-    base = registry.get_base(bases.pop())
+    resolved, base = resolve_models(registry, models)
     snaps = [registry.get_suite(s) for s in suites]
     parsed = {s.ref: registry.suite_cases(s.ref) for s in snaps}
     scores: dict[tuple[str, str], SuiteScore] = {}

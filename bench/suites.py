@@ -1,0 +1,142 @@
+"""Running a behavioural suite on several versions of SmolLM2-135M-Instruct: `portfolio`'s
+batched, mixed-adapter runner against the obvious loop (one `generate` per case, `set_adapter`
+per version), in one run on the same loaded model files.
+
+    python bench/suites.py [--versions 4] [--cases 100] [--max-new-tokens 24] [--batch-size 16]
+
+Both sides start from the same registry: the real base and --versions random rank-8 LoRA
+adapters on q/k/v/o (non-zero B, so every version answers differently), and a suite of
+--cases Python questions with text checks. Both times include loading the base and attaching
+the adapters. The baseline loads the base once, attaches every version as a named adapter, and
+for each version calls `set_adapter` then `generate` once per case (greedy, KV cache, batch
+of one). `portfolio` calls `run_suites`: left-padded batches of cases from all versions at
+once (PEFT's `adapter_names`). It prints both wall times, the ratio, and how many greedy
+answers agree word for word (batching changes float rounding, which can flip a near-tie).
+
+Goal (issue 11): ≥ 3× on the CPU for 4 versions × 100 cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TOPICS = ["a list", "a dict", "a set", "a tuple", "a generator", "a decorator", "a context manager", "a class", "an exception",
+          "a lambda", "a module", "a string", "an f-string", "a slice", "a comprehension", "an iterator", "a coroutine",
+          "a dataclass", "a property", "a closure"]
+ASKS = ["What is {} in Python?", "Give one short example of {} in Python.", "When should I use {} in Python?",
+        "Name a common mistake with {} in Python.", "Explain {} to a beginner in one sentence."]
+
+
+def make_suite(path: Path, n: int, max_new_tokens: int) -> Path:
+    """``n`` Python questions with text checks (their verdicts are not the point here)."""
+    lines = [json.dumps({"suite": {"max_new_tokens": max_new_tokens}})]
+    for i in range(n):
+        topic, ask = TOPICS[i % len(TOPICS)], ASKS[(i // len(TOPICS)) % len(ASKS)]
+        lines.append(json.dumps({"id": f"q{i}", "prompt": ask.format(topic), "slice": {"topic": topic.split()[-1].replace("-", "")},
+                                 "checks": [{"kind": "max_words", "value": 200}, {"kind": "not_contains", "value": "I cannot"}]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_adapters(registry, n: int, work: Path) -> list[str]:
+    """``n`` random rank-8 LoRA versions of SmolLM2-135M, imported into the registry."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from portfolio.modeling import load_base
+
+    refs = []
+    for i in range(n):
+        model, _ = load_base(registry.get_base("smollm2-135m"), log=lambda *_: None)
+        torch.manual_seed(100 + i)
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.02)
+        folder = work / f"adapter{i}"
+        peft_model.save_pretrained(folder, safe_serialization=True)
+        refs.append(registry.import_adapter(f"v{i}", folder, base="smollm2-135m").ref)
+    return refs
+
+
+def baseline(registry, refs: list[str], suite: str, max_new_tokens: int) -> tuple[float, dict]:
+    """Per case `generate`, `set_adapter` per version."""
+    import torch
+
+    from portfolio.modeling import load_base
+    from portfolio.serving import attach
+    from portfolio.suites.run import Engine
+
+    start = time.perf_counter()
+    model, tokenizer = load_base(registry.get_base("smollm2-135m"), log=lambda *_: None)
+    names = {}
+    work = Path(tempfile.mkdtemp(prefix="bench-suites-"))
+    for i, ref in enumerate(refs):
+        model, [names[ref]] = attach(model, registry, ref, work, prefix=f"b{i}_")
+    model.eval()
+    engine = Engine(model, tokenizer, torch.device("cpu"), batch_size=1)
+    cases = registry.suite_cases(suite).cases
+    outputs = {}
+    with torch.no_grad():
+        for ref in refs:
+            model.set_adapter(names[ref])
+            for case in cases:
+                ids = torch.tensor([engine.encode(case.chat())])
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=engine.pad_id)
+                outputs[(ref, case.id)] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return time.perf_counter() - start, outputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--versions", type=int, default=4)
+    parser.add_argument("--cases", type=int, default=100)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+
+    import torch
+
+    from portfolio import Registry
+    from portfolio.suites.run import run_suites
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    work = Path(tempfile.mkdtemp(prefix="bench-suites-"))
+    with Registry.open(f"sqlite:///{work / 'r.db'}", work / "store") as reg:
+        reg.add_base("smollm2-135m")
+        refs = make_adapters(reg, args.versions, work)
+        suite, _ = reg.add_suite("bench", make_suite(work / "suite.jsonl", args.cases, args.max_new_tokens))
+        n = args.versions * args.cases
+        print(f"{args.versions} versions × {args.cases} cases = {n} answers of ≤ {args.max_new_tokens} tokens, "
+              f"SmolLM2-135M-Instruct, {torch.get_num_threads()} CPU threads", flush=True)
+
+        start = time.perf_counter()
+        scores = run_suites(reg, refs, [suite.ref], batch_size=args.batch_size, device="cpu", log=lambda *_: None)
+        fast = time.perf_counter() - start
+        print(f"portfolio run_suites (batch {args.batch_size}, mixed adapters): {fast:7.1f} s  {n / fast:6.2f} answers/s", flush=True)
+
+        slow, outputs = baseline(reg, refs, suite.ref, args.max_new_tokens)
+        print(f"baseline (generate per case, set_adapter per version):  {slow:7.1f} s  {n / slow:6.2f} answers/s", flush=True)
+
+        same = sum(c["output"] == outputs[(s.model, c["id"])] for s in scores for c in s.cases)
+        print(f"speed-up {slow / fast:.1f}×  (goal ≥ 3×); identical greedy answers {same}/{n}")
+
+
+if __name__ == "__main__":
+    main()
