@@ -241,3 +241,23 @@ def test_stacks_and_the_base_run_beside_single_versions(world, tmp_path):
         alone = generate(reg, stack.ref, f"Return user {case['id'][2:]} as JSON", max_new_tokens=64, log=quiet).text
         assert case["output"] == alone
     assert scores[0].cases[0]["output"] != scores[2].cases[0]["output"]
+
+
+def test_revalidate_on_fresh_cases_flags_a_drop_in_pass_rate(world, tmp_path):
+    from portfolio.evaluation.gates import SuiteCriteria
+    from portfolio.evaluation.promote import revalidate
+
+    reg, root = world
+    reg.set_gate("json", max_regression=100.0, min_gain=-100.0, suite_criteria=SuiteCriteria(["users@1"], critical_must_pass=False).to_dict())
+    same = [json.loads(line) for line in (root / "users.jsonl").read_text().splitlines()]
+    for case in same:
+        case["description"] = "the gate's cases again, as a fresh snapshot"
+    reg.add_suite("fresh-same", write_suite(tmp_path / "same.jsonl", same))
+    reg.add_suite("fresh-hard", write_suite(tmp_path / "hard.jsonl", [
+        {"id": f"x{i}", "prompt": f"Return user {n} as JSON", "checks": [{"kind": "exact", "value": "no model says this"}]}
+        for i, n in enumerate(NAMES)]))
+    held, dropped = revalidate(reg, "json@production", [], suites=["fresh-same@1", "fresh-hard@1"], threshold=0.1, log=quiet)
+    assert (held.metric, held.baseline_snapshot, held.drifted) == ("pass_rate", "users@1", False)
+    assert held.value == pytest.approx(held.baseline)
+    assert dropped.value == 0.0 and dropped.drifted
+    assert reg.get_version("json@production").drifted

@@ -95,7 +95,7 @@ def suite_show(ctx: click.Context, ref: str, as_json: bool) -> None:
 @click.pass_context
 def suite_results(ctx: click.Context, ref: str, suite: str, failed: bool, slice_: str | None, device: str, as_json: bool) -> None:
     """REF's outputs and verdicts on a suite (run now if no stored result matches)."""
-    from portfolio.suites.report import case_results
+    from portfolio.suites.report import answer_text, case_results
 
     score, cases = case_results(_registry(ctx), ref, suite, failed=failed, slice_=slice_, device=device, log=lambda m: click.echo(m, err=True))
     if as_json:
@@ -106,7 +106,7 @@ def suite_results(ctx: click.Context, ref: str, suite: str, failed: bool, slice_
                             for v in c["checks"])
         labels = ",".join(f"{k}={v}" for k, v in c["slice"].items())
         click.echo(f"\n[{'pass' if c['passed'] else 'FAIL'}] {c['id']}{' (critical)' if c['critical'] else ''}{'  ' + labels if labels else ''}\n"
-                   f"  {verdicts}\n  output: {_short(c['output'], 200)}")
+                   f"  {verdicts}\n  output: {_short(answer_text(c), 200)}")
     click.echo(f"\n{len(cases)} case(s) shown")
 
 

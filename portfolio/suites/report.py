@@ -20,6 +20,17 @@ def parse_slice(text: str | None) -> tuple[str, str] | None:
     return key, value
 
 
+def answer_text(case: dict[str, Any]) -> str | None:
+    """What a case's model said: the generated answer, or for a choice case the chosen option
+    and its probability."""
+    if case.get("output") is not None:
+        return case["output"]
+    choice = case.get("choice")
+    if choice:
+        return f"(choice) {choice['options'][choice['pred']]!r} at p={choice['probs'][choice['pred']]:.2f}"
+    return None
+
+
 def case_results(registry, ref: str, suite: str, *, failed: bool = False, slice_: str | None = None,
                  device: str = "auto", log: Callable[[str], None] = print) -> tuple[SuiteScore, list[dict[str, Any]]]:
     """A model's run of a suite (stored, or computed now) and its cases, filtered."""
@@ -61,6 +72,6 @@ def diff(registry, a: str, b: str, suite: str, *, device: str = "auto", log: Cal
         if ca["passed"] == cb["passed"] and ca["output"] == cb["output"] and ca.get("choice") == cb.get("choice"):
             continue
         failing = {side: [v["kind"] for v in c["checks"] if not v["passed"]] for side, c in (("a", ca), ("b", cb))}
-        changes.append(CaseChange(ca["id"], ca["slice"], ca["critical"], ca["passed"], cb["passed"], ca["output"], cb["output"], failing))
+        changes.append(CaseChange(ca["id"], ca["slice"], ca["critical"], ca["passed"], cb["passed"], answer_text(ca), answer_text(cb), failing))
     order = {"broke": 0, "fixed": 1, "changed": 2}
     return score_a, score_b, sorted(changes, key=lambda c: (order[c.kind], not c.critical, c.id))
