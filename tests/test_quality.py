@@ -1,6 +1,7 @@
 """Evaluation history, gates, promotion, rollback, revalidation, matrix and plots."""
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -142,3 +143,96 @@ def test_matrix_history_and_plots(drifting, run, tmp_path):
     rows = json.loads(run("history", "w", "--data", "words@1", "--json").stdout)
     assert [r["version"] for r in rows] == [1, 2] and rows[1]["value"] > rows[0]["value"]
     assert "write a .png or .html" in run("matrix", "--plot", tmp_path / "m.pdf", ok=False).stderr
+
+
+# -- paired intervals: signal, not noise ---------------------------------------------------
+
+def _paired(n: int, shift: float, noise: float, seed: int = 0):
+    """Per-example [loss sum, correct, tokens] of an incumbent and of a candidate whose loss
+    per example is the incumbent's × (1 + shift) plus noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(20, 60, size=n)
+    inc_loss = rng.uniform(1.5, 3.5, size=n)
+    cand_loss = inc_loss * (1 + shift) + rng.normal(0, noise, size=n)
+    inc = [[float(l * t), int(t // 2), int(t)] for l, t in zip(inc_loss, tokens)]
+    cand = [[float(l * t), int(t // 2), int(t)] for l, t in zip(cand_loss, tokens)]
+    mean = lambda rows: sum(r[0] for r in rows) / sum(r[2] for r in rows)  # noqa: E731
+    return cand, inc, mean(cand), mean(inc)
+
+
+def test_a_candidate_worse_only_by_noise_passes_with_its_interval():
+    from portfolio.evaluation.gates import GatePolicy, check_gates
+
+    cand, inc, c, i = _paired(40, shift=0.015, noise=0.6)
+    policy = GatePolicy("a", max_regression=0.01)
+    [check] = check_gates(policy, [], ["old@1"], {"old@1": c}, {"old@1": i}, {"old@1": (cand, inc)})
+    assert check.change < -0.01  # the bare means say "regressed beyond the limit"...
+    lo, hi = check.ci
+    assert lo < -0.01 < hi and check.passed and check.n == 40  # ...but not significantly
+
+
+def test_a_significantly_worse_candidate_is_refused_with_the_interval_printed():
+    from portfolio.evaluation.gates import GatePolicy, check_gates
+    from portfolio.evaluation.promote import describe_failure
+
+    cand, inc, c, i = _paired(40, shift=0.10, noise=0.02)
+    [check] = check_gates(GatePolicy("a", max_regression=0.02), [], ["old@1"], {"old@1": c}, {"old@1": i}, {"old@1": (cand, inc)})
+    lo, hi = check.ci
+    assert hi < -0.02 and not check.passed
+    assert re.fullmatch(r"retention on old@1: -\d+\.\d% ± \d\.\d% \(limit -2\.0%\)", describe_failure(check))
+
+
+def test_the_interval_is_reproducible_and_narrows_with_confidence():
+    from portfolio.evaluation.gates import paired_interval
+
+    cand, inc, _, _ = _paired(30, shift=0.03, noise=0.3)
+    assert paired_interval(cand, inc, "loss", 0.95) == paired_interval(cand, inc, "loss", 0.95)
+    lo95, hi95 = paired_interval(cand, inc, "loss", 0.95)
+    lo80, hi80 = paired_interval(cand, inc, "loss", 0.80)
+    assert lo95 < lo80 < hi80 < hi95
+    acc_lo, acc_hi = paired_interval(cand, inc, "accuracy", 0.95)
+    assert acc_lo == acc_hi == 0.0  # equal accuracies in every resample
+
+
+def test_a_too_small_set_is_reported_and_decided_on_the_point_estimate():
+    from portfolio.evaluation.gates import GatePolicy, check_gates
+
+    cand, inc, c, i = _paired(4, shift=0.10, noise=0.01)
+    [check] = check_gates(GatePolicy("a", max_regression=0.02), [], ["old@1"], {"old@1": c}, {"old@1": i}, {"old@1": (cand, inc)})
+    assert check.ci is None and check.n == 4 and not check.passed
+    assert "too few examples to decide (4 < 8)" in check.detail
+
+
+def test_promote_prints_intervals_from_stored_per_example_scores(trainable, write_jsonl):
+    from conftest import cli_invoker, domain_rows
+
+    run = cli_invoker(str(trainable.engine.url), trainable.store.root)
+    run("data", "add", "many", write_jsonl("many.jsonl", domain_rows("words", n=1500, seed=3)), "--domain", "words")
+    run("train", "w", "--base", "tiny", "--data", "many@1", "--steps", "4", "--seq-len", "16", "--batch-size", "4", "--no-progress")
+    run("gate", "set", "w", "--confidence", "0.9")
+    assert "confidence      90%" in run("gate", "show", "w").output
+    out = run("promote", "w@1", ok=False).output
+    assert "INTERVAL" in out and re.search(r"gain\s+many@1 .*± \d+\.\d%\s+\[[-+]\d+\.\d%, [-+]\d+\.\d%\] n=\d+", out), out
+
+
+def test_suite_pass_regression_is_decided_on_the_paired_interval():
+    from portfolio.evaluation.gates import SuiteCriteria, check_suite_gates
+
+    def cases(passed):
+        return [{"id": f"c{i}", "passed": p, "slice": {}, "output": "", "critical": False} for i, p in enumerate(passed)]
+
+    def metrics(passed):
+        rate = sum(passed) / len(passed)
+        return {"overall": {"pass_rate": rate, "critical_failures": 0, "critical_failed": [], "refusal_rate": None,
+                            "mean_words": None, "ece": None}, "slices": {}}
+
+    incumbent = [True] * 20
+    noisy = [True] * 18 + [False] * 2          # 10 points down: within noise on 20 cases
+    broken = [False] * 12 + [True] * 8          # 60 points down: significant
+    criteria = SuiteCriteria(["s@1"], critical_must_pass=False, max_pass_regression=0.05)
+    [noise] = check_suite_gates(criteria, "s@1", metrics(noisy), metrics(incumbent), cases(noisy), cases(incumbent))
+    [bad] = check_suite_gates(criteria, "s@1", metrics(broken), metrics(incumbent), cases(broken), cases(incumbent))
+    assert noise.passed and noise.ci[0] < -0.05 < noise.ci[1] and noise.n == 20
+    assert not bad.passed and bad.ci[1] < -0.05

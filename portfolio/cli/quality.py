@@ -119,6 +119,8 @@ def gate_group() -> None:
 @click.option("--min-gain", type=float, default=0.0, show_default=True, help="Required relative improvement on the fresh (training) data.")
 @click.option("--retention", multiple=True, metavar="NAME@V", help="Snapshot that must not regress (repeatable; default: earlier training data).")
 @click.option("--metric", type=click.Choice(["loss", "perplexity", "accuracy"]), default="loss", show_default=True)
+@click.option("--confidence", type=float, default=0.95, show_default=True,
+              help="Confidence level of the paired intervals: a loss gate refuses only a change whose whole interval is below its limit.")
 @click.option("--suite", "suites", multiple=True, metavar="NAME@V", help="Behavioural suite the candidate must pass (repeatable).")
 @click.option("--min-pass", type=float, default=None, help="Minimum pass rate over each suite (0..1).")
 @click.option("--slice-min-pass", "slice_min_pass", multiple=True, metavar="LABEL=VALUE:RATE", help="Minimum pass rate of a slice, e.g. risk=high:1.0 (repeatable).")
@@ -129,7 +131,7 @@ def gate_group() -> None:
 @click.option("--max-ece", type=float, default=None, help="Largest allowed expected calibration error on choice cases (0..1).")
 @click.pass_context
 def gate_set(ctx: click.Context, name: str, max_regression: float, min_gain: float, retention: tuple[str, ...], metric: str,
-             suites: tuple[str, ...], min_pass: float | None, slice_min_pass: tuple[str, ...], allow_critical_failures: bool,
+             confidence: float, suites: tuple[str, ...], min_pass: float | None, slice_min_pass: tuple[str, ...], allow_critical_failures: bool,
              max_refusal_increase: float | None, max_verbosity_change: float | None, max_pass_regression: float | None,
              max_ece: float | None) -> None:
     """Store the gate policy of adapter NAME: loss gates, and with --suite, behavioural ones."""
@@ -143,9 +145,9 @@ def gate_set(ctx: click.Context, name: str, max_regression: float, min_gain: flo
     if suites:
         criteria = SuiteCriteria(list(suites), min_pass, parse_slice_min_pass(list(slice_min_pass)), not allow_critical_failures,
                                  max_refusal_increase, max_verbosity_change, max_pass_regression, max_ece).to_dict()
-    g = _registry(ctx).set_gate(name, metric, max_regression, min_gain, list(retention), criteria)
+    g = _registry(ctx).set_gate(name, metric, max_regression, min_gain, list(retention), criteria, confidence)
     click.echo(f"gate for {name}: {metric} may regress ≤ {g['max_regression']:.1%} on {', '.join(g['retention']) or 'earlier training data'}; "
-               f"must gain ≥ {g['min_gain']:.1%} on fresh data")
+               f"must gain ≥ {g['min_gain']:.1%} on fresh data; refused only when significant at {g['confidence']:.0%}")
     if g["suite_criteria"]:
         click.echo(f"behaviour: {describe_criteria(g['suite_criteria'])}")
 
@@ -180,11 +182,15 @@ def gate_show(ctx: click.Context, name: str, as_json: bool) -> None:
     click.echo(f"adapter         {name}{' (defaults; set with `portfolio gate set`)' if stored is None else ''}\nmetric          {g['metric']}\n"
                f"max regression  {g['max_regression']:.1%} on retention snapshots\nmin gain        {g['min_gain']:.1%} on fresh data\n"
                f"retention       {', '.join(g['retention']) or 'every earlier training snapshot in the lineage'}\n"
+               f"confidence      {g['confidence']:.0%} (paired bootstrap intervals; a loss gate refuses only a significant breach)\n"
                f"behaviour       {describe_criteria(g['suite_criteria']) if g.get('suite_criteria') else 'none (add with gate set --suite NAME@V)'}")
 
 
 def gate_table(checks, candidate: str, incumbent: str) -> str:
-    """The promote table: loss gates as relative changes, behavioural gates as rates."""
+    """The promote table: loss gates as relative changes with their paired interval,
+    behavioural gates as rates."""
+    from portfolio.evaluation.promote import format_change
+
     def fmt(c, value):
         if c.kind in ("retention", "gain"):
             return f"{value:.4f}"
@@ -200,9 +206,25 @@ def gate_table(checks, candidate: str, incumbent: str) -> str:
         return {"critical": "0 failing", "verbosity": f"±{c.limit:.0%}", "refusal_rate": f"rise ≤ {c.limit:.0%}",
                 "pass_regression": f"drop ≤ {c.limit:.0%}", "ece": f"≤ {c.limit:.3f}"}.get(c.kind, f"≥ {c.limit:.0%}")
 
-    return _table([[c.kind, c.snapshot, fmt(c, c.candidate), fmt(c, c.incumbent),
-                    f"{c.change:+.2%}" if c.kind != "critical" else f"{c.change:+.0f}", limit(c), "pass" if c.passed else "FAIL"]
-                   for c in checks], ["GATE", "ON", candidate, incumbent, "CHANGE", "LIMIT", "RESULT"])
+    def change(c):
+        if c.kind in ("retention", "gain"):
+            return format_change(c)
+        return f"{c.change:+.2%}" if c.kind != "critical" else f"{c.change:+.0f}"
+
+    def result(c):
+        verdict = "pass" if c.passed else "FAIL"
+        interval_gate = c.kind in ("retention", "gain") or (c.kind == "pass_regression" and c.n is not None)
+        if interval_gate and c.ci is None:
+            return f"{verdict} (point estimate)"
+        return verdict
+
+    def interval(c):
+        if c.ci:
+            return f"[{c.ci[0]:+.1%}, {c.ci[1]:+.1%}] n={c.n}"
+        return "-" if c.n is None else f"n={c.n}: too few"
+
+    return _table([[c.kind, c.snapshot, fmt(c, c.candidate), fmt(c, c.incumbent), change(c), interval(c), limit(c), result(c)]
+                   for c in checks], ["GATE", "ON", candidate, incumbent, "CHANGE", "INTERVAL", "LIMIT", "RESULT"])
 
 
 @cli.command()

@@ -23,7 +23,7 @@ from portfolio.data.tokenize import encode_rows
 from portfolio.errors import InvalidState
 from portfolio.registry.registry import Registry
 
-METRICS_VERSION = 1  # bump when the metric code changes, so stored results are not reused
+METRICS_VERSION = 2  # bump when the metric code changes, so stored results are not reused (2: per-example scores)
 DEFAULT_SEQ_LEN = 256
 
 
@@ -36,6 +36,7 @@ class Score:
     metrics: dict[str, float]
     n_tokens: int
     reused: bool
+    per_example: list[list[float]] | None = None  # [loss sum, correct, tokens] per example, in order
 
 
 def eval_key(base_sha: str, artifact: str | None, snapshot_sha: str, row_ids: list[int], seq_len: int) -> str:
@@ -90,7 +91,7 @@ def evaluate(
             key = eval_key(base.weights_sha256, artifact, snap.sha256, rows, seq_len)
             stored = registry.find_evaluation(key)
             if stored is not None:
-                scores[(label, snap.ref)] = Score(label, snap.ref, stored["metrics"], stored["n_tokens"] or 0, True)
+                scores[(label, snap.ref)] = Score(label, snap.ref, stored["metrics"], stored["n_tokens"] or 0, True, stored.get("per_example"))
             else:
                 pending.append((label, artifact, snap, key))
     if pending:
@@ -134,8 +135,9 @@ def _compute(registry, base, pending, heldout, seq_len, batch_size, device_name,
                     activate(model, adapters[label])
                 metrics = evaluate_examples(model, examples[snap.ref], pad_id, batch_size, device)
             n_tokens = int(metrics.pop("n_tokens"))
+            per_example = metrics.pop("per_example")
             rows = [r["row"] for r in heldout[snap.ref]]
-            registry.record_evaluation(label, snap.ref, metrics, n_tokens=n_tokens, row_ids=rows, eval_key=key)
-            scores[(label, snap.ref)] = Score(label, snap.ref, metrics, n_tokens, False)
+            registry.record_evaluation(label, snap.ref, metrics, n_tokens=n_tokens, row_ids=rows, eval_key=key, per_example=per_example)
+            scores[(label, snap.ref)] = Score(label, snap.ref, metrics, n_tokens, False, per_example)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,6 +10,14 @@ incumbent; the base when there is none):
 
 For a metric where higher is better (accuracy) both differences flip sign.
 
+**Signal, not noise.** Candidate and incumbent are scored on the same held-out examples, and
+each evaluation keeps every example's scores. A gate then bootstraps the examples (the same
+resampled indices for both models, `BOOTSTRAP` times, seeded) and takes the two-sided
+percentile interval of the change at the policy's ``confidence``. It refuses only what is
+*significantly* worse than its limit: the whole interval below it. With fewer than
+`MIN_PAIRED` examples there is no interval; the check says so and decides on the point
+estimate, as an unpaired gate would.
+
 Behavioural criteria (`SuiteCriteria`) gate on suite runs of candidate and incumbent: a
 minimum pass rate overall and per slice, every critical case passing, a maximum rise in the
 refusal rate, a maximum relative change in mean answer length, a maximum drop in pass rate
@@ -26,6 +34,9 @@ from portfolio.errors import PortfolioError
 
 LOWER_IS_BETTER = {"loss": True, "perplexity": True, "accuracy": False}
 EPS = 1e-9  # a change exactly at the limit passes, whatever the float rounding
+DEFAULT_CONFIDENCE = 0.95
+MIN_PAIRED = 8  # fewer paired examples than this give no useful interval
+BOOTSTRAP = 2000
 
 
 class InvalidGate(PortfolioError, ValueError):
@@ -41,6 +52,7 @@ class GatePolicy:
     max_regression: float = 0.02
     min_gain: float = 0.0
     retention: list[str] = field(default_factory=list)
+    confidence: float = DEFAULT_CONFIDENCE
     suite_criteria: dict[str, Any] | None = None
 
     @property
@@ -53,9 +65,11 @@ class GatePolicy:
         if self.metric not in LOWER_IS_BETTER:
             problems.append(f"--metric must be one of {', '.join(LOWER_IS_BETTER)} (got {self.metric!r})")
         if not self.max_regression >= 0 or not math.isfinite(self.max_regression):
-            problems.append(f"--max-regression must be a finite number ≥ 0 (got {self.max_regression})")
+            problems.append(f"--max-regression must be ≥ 0 and finite (got {self.max_regression})")
         if not math.isfinite(self.min_gain):
             problems.append(f"--min-gain must be a finite number (got {self.min_gain})")
+        if not 0.5 <= self.confidence < 1:
+            problems.append(f"--confidence must be at least 0.5 and below 1, e.g. 0.95 (got {self.confidence})")
         if problems:
             raise InvalidGate("; ".join(problems))
 
@@ -122,6 +136,8 @@ class GateCheck:
     limit: float
     passed: bool
     detail: str = ""
+    ci: tuple[float, float] | None = None  # the change's interval at the policy's confidence (paired bootstrap)
+    n: int | None = None  # paired examples behind the interval
 
 
 def relative_improvement(candidate: float, incumbent: float, metric: str) -> float:
@@ -130,23 +146,81 @@ def relative_improvement(candidate: float, incumbent: float, metric: str) -> flo
     return diff / abs(incumbent) if incumbent else diff
 
 
+def _metric_values(sums, metric: str):
+    """The metric from summed ``[loss sum, correct, tokens]`` (any leading shape)."""
+    import numpy as np
+
+    loss = sums[..., 0] / sums[..., 2]
+    if metric == "loss":
+        return loss
+    if metric == "perplexity":
+        return np.exp(np.minimum(loss, 50.0))
+    return sums[..., 1] / sums[..., 2]
+
+
+def paired_interval(candidate: list[list[float]], incumbent: list[list[float]], metric: str, confidence: float,
+                    seed: int = 0, n_boot: int = BOOTSTRAP) -> tuple[float, float]:
+    """Percentile interval of `relative_improvement` over a paired bootstrap: resample the
+    examples with replacement (the same draw for both models), recompute both token-weighted
+    metrics, take the change; repeat ``n_boot`` times."""
+    import numpy as np
+
+    cand, inc = np.asarray(candidate, dtype=np.float64), np.asarray(incumbent, dtype=np.float64)
+    n = len(cand)
+    weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+    c, i = _metric_values(weights @ cand, metric), _metric_values(weights @ inc, metric)
+    diff = i - c if LOWER_IS_BETTER[metric] else c - i
+    change = np.where(i != 0, diff / np.abs(np.where(i != 0, i, 1.0)), diff)
+    tail = (1 - confidence) / 2
+    lo, hi = np.quantile(change, [tail, 1 - tail])
+    return float(lo), float(hi)
+
+
+def paired_difference_interval(candidate: list[float], incumbent: list[float], confidence: float, seed: int = 0,
+                               n_boot: int = BOOTSTRAP) -> tuple[float, float]:
+    """Percentile interval of mean(candidate) − mean(incumbent) over a paired bootstrap of the
+    cases (e.g. pass/fail verdicts of the same suite cases)."""
+    import numpy as np
+
+    diff = np.asarray(candidate, dtype=np.float64) - np.asarray(incumbent, dtype=np.float64)
+    n = len(diff)
+    weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot)
+    means = weights @ diff / n
+    tail = (1 - confidence) / 2
+    lo, hi = np.quantile(means, [tail, 1 - tail])
+    return float(lo), float(hi)
+
+
 def check_gates(policy: GatePolicy, fresh: list[str], retention: list[str],
-                candidate: dict[str, float], incumbent: dict[str, float]) -> list[GateCheck]:
-    """Every gate check of a candidate against the incumbent, scores keyed by snapshot."""
+                candidate: dict[str, float], incumbent: dict[str, float],
+                paired: dict[str, tuple[list, list]] | None = None) -> list[GateCheck]:
+    """Every gate check of a candidate against the incumbent, scores keyed by snapshot;
+    ``paired`` holds both models' per-example scores per snapshot, for intervals."""
     checks = []
-    for snap in retention:
-        change = relative_improvement(candidate[snap], incumbent[snap], policy.metric)
-        checks.append(GateCheck("retention", snap, candidate[snap], incumbent[snap], change, -policy.max_regression, change >= -policy.max_regression - EPS))
-    for snap in fresh:
-        change = relative_improvement(candidate[snap], incumbent[snap], policy.metric)
-        checks.append(GateCheck("gain", snap, candidate[snap], incumbent[snap], change, policy.min_gain, change >= policy.min_gain - EPS))
+    for kind, snaps, limit in (("retention", retention, -policy.max_regression), ("gain", fresh, policy.min_gain)):
+        for snap in snaps:
+            change = relative_improvement(candidate[snap], incumbent[snap], policy.metric)
+            cand_rows, inc_rows = (paired or {}).get(snap, (None, None))
+            if cand_rows and inc_rows and len(cand_rows) == len(inc_rows) and len(cand_rows) >= MIN_PAIRED:
+                lo, hi = paired_interval(cand_rows, inc_rows, policy.metric, policy.confidence)
+                # refused only when the whole interval lies below the limit
+                checks.append(GateCheck(kind, snap, candidate[snap], incumbent[snap], change, limit, hi >= limit - EPS,
+                                        ci=(lo, hi), n=len(cand_rows)))
+            else:
+                n = len(cand_rows) if cand_rows and inc_rows and len(cand_rows) == len(inc_rows) else None
+                why = (f"too few examples to decide ({n} < {MIN_PAIRED}): decided on the point estimate" if n is not None
+                       else "no per-example scores stored: decided on the point estimate")
+                checks.append(GateCheck(kind, snap, candidate[snap], incumbent[snap], change, limit, change >= limit - EPS, why, n=n))
     return checks
 
 
 def check_suite_gates(criteria: SuiteCriteria, suite: str, candidate: dict[str, Any], incumbent: dict[str, Any],
-                      candidate_cases: list[dict[str, Any]]) -> list[GateCheck]:
+                      candidate_cases: list[dict[str, Any]], incumbent_cases: list[dict[str, Any]] | None = None,
+                      confidence: float = DEFAULT_CONFIDENCE) -> list[GateCheck]:
     """Behavioural checks of one suite, from both models' metrics (``{"overall", "slices"}``).
-    ``change`` is candidate − incumbent in absolute share (relative for verbosity)."""
+    ``change`` is candidate − incumbent in absolute share (relative for verbosity). The pass-rate
+    regression is decided on the paired interval over the cases (with both models' cases), so
+    it refuses only a significant drop."""
     cand, inc = candidate["overall"], incumbent["overall"]
     checks: list[GateCheck] = []
     if criteria.min_pass_rate is not None:
@@ -176,8 +250,17 @@ def check_suite_gates(criteria: SuiteCriteria, suite: str, candidate: dict[str, 
                                 abs(rel) <= criteria.max_verbosity_change + EPS))
     if criteria.max_pass_regression is not None:
         drop = inc["pass_rate"] - cand["pass_rate"]
-        checks.append(GateCheck("pass_regression", suite, cand["pass_rate"], inc["pass_rate"], -drop, criteria.max_pass_regression,
-                                drop <= criteria.max_pass_regression + EPS))
+        by_id = {c["id"]: c["passed"] for c in incumbent_cases or []}
+        pairs = [(float(c["passed"]), float(by_id[c["id"]])) for c in candidate_cases if c["id"] in by_id]
+        if len(pairs) >= MIN_PAIRED:
+            lo, hi = paired_difference_interval([p[0] for p in pairs], [p[1] for p in pairs], confidence)
+            checks.append(GateCheck("pass_regression", suite, cand["pass_rate"], inc["pass_rate"], -drop, criteria.max_pass_regression,
+                                    hi >= -criteria.max_pass_regression - EPS, ci=(lo, hi), n=len(pairs)))
+        else:
+            checks.append(GateCheck("pass_regression", suite, cand["pass_rate"], inc["pass_rate"], -drop, criteria.max_pass_regression,
+                                    drop <= criteria.max_pass_regression + EPS,
+                                    f"too few paired cases to decide ({len(pairs)} < {MIN_PAIRED}): decided on the point estimate",
+                                    n=len(pairs)))
     if criteria.max_ece is not None and cand["ece"] is not None:
         checks.append(GateCheck("ece", suite, cand["ece"], inc["ece"] if inc["ece"] is not None else float("nan"),
                                 (inc["ece"] or 0.0) - cand["ece"], criteria.max_ece, cand["ece"] <= criteria.max_ece + EPS))

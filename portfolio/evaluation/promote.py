@@ -61,8 +61,10 @@ def promote(registry: Registry, ref: str, alias: str = "production", *, force: b
     retention = [s for s in dict.fromkeys(retention) if s not in fresh]
     scores = evaluate(registry, [candidate.ref, incumbent], fresh + retention, seq_len=seq_len, device=device, log=log)
     by = {(s.model, s.snapshot): s.metrics[policy.metric] for s in scores}
+    rows = {(s.model, s.snapshot): s.per_example for s in scores}
     checks = check_gates(policy, fresh, retention, {s: by[(candidate.ref, s)] for s in fresh + retention},
-                         {s: by[(incumbent, s)] for s in fresh + retention})
+                         {s: by[(incumbent, s)] for s in fresh + retention},
+                         {s: (rows[(candidate.ref, s)], rows[(incumbent, s)]) for s in fresh + retention})
     criteria = policy.suites
     suite_scores = []
     if criteria is not None:
@@ -70,7 +72,8 @@ def promote(registry: Registry, ref: str, alias: str = "production", *, force: b
 
         suite_scores = run_suites(registry, [candidate.ref, incumbent], criteria.suites, device=device, log=log)
         for cand_score, inc_score in zip(suite_scores[: len(criteria.suites)], suite_scores[len(criteria.suites):]):
-            checks += check_suite_gates(criteria, cand_score.suite, cand_score.metrics, inc_score.metrics, cand_score.cases)
+            checks += check_suite_gates(criteria, cand_score.suite, cand_score.metrics, inc_score.metrics, cand_score.cases,
+                                        inc_score.cases, policy.confidence)
     passed = all(c.passed for c in checks)
     if passed or force:
         why = reason or f"gates passed ({len(checks)} checks)"
@@ -82,10 +85,18 @@ def promote(registry: Registry, ref: str, alias: str = "production", *, force: b
     return PromoteOutcome(candidate.ref, incumbent, alias, policy, checks, False, False, None, suite_scores)
 
 
+def format_change(c: GateCheck) -> str:
+    """"+1.8% ± 0.9%": the change and half the width of its interval (or the bare change)."""
+    if c.ci is None:
+        return f"{c.change:+.1%}"
+    lo, hi = c.ci
+    return f"{c.change:+.1%} ± {(hi - lo) / 2:.1%}"
+
+
 def describe_failure(c: GateCheck) -> str:
     """One failed check in words, for the alias history and the refusal message."""
     if c.kind in ("retention", "gain"):
-        return f"{c.kind} on {c.snapshot}: {c.change:+.1%} (limit {c.limit:+.1%})"
+        return f"{c.kind} on {c.snapshot}: {format_change(c)} (limit {c.limit:+.1%})"
     if c.kind == "critical":
         return f"critical cases failing on {c.snapshot}: {c.detail}"
     if c.kind == "verbosity":

@@ -183,6 +183,8 @@ class EvaluationRow(Base):
     code_version: Mapped[Optional[str]] = mapped_column(String(100))
     # what was scored, hashed: model bytes, snapshot, rows, settings; equal key = reusable result
     eval_key: Mapped[Optional[str]] = mapped_column(String(64), index=True)
+    # on the loss row: [loss sum, correct, scored tokens] per example, for paired comparisons
+    per_example: Mapped[Optional[list[Any]]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -197,6 +199,8 @@ class GatePolicyRow(Base):
     max_regression: Mapped[float] = mapped_column(Float)
     min_gain: Mapped[float] = mapped_column(Float)
     retention: Mapped[list[Any]] = mapped_column(JSON)
+    # the two-sided confidence level of the paired bootstrap intervals gates decide on
+    confidence: Mapped[Optional[float]] = mapped_column(Float)
     # behavioural release criteria (suites and their thresholds), see evaluation/gates.py
     suite_criteria: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from portfolio.errors import InvalidState
+from portfolio.evaluation.gates import DEFAULT_CONFIDENCE
 from portfolio.registry import entities as E
 from portfolio.registry import queries
 from portfolio.registry.models import (
@@ -26,12 +27,13 @@ from portfolio.registry.models import (
 
 
 def find_evaluation(session: Session, eval_key: str) -> dict[str, Any] | None:
-    """The newest stored result with this key: ``{"metrics": {...}, "n_tokens": n}``."""
+    """The newest stored result with this key: ``{"metrics": {...}, "n_tokens": n, "per_example": [...] | None}``."""
     rows = session.scalars(sa.select(EvaluationRow).where(EvaluationRow.eval_key == eval_key).order_by(EvaluationRow.id)).all()
     if not rows:
         return None
     metrics = {r.metric: r.value for r in rows}
-    return {"metrics": metrics, "n_tokens": rows[-1].n_tokens}
+    per_example = next((r.per_example for r in reversed(rows) if r.per_example is not None), None)
+    return {"metrics": metrics, "n_tokens": rows[-1].n_tokens, "per_example": per_example}
 
 
 def evaluation_table(session: Session, adapters: list[str] | None, snapshots: list[str] | None, metric: str) -> list[dict[str, Any]]:
@@ -71,11 +73,12 @@ def get_gate(session: Session, adapter: str) -> dict[str, Any] | None:
     if row is None:
         return None
     return {"adapter": adapter, "metric": row.metric, "max_regression": row.max_regression, "min_gain": row.min_gain,
-            "retention": list(row.retention), "suite_criteria": dict(row.suite_criteria) if row.suite_criteria else None}
+            "retention": list(row.retention), "confidence": row.confidence if row.confidence is not None else DEFAULT_CONFIDENCE,
+            "suite_criteria": dict(row.suite_criteria) if row.suite_criteria else None}
 
 
 def set_gate(session: Session, adapter: str, metric: str, max_regression: float, min_gain: float, retention: list[str],
-             suite_criteria: dict[str, Any] | None = None) -> None:
+             suite_criteria: dict[str, Any] | None = None, confidence: float = 0.95) -> None:
     """Create or replace an adapter's gate policy; retention snapshots must exist."""
     a = queries.adapter_row(session, adapter)
     resolved = []
@@ -98,6 +101,7 @@ def set_gate(session: Session, adapter: str, metric: str, max_regression: float,
         session.add(row)
     row.metric, row.max_regression, row.min_gain, row.retention, row.updated_at = metric, max_regression, min_gain, resolved, utcnow()
     row.suite_criteria = suite_criteria or None
+    row.confidence = confidence
     session.flush()
 
 

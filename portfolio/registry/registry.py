@@ -77,6 +77,7 @@ class EvalSpec:
     n_tokens: int | None = None
     row_ids: list[int] | None = None
     eval_key: str | None = None
+    per_example: list[list[float]] | None = None
 
 
 class Registry:
@@ -438,7 +439,7 @@ class Registry:
                 for metric, value in spec.metrics.items():
                     runs.add_evaluation(session, version_id=target_version, base_model_id=target_base, snapshot_id=snap.id,
                                         metric=metric, value=value, n_tokens=spec.n_tokens, row_ids=spec.row_ids, run_id=run_id,
-                                        eval_key=spec.eval_key)
+                                        eval_key=spec.eval_key, per_example=spec.per_example)
             if run_id is not None:
                 run = runs.run_row(session, run_id)
                 run.adapter_id = adapter.id
@@ -708,14 +709,16 @@ class Registry:
             return runs.list_runs(session, adapter, status, limit)
 
     def record_evaluation(self, model: str, snapshot: str, metrics: dict[str, float], n_tokens: int | None = None,
-                          row_ids: list[int] | None = None, run_id: int | None = None, eval_key: str | None = None) -> list[E.Evaluation]:
-        """Store metric values of ``model`` (a version ref, or ``base:NAME``) on a snapshot."""
+                          row_ids: list[int] | None = None, run_id: int | None = None, eval_key: str | None = None,
+                          per_example: list[list[float]] | None = None) -> list[E.Evaluation]:
+        """Store metric values of ``model`` (a version ref, or ``base:NAME``) on a snapshot, with
+        its per-example scores (for paired gate decisions)."""
         with self._write() as (session, _put):
             snap = queries.snapshot_row(session, snapshot)
             version_id, base_id = _eval_target(session, model)
             rows = [
                 runs.add_evaluation(session, version_id=version_id, base_model_id=base_id, snapshot_id=snap.id, metric=m,
-                                    value=v, n_tokens=n_tokens, row_ids=row_ids, run_id=run_id, eval_key=eval_key)
+                                    value=v, n_tokens=n_tokens, row_ids=row_ids, run_id=run_id, eval_key=eval_key, per_example=per_example)
                 for m, v in metrics.items()
             ]
             label = model if base_id else model_label(session, version_id)
@@ -812,14 +815,16 @@ class Registry:
     # -- gates, promotion, revalidation ---------------------------------------------------
 
     def set_gate(self, adapter: str, metric: str = "loss", max_regression: float = 0.02, min_gain: float = 0.0,
-                 retention: list[str] | None = None, suite_criteria: dict[str, Any] | None = None) -> dict[str, Any]:
+                 retention: list[str] | None = None, suite_criteria: dict[str, Any] | None = None,
+                 confidence: float = 0.95) -> dict[str, Any]:
         """Store an adapter's gate policy (replacing any earlier one); ``suite_criteria`` are
-        the behavioural release criteria (`evaluation.gates.SuiteCriteria` fields)."""
+        the behavioural release criteria (`evaluation.gates.SuiteCriteria` fields);
+        ``confidence`` the level of the paired intervals the loss gates decide on."""
         from portfolio.evaluation.gates import GatePolicy
 
-        GatePolicy(adapter, metric, max_regression, min_gain, list(retention or []), suite_criteria).suites  # validates
+        GatePolicy(adapter, metric, max_regression, min_gain, list(retention or []), confidence, suite_criteria).suites  # validates
         with self._write() as (session, _put):
-            quality.set_gate(session, adapter, metric, max_regression, min_gain, list(retention or []), suite_criteria)
+            quality.set_gate(session, adapter, metric, max_regression, min_gain, list(retention or []), suite_criteria, confidence)
             return quality.get_gate(session, adapter)
 
     def get_gate(self, adapter: str) -> dict[str, Any] | None:

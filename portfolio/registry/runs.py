@@ -110,11 +110,14 @@ def list_runs(session: Session, adapter: str | None = None, status: str | None =
 def add_evaluation(
     session: Session, *, version_id: int | None, base_model_id: int | None, snapshot_id: int, metric: str,
     value: float, n_tokens: int | None, row_ids: list[int] | None, run_id: int | None, eval_key: str | None = None,
+    per_example: list[list[float]] | None = None,
 ) -> EvaluationRow:
-    """Record one metric of one model (a version, or the base alone) on one snapshot."""
+    """Record one metric of one model (a version, or the base alone) on one snapshot;
+    ``per_example`` scores go on the loss row."""
     row = EvaluationRow(
         version_id=version_id, base_model_id=base_model_id, snapshot_id=snapshot_id, metric=metric, value=float(value),
         n_tokens=n_tokens, row_ids=row_ids, run_id=run_id, code_version=code_version(), eval_key=eval_key,
+        per_example=per_example if metric == "loss" else None,
     )
     session.add(row)
     session.flush()

@@ -314,7 +314,8 @@ def train_adapter(
                 if who is not None and stored is not None:
                     continue  # already stored under this key
                 key = eval_key(base.weights_sha256, digests[who], snapshot_sha[ref], row_ids, cfg.seq_len)
-                evals.append(EvalSpec(who, ref, {k: v for k, v in m.items() if k != "n_tokens"}, int(m["n_tokens"]), row_ids, key))
+                evals.append(EvalSpec(who, ref, {k: v for k, v in m.items() if k not in ("n_tokens", "per_example")}, int(m["n_tokens"]),
+                                      row_ids, key, m.get("per_example")))
             report.append({"snapshot": ref, "new_loss": new["loss"], "parent_loss": old["loss"], "n_tokens": new["n_tokens"]})
 
         train_rows = _used_rows(data.fresh, result.fresh_used, [plan.snapshot], 0)
