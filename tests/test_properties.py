@@ -6,6 +6,7 @@ written (the database and the store are as they were)."""
 from __future__ import annotations
 
 import json
+import re
 import math
 import shutil
 import uuid
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from portfolio.cli import cli
@@ -239,3 +240,57 @@ def test_adapter_config_parser_accepts_or_refuses(tmp_path, lora_dir, changes):
     except (InvalidAdapter, PortfolioError):
         return
     assert all(rank == lora.rank for rank, _, _ in lora.modules.values()) or config.get("rank_pattern")
+
+
+CHECK_SPECS = st.one_of(
+    st.fixed_dictionaries({"kind": st.sampled_from(["exact", "contains", "not_contains", "json", "json_schema", "refusal", "max_words",
+                                                    "min_words", "regex", "choice", "telepathy", ""])}),
+    st.fixed_dictionaries({"kind": st.just("regex"), "pattern": st.text(max_size=8)}),
+    st.fixed_dictionaries({"kind": st.just("json_schema"), "schema": st.one_of(JSON_VALUES, st.dictionaries(st.sampled_from(["type", "required", "minimum"]), JSON_VALUES, max_size=2))}),
+    st.fixed_dictionaries({"kind": st.sampled_from(["max_words", "min_words"]), "value": JSON_VALUES}),
+    st.fixed_dictionaries({"kind": st.just("choice"), "options": st.lists(st.text(max_size=4), max_size=4), "answer": JSON_VALUES}),
+    st.fixed_dictionaries({"kind": st.just("refusal"), "expected": JSON_VALUES}),
+)
+VALID_CHECKS = st.sampled_from([
+    {"kind": "json"}, {"kind": "contains", "value": "a"}, {"kind": "not_contains", "value": "zz", "case_sensitive": True},
+    {"kind": "exact", "value": "x"}, {"kind": "regex", "pattern": "^s", "flags": "i"}, {"kind": "max_words", "value": 3},
+    {"kind": "min_words", "value": 0}, {"kind": "refusal", "expected": False}, {"kind": "refusal", "expected": True, "patterns": ["no"]},
+    {"kind": "json_schema", "schema": {"type": "object", "required": ["a"]}},
+    {"kind": "choice", "options": ["yes", "no"], "answer": "no"},
+])
+VALID_CASES = st.fixed_dictionaries({
+    "id": st.from_regex(r"[a-z][a-z0-9_-]{0,8}", fullmatch=True), "prompt": st.text(min_size=1, max_size=12).filter(str.strip),
+    "checks": st.lists(VALID_CHECKS, min_size=1, max_size=3).filter(lambda cs: sum(c["kind"] == "choice" for c in cs) <= 1),
+}, optional={"slice": st.dictionaries(st.sampled_from(["risk", "tenant"]), st.sampled_from(["high", "low", "acme"]), max_size=2),
+             "critical": st.booleans()}).map(json.dumps)
+SUITE_LINES = st.one_of(
+    VALID_CASES, VALID_CASES,
+    st.fixed_dictionaries({"id": NAMES, "prompt": st.one_of(st.text(max_size=10), JSON_VALUES),
+                           "checks": st.lists(CHECK_SPECS, max_size=3)},
+                          optional={"slice": st.dictionaries(st.text(max_size=5), st.one_of(st.text(max_size=5), JSON_VALUES), max_size=2),
+                                    "critical": JSON_VALUES}).map(json.dumps),
+    st.fixed_dictionaries({"suite": st.dictionaries(st.sampled_from(["max_new_tokens", "refusal_patterns", "x"]), JSON_VALUES, max_size=2)}).map(json.dumps),
+    LINES,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(SUITE_LINES, min_size=1, max_size=5))
+def test_suite_parser_accepts_or_refuses_with_a_line_number(lines):
+    from portfolio.suites.cases import InvalidSuite, parse_suite
+
+    data = "\n".join(lines).encode("utf-8", errors="surrogatepass")
+    try:
+        suite = parse_suite(data, "gen.jsonl")
+    except InvalidSuite as exc:
+        event("refused")
+        assert re.match(r"gen\.jsonl( line \d+)?: ", str(exc)), str(exc)
+        return
+    event("accepted")
+    assert suite.cases and len({c.id for c in suite.cases}) == len(suite.cases)
+    for case in suite.cases:  # what was accepted can be judged without an error
+        from portfolio.suites.checks import judge
+
+        for check in case.checks:
+            if check["kind"] != "choice":
+                judge(check, "some output {\"a\": 1}", suite.refusal_patterns)
