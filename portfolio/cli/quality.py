@@ -189,27 +189,7 @@ def gate_show(ctx: click.Context, name: str, as_json: bool) -> None:
 def gate_table(checks, candidate: str, incumbent: str) -> str:
     """The promote table: loss gates as relative changes with their paired interval,
     behavioural gates as rates."""
-    from portfolio.evaluation.promote import format_change
-
-    def fmt(c, value):
-        if c.kind in ("retention", "gain"):
-            return f"{value:.4f}"
-        if c.kind == "critical":
-            return f"{value:.0f} failing"
-        if c.kind == "verbosity":
-            return f"{value:.1f} words"
-        return "-" if value != value else (f"{value:.3f}" if c.kind == "ece" else f"{value:.0%}")
-
-    def limit(c):
-        if c.kind in ("retention", "gain"):
-            return f"{c.limit:+.2%}"
-        return {"critical": "0 failing", "verbosity": f"±{c.limit:.0%}", "refusal_rate": f"rise ≤ {c.limit:.0%}",
-                "pass_regression": f"drop ≤ {c.limit:.0%}", "ece": f"≤ {c.limit:.3f}"}.get(c.kind, f"≥ {c.limit:.0%}")
-
-    def change(c):
-        if c.kind in ("retention", "gain"):
-            return format_change(c)
-        return f"{c.change:+.2%}" if c.kind != "critical" else f"{c.change:+.0f}"
+    from portfolio.evaluation.promote import format_change, format_limit, format_value
 
     def result(c):
         verdict = "pass" if c.passed else "FAIL"
@@ -223,7 +203,8 @@ def gate_table(checks, candidate: str, incumbent: str) -> str:
             return f"[{c.ci[0]:+.1%}, {c.ci[1]:+.1%}] n={c.n}"
         return "-" if c.n is None else f"n={c.n}: too few"
 
-    return _table([[c.kind, c.snapshot, fmt(c, c.candidate), fmt(c, c.incumbent), change(c), interval(c), limit(c), result(c)]
+    return _table([[c.kind, c.snapshot, format_value(c, c.candidate), format_value(c, c.incumbent), format_change(c), interval(c),
+                    format_limit(c), result(c)]
                    for c in checks], ["GATE", "ON", candidate, incumbent, "CHANGE", "INTERVAL", "LIMIT", "RESULT"])
 
 

@@ -85,8 +85,31 @@ def promote(registry: Registry, ref: str, alias: str = "production", *, force: b
     return PromoteOutcome(candidate.ref, incumbent, alias, policy, checks, False, False, None, suite_scores)
 
 
+def format_value(c: GateCheck, value: float) -> str:
+    """A gate check's score as people read it: a loss to 4 places, a rate in %, words, ECE."""
+    if value != value:
+        return "-"
+    if c.kind in ("retention", "gain"):
+        return f"{value:.4f}"
+    if c.kind == "critical":
+        return f"{value:.0f} failing"
+    if c.kind == "verbosity":
+        return f"{value:.1f} words"
+    return f"{value:.3f}" if c.kind == "ece" else f"{value:.0%}"
+
+
+def format_limit(c: GateCheck) -> str:
+    """The check's limit, with the direction it binds in."""
+    if c.kind in ("retention", "gain"):
+        return f"{c.limit:+.1%}"
+    return {"critical": "0 failing", "verbosity": f"±{c.limit:.0%}", "refusal_rate": f"rise ≤ {c.limit:.0%}",
+            "pass_regression": f"drop ≤ {c.limit:.0%}", "ece": f"≤ {c.limit:.3f}"}.get(c.kind, f"≥ {c.limit:.0%}")
+
+
 def format_change(c: GateCheck) -> str:
-    """"+1.8% ± 0.9%": the change and half the width of its interval (or the bare change)."""
+    """"+1.8% ± 0.9%": the change and half the width of its paired interval (or the bare change)."""
+    if c.kind == "critical":
+        return f"{c.change:+.0f}"
     if c.ci is None:
         return f"{c.change:+.1%}"
     lo, hi = c.ci
@@ -95,16 +118,12 @@ def format_change(c: GateCheck) -> str:
 
 def describe_failure(c: GateCheck) -> str:
     """One failed check in words, for the alias history and the refusal message."""
-    if c.kind in ("retention", "gain"):
-        return f"{c.kind} on {c.snapshot}: {format_change(c)} (limit {c.limit:+.1%})"
     if c.kind == "critical":
         return f"critical cases failing on {c.snapshot}: {c.detail}"
-    if c.kind == "verbosity":
-        return f"verbosity on {c.snapshot}: mean words {c.change:+.0%} (limit ±{c.limit:.0%})"
-    if c.kind == "ece":
-        return f"ece on {c.snapshot}: {c.candidate:.3f} (limit {c.limit:.3f})"
+    if c.kind in ("retention", "gain", "pass_regression", "verbosity"):
+        return f"{c.kind} on {c.snapshot}: {format_change(c)} (limit {format_limit(c)})"
     extra = f" [{c.detail}]" if c.detail else ""
-    return f"{c.kind} on {c.snapshot}: {c.candidate:.0%} (limit {c.limit:.0%}){extra}"
+    return f"{c.kind} on {c.snapshot}: {format_value(c, c.candidate)} (limit {format_limit(c)}){extra}"
 
 
 @dataclass(frozen=True)
