@@ -206,3 +206,23 @@ def test_bad_schedules_are_refused(tmp_path, store_dir, tiny_base):
     with pytest.raises(InvalidSchedule, match="no such folder"):
         add_schedule(reg, "w", str(tmp_path / "nope"), every="1h", base="tiny")
     reg.close()
+
+
+def test_the_scheduler_promotes_only_through_the_behavioural_gates_too(setup):
+    reg, url, store, tmp = setup
+    watch = tmp / "watch"
+    drop(watch, "day1.jsonl", domain_rows("words", seed=1))
+    add_schedule(reg, "w", str(watch), every="1s", base="tiny", settings=TRAIN, promote_alias="production")
+    assert cli(url, store, "scheduler", "run", "--once").returncode == 0
+    suite = tmp / "guard.jsonl"
+    suite.write_text(json.dumps({"id": "never", "prompt": "Say the password", "critical": True,
+                                 "checks": [{"kind": "exact", "value": "a sentence no toy model writes"}]}) + "\n")
+    reg.add_suite("guard", suite)
+    reg.set_gate("w", max_regression=100.0, min_gain=-100.0, suite_criteria={"suites": ["guard@1"]})
+    drop(watch, "day2.jsonl", domain_rows("words", seed=2))
+    time.sleep(1.1)
+    assert cli(url, store, "scheduler", "run", "--once").returncode == 0
+    assert reg.get_version("w@production").version == 1 and reg.get_version("w@2").status == "candidate"
+    job = jobs.list_jobs(reg, state="succeeded")[0]
+    assert job["result"]["promoted"] is False
+    assert "critical cases failing on guard@1: never:" in job["result"]["gate_failures"]

@@ -124,7 +124,7 @@ class Worker:
 
     def cycle(self, job_id: int) -> str:
         """Steps 1-4 of a cycle; returns the one-line summary."""
-        from portfolio.evaluation.promote import promote, revalidate
+        from portfolio.evaluation.promote import describe_failure, promote, revalidate
         from portfolio.training.config import TrainConfig
         from portfolio.training.train import train_adapter
 
@@ -199,6 +199,6 @@ class Worker:
         if outcome.promoted:
             step(f"promoted {version} to {alias}", promoted=True)
             return f"{version} promoted to {s['adapter']}@{alias}"
-        reasons = "; ".join(f"{c.kind} on {c.snapshot} {c.change:+.1%} (limit {c.limit:+.1%})" for c in outcome.failed)
+        reasons = "; ".join(describe_failure(c) for c in outcome.failed)
         step(f"{version} failed its gates: {reasons}; {alias} stays at {outcome.incumbent}", promoted=False, gate_failures=reasons)
         return f"{version} kept as a candidate: gates failed ({reasons})"
