@@ -137,10 +137,13 @@ def parse_file(path: str | os.PathLike, on_record: Callable[[dict[str, Any]], No
     if suffix == ".txt":
         raw = path.read_bytes()
         hasher.update(raw)
-        text = _decode(raw, f"{path} line {raw[: _bad_utf8_at(raw)].count(NEWLINE) + 1}")
+        try:
+            text = raw.decode("utf-8")  # valid UTF-8 never decodes to a lone surrogate
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(NEWLINE) + 1
+            raise InvalidDataset(f"{path} line {line}: not UTF-8 text; re-encode the file as UTF-8") from None
         if not text.strip():
             raise InvalidDataset(f"{path}: the file is empty; a .txt file is one document")
-        _parse_line(json.dumps({"text": text}), str(path))  # the same Unicode checks as JSONL
         if on_record is not None:
             on_record({"text": text})
         return ParsedFile(path, hasher.hexdigest(), len(raw), 1, "text")
@@ -166,14 +169,6 @@ def parse_file(path: str | os.PathLike, on_record: Callable[[dict[str, Any]], No
     if not n_rows:
         raise InvalidDataset(f"{path}: no rows; the file is empty")
     return ParsedFile(path, hasher.hexdigest(), size, n_rows, fmt)  # type: ignore[arg-type]
-
-
-def _bad_utf8_at(raw: bytes) -> int:
-    try:
-        raw.decode("utf-8")
-        return len(raw)
-    except UnicodeDecodeError as exc:
-        return exc.start
 
 
 def parse_files(paths: list[str | os.PathLike], on_record: Callable[[dict[str, Any]], None] | None = None) -> tuple[list[ParsedFile], str]:

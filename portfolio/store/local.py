@@ -42,6 +42,14 @@ def check_digest(digest: str) -> str:
     return digest
 
 
+def damaged(what: str, digest: str) -> IntegrityFailure:
+    """The one error for bytes that no longer match their digest."""
+    return IntegrityFailure(
+        f"{what} is damaged: its bytes no longer hash to {digest[:12]}; "
+        "nothing was read from it; run `portfolio verify` to list every damaged artifact"
+    )
+
+
 def verify_file(path: Path, digest: str, what: str) -> Path:
     """Return ``path`` once its bytes hash to ``digest`` (hashed once per process while the
     file stays unchanged); raise `IntegrityFailure` naming ``what`` otherwise."""
@@ -52,10 +60,7 @@ def verify_file(path: Path, digest: str, what: str) -> Path:
         return path
     if sha256_file(path) != digest:
         _verified.pop(key, None)
-        raise IntegrityFailure(
-            f"{what} is damaged: its bytes no longer hash to {digest[:12]}; "
-            "nothing was read from it; run `portfolio verify` to list every damaged artifact"
-        )
+        raise damaged(what, digest)
     _verified[key] = stamp
     return path
 
@@ -208,10 +213,7 @@ class LocalStore:
         except FileNotFoundError:
             raise self._missing(digest) from None
         if hashlib.sha256(data).hexdigest() != digest:
-            raise IntegrityFailure(
-                f"{what or f'artifact {digest[:12]}'} is damaged: its bytes no longer hash to {digest[:12]}; "
-                "nothing was read from it; run `portfolio verify` to list every damaged artifact"
-            )
+            raise damaged(what or f"artifact {digest[:12]}", digest)
         return data
 
     def copy_to(self, digest: str, dest: str | os.PathLike) -> None:

@@ -14,7 +14,6 @@ and ``max_new_tokens`` (default 64). Check kinds are listed in `checks.CHECKS`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -182,8 +181,3 @@ def read_suite_file(path: str | Path) -> tuple[bytes, Suite]:
         raise InvalidSuite(f"{path}: no such file; give the path of a .jsonl suite file")
     data = path.read_bytes()
     return data, parse_suite(data, str(path))
-
-
-def sha256(data: bytes) -> str:
-    """The suite's identity: the sha256 of its file's bytes."""
-    return hashlib.sha256(data).hexdigest()
