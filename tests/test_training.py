@@ -61,17 +61,24 @@ def test_replay_edges_name_real_rows_of_earlier_snapshots(trainable_any):
     train_rows, _ = split_rows(trainable.snapshot_rows("words@1"))
     assert set(replay.row_ids) <= {r["row"] for r in train_rows}
     assert out.metrics["replay_sequences"] == 10  # 25% of 10 steps × 4 sequences
-    # evaluated on the held-out rows of the new data and of the replayed snapshot, beside the parent
-    assert {e["snapshot"] for e in out.evaluations} == {"numbers@1", "words@1"}
+    # evaluated beside the parent on the held-out rows of the new data and on the adapter's
+    # retention set, which draws the replayed snapshot's held-out rows
+    assert {e["snapshot"] for e in out.evaluations} == {"numbers@1", "retention:w@1"}
+    rset = trainable.get_retention_set("w")
+    assert rset.strata == [("words@1", len(split_rows(trainable.snapshot_rows("words@1"))[1]))]
     assert {e.model for e in trainable.evaluations("w@1")} == {"w@1"}  # parent scored too
-    # w@1 on words@1 was stored by w@1's own run: w@2's run reused it instead of recomputing
+    # with full_eval, on every involved snapshot's whole held-out split; w@1 on words@1 was
+    # stored by w@1's own run, so it is reused, not recomputed
+    full = train(trainable, adapter="w", data="numbers@1", from_ref="w@1", replay_ratio=0.25, steps=10, full_eval=True)
+    assert {e["snapshot"] for e in full.evaluations} == {"numbers@1", "words@1"}
     assert len([e for e in trainable.evaluations("w@1") if e.snapshot == "words@1" and e.metric == "loss"]) == 1
 
 
 def test_replay_keeps_more_of_the_first_domain(trainable):
     train(trainable, adapter="w", base="tiny", data="words@1", steps=30)
     train(trainable, adapter="naive", base="tiny", data="numbers@1", from_ref="w@1", replay_ratio=0.0, steps=30)
-    replay = train(trainable, adapter="replay", base="tiny", data="numbers@1", from_ref="w@1", replay_ratio=0.5, steps=30)
+    replay = train(trainable, adapter="replay", base="tiny", data="numbers@1", from_ref="w@1", replay_ratio=0.5, steps=30,
+                   full_eval=True)
     replay_words = next(e["new_loss"] for e in replay.evaluations if e["snapshot"] == "words@1")
     assert replay_words < _heldout_loss(trainable, "naive@1", "words@1")
 

@@ -77,6 +77,9 @@ def matrix(ctx: click.Context, adapters, data, metric: str, plot: str | None, as
                                   for s in m.continual]})
     else:
         click.echo(_table([[r] + [("" if m.get(r, c) is None else f"{m.get(r, c):.4f}") for c in m.cols] for r in m.rows], [metric.upper()] + m.cols))
+        if any(m.get(r, c) is None for r in m.rows for c in m.cols) and metric in ("loss", "perplexity", "accuracy"):
+            click.echo("(empty cells: not evaluated yet — gates score earlier data on the retention set; "
+                       "fill a cell with `portfolio eval REF --data NAME@V`)")
         for st in m.continual:
             forgot = ", ".join(f"{k} {v:+.4f}" for k, v in st.forgetting.items()) or "-"
             bwt = "-" if st.bwt is None else f"{st.bwt:+.4f}"
@@ -121,6 +124,8 @@ def gate_group() -> None:
 @click.option("--metric", type=click.Choice(["loss", "perplexity", "accuracy"]), default="loss", show_default=True)
 @click.option("--confidence", type=float, default=0.95, show_default=True,
               help="Confidence level of the paired intervals: a loss gate refuses only a change whose whole interval is below its limit.")
+@click.option("--retention-size", type=int, default=None, help="Rows in the bounded retention set [256].")
+@click.option("--retention-seed", type=int, default=None, help="Seed of the retention set's draw [0].")
 @click.option("--suite", "suites", multiple=True, metavar="NAME@V", help="Behavioural suite the candidate must pass (repeatable).")
 @click.option("--min-pass", type=float, default=None, help="Minimum pass rate over each suite (0..1).")
 @click.option("--slice-min-pass", "slice_min_pass", multiple=True, metavar="LABEL=VALUE:RATE", help="Minimum pass rate of a slice, e.g. risk=high:1.0 (repeatable).")
@@ -131,7 +136,7 @@ def gate_group() -> None:
 @click.option("--max-ece", type=float, default=None, help="Largest allowed expected calibration error on choice cases (0..1).")
 @click.pass_context
 def gate_set(ctx: click.Context, name: str, max_regression: float, min_gain: float, retention: tuple[str, ...], metric: str,
-             confidence: float, suites: tuple[str, ...], min_pass: float | None, slice_min_pass: tuple[str, ...], allow_critical_failures: bool,
+             confidence: float, retention_size: int | None, retention_seed: int | None, suites: tuple[str, ...], min_pass: float | None, slice_min_pass: tuple[str, ...], allow_critical_failures: bool,
              max_refusal_increase: float | None, max_verbosity_change: float | None, max_pass_regression: float | None,
              max_ece: float | None) -> None:
     """Store the gate policy of adapter NAME: loss gates, and with --suite, behavioural ones."""
@@ -145,8 +150,9 @@ def gate_set(ctx: click.Context, name: str, max_regression: float, min_gain: flo
     if suites:
         criteria = SuiteCriteria(list(suites), min_pass, parse_slice_min_pass(list(slice_min_pass)), not allow_critical_failures,
                                  max_refusal_increase, max_verbosity_change, max_pass_regression, max_ece).to_dict()
-    g = _registry(ctx).set_gate(name, metric, max_regression, min_gain, list(retention), criteria, confidence)
-    click.echo(f"gate for {name}: {metric} may regress ≤ {g['max_regression']:.1%} on {', '.join(g['retention']) or 'earlier training data'}; "
+    g = _registry(ctx).set_gate(name, metric, max_regression, min_gain, list(retention), criteria, confidence, retention_size, retention_seed)
+    where = ", ".join(g["retention"]) or f"a retention set of {g['retention_size']} earlier held-out rows (seed {g['retention_seed']})"
+    click.echo(f"gate for {name}: {metric} may regress ≤ {g['max_regression']:.1%} on {where}; "
                f"must gain ≥ {g['min_gain']:.1%} on fresh data; refused only when significant at {g['confidence']:.0%}")
     if g["suite_criteria"]:
         click.echo(f"behaviour: {describe_criteria(g['suite_criteria'])}")
@@ -181,7 +187,7 @@ def gate_show(ctx: click.Context, name: str, as_json: bool) -> None:
         return _emit_json({**g, "default": stored is None})
     click.echo(f"adapter         {name}{' (defaults; set with `portfolio gate set`)' if stored is None else ''}\nmetric          {g['metric']}\n"
                f"max regression  {g['max_regression']:.1%} on retention snapshots\nmin gain        {g['min_gain']:.1%} on fresh data\n"
-               f"retention       {', '.join(g['retention']) or 'every earlier training snapshot in the lineage'}\n"
+               f"retention       {', '.join(g['retention']) or 'the retention set: ' + str(g['retention_size']) + ' held-out rows over every earlier training snapshot (seed ' + str(g['retention_seed']) + ')'}\n"
                f"confidence      {g['confidence']:.0%} (paired bootstrap intervals; a loss gate refuses only a significant breach)\n"
                f"behaviour       {describe_criteria(g['suite_criteria']) if g.get('suite_criteria') else 'none (add with gate set --suite NAME@V)'}")
 
@@ -213,13 +219,15 @@ def gate_table(checks, candidate: str, incumbent: str) -> str:
 @click.option("--alias", default="production", show_default=True, help="Alias to move.")
 @click.option("--force", is_flag=True, help="Move the alias even if gates fail (needs --reason).")
 @click.option("--reason", default=None, help="Why (kept in the alias history).")
+@click.option("--full", is_flag=True, help="Check retention on every earlier snapshot's whole held-out split, not the bounded retention set.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.pass_context
-def promote(ctx: click.Context, ref: str, alias: str, force: bool, reason: str | None, device: str) -> None:
+def promote(ctx: click.Context, ref: str, alias: str, force: bool, reason: str | None, full: bool, device: str) -> None:
     """Move ALIAS to REF only if it passes its adapter's quality gates."""
     from portfolio.evaluation.promote import promote as run_promote
 
-    out = run_promote(_registry(ctx), ref, alias, force=force, reason=reason, device=device, log=lambda m: click.echo(m, err=True))
+    out = run_promote(_registry(ctx), ref, alias, force=force, reason=reason, full=full, device=device,
+                      log=lambda m: click.echo(m, err=True))
     click.echo(gate_table(out.checks, out.candidate, out.incumbent))
     for c in out.checks:
         if not c.passed and c.detail:
@@ -267,3 +275,39 @@ def rollback(ctx: click.Context, name: str, alias: str, reason: str | None) -> N
     """Move NAME@ALIAS back to the version it pointed at before."""
     e = _registry(ctx).rollback(name, alias, reason)
     click.echo(f"{name}@{alias} -> {name}@{e.to_version} (rolled back from {name}@{e.from_version})")
+
+
+@cli.group("retention")
+def retention_group() -> None:
+    """Bounded retention sets: the earlier held-out rows candidates are checked on for forgetting."""
+
+
+@retention_group.command("show")
+@click.argument("name")
+@click.option("--version", "version", type=int, default=None, help="Which version of the set [latest].")
+@click.option("--rows", "show_rows", is_flag=True, help="List the row ids drawn from each snapshot.")
+@json_option
+@click.pass_context
+def retention_show(ctx: click.Context, name: str, version: int | None, show_rows: bool, as_json: bool) -> None:
+    """Show adapter NAME's retention set: its size, seed and rows per snapshot."""
+    rset = _registry(ctx).get_retention_set(name, version)
+    if as_json:
+        return _emit_json(rset.to_dict() | {"ref": rset.ref, "n_rows": rset.n_rows})
+    click.echo(f"{rset.ref}: {rset.n_rows} of {rset.size} rows over {len(rset.strata)} snapshots, seed {rset.seed}, "
+               f"drawn {_when(rset.created_at)}")
+    click.echo(_table([[ref, held, len(rset.members.get(ref, [])),
+                        " ".join(map(str, rset.members.get(ref, []))) if show_rows else ""] for ref, held in rset.strata],
+                      ["SNAPSHOT", "HELD OUT", "IN SET", "ROWS" if show_rows else ""]))
+
+
+@retention_group.command("list")
+@click.argument("name")
+@json_option
+@click.pass_context
+def retention_list(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Every version of adapter NAME's retention set."""
+    sets = _registry(ctx).retention_sets(name)
+    if as_json:
+        return _emit_json([s.to_dict() | {"ref": s.ref, "n_rows": s.n_rows} for s in sets])
+    click.echo(_table([[s.ref, s.n_rows, s.size, len(s.strata), s.seed, _when(s.created_at)] for s in sets],
+                      ["SET", "ROWS", "SIZE", "SNAPSHOTS", "SEED", "DRAWN"]))

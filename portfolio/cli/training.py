@@ -28,10 +28,11 @@ from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_RANK, DEFAULT_R
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--checkpoint-every", type=int, default=50, show_default=True, help="Steps between checkpoints.")
 @click.option("--resume", type=int, default=None, metavar="RUN", help="Continue an interrupted run (other settings come from it).")
+@click.option("--full-eval", is_flag=True, help="Score new and parent on every earlier snapshot's held-out split, not the retention set.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @click.pass_context
 def train(ctx: click.Context, adapter: str | None, base, data, from_ref, replay_ratio, replay_from, kl_weight, rank, alpha,
-          targets, steps, epochs, lr, batch_size, seq_len, seed, device, checkpoint_every, resume, progress) -> None:
+          targets, steps, epochs, lr, batch_size, seq_len, seed, device, checkpoint_every, resume, full_eval, progress) -> None:
     """Train a new candidate version of ADAPTER on a snapshot, with replay against forgetting."""
     from portfolio.training.config import TrainConfig
     from portfolio.training.train import train_adapter
@@ -44,6 +45,7 @@ def train(ctx: click.Context, adapter: str | None, base, data, from_ref, replay_
             adapter=adapter, data=data, base=base, from_ref=from_ref, replay_ratio=replay_ratio, replay_from=list(replay_from),
             kl_weight=kl_weight, rank=rank, alpha=alpha, targets=targets.split(",") if targets else None, steps=steps,
             epochs=epochs, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed, device=device, checkpoint_every=checkpoint_every,
+            full_eval=full_eval,
         )
     out = train_adapter(_registry(ctx), cfg, resume=resume, progress=progress, log=lambda m: click.echo(m, err=True))
     m = out.metrics

@@ -73,12 +73,23 @@ def _chat_example(messages: list[dict[str, str]], tokenizer: Any, seq_len: int) 
     return ids[:seq_len], labels[:seq_len]
 
 
-def encode_rows(rows: list[dict[str, Any]], fmt: str, tokenizer: Any, seq_len: int, source: int = 0) -> list[Example]:
-    """Tokenise a snapshot's rows (stored form ``{"row", "sha", "data"}``) into examples."""
+def encode_rows(rows: list[dict[str, Any]], fmt: str, tokenizer: Any, seq_len: int, source: int = 0,
+                pack: bool = True) -> list[Example]:
+    """Tokenise a snapshot's rows (stored form ``{"row", "sha", "data"}``) into examples.
+    ``pack=False`` keeps one example per text row (truncated to ``seq_len``), so that each
+    row's score stands alone (the retention set compares models row by row)."""
     if not rows:
         return []
-    if fmt == "text":
+    if fmt == "text" and pack:
         return _pack_text(rows, source, tokenizer, seq_len)
+    if fmt == "text":
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        out = []
+        for row in rows:
+            ids = (tokenizer(row["data"]["text"], add_special_tokens=False)["input_ids"] + eos)[:seq_len]
+            if len(ids) >= 2:
+                out.append(Example(ids, list(ids), [(source, row["row"])]))
+        return out
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidDataset(
             f"{fmt} rows need a chat template, and this base's tokenizer has none; use text rows or a chat model"

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from portfolio.errors import PortfolioError
+from portfolio.evaluation.retention import DEFAULT_RETENTION_SEED, DEFAULT_RETENTION_SIZE, MAX_RETENTION_SIZE
 
 LOWER_IS_BETTER = {"loss": True, "perplexity": True, "accuracy": False}
 EPS = 1e-9  # a change exactly at the limit passes, whatever the float rounding
@@ -54,6 +55,8 @@ class GatePolicy:
     retention: list[str] = field(default_factory=list)
     confidence: float = DEFAULT_CONFIDENCE
     suite_criteria: dict[str, Any] | None = None
+    retention_size: int = DEFAULT_RETENTION_SIZE  # rows in the bounded retention set (evaluation/retention.py)
+    retention_seed: int = DEFAULT_RETENTION_SEED
 
     @property
     def suites(self) -> "SuiteCriteria | None":
@@ -70,6 +73,10 @@ class GatePolicy:
             problems.append(f"--min-gain must be a finite number (got {self.min_gain})")
         if not 0.5 <= self.confidence < 1:
             problems.append(f"--confidence must be at least 0.5 and below 1, e.g. 0.95 (got {self.confidence})")
+        if not (isinstance(self.retention_size, int) and MIN_PAIRED <= self.retention_size <= MAX_RETENTION_SIZE):
+            problems.append(f"--retention-size must be a whole number from {MIN_PAIRED} to {MAX_RETENTION_SIZE:,} (got {self.retention_size})")
+        if not (isinstance(self.retention_seed, int) and 0 <= self.retention_seed < 2**31):
+            problems.append(f"--retention-seed must be a whole number from 0 to 2^31-1 (got {self.retention_seed})")
         if problems:
             raise InvalidGate("; ".join(problems))
 

@@ -12,11 +12,16 @@ from portfolio.data.tokenize import IGNORE, Example, collate, shifted_labels
 
 
 @torch.no_grad()
-def evaluate_examples(model: Any, examples: list[Example], pad_id: int, batch_size: int = 8, device: torch.device | None = None) -> dict[str, float]:
+def evaluate_examples(model: Any, examples: list[Example], pad_id: int, batch_size: int = 8, device: torch.device | None = None,
+                      adapter_names: list[str] | None = None) -> dict[str, float]:
     """Mean next-token loss, perplexity and next-token accuracy over every scored position
     of ``examples``, plus ``n_tokens`` (how many positions were scored) and ``per_example``:
     ``[loss sum, correct, scored positions]`` of each example, in order, so that two models
-    scored on the same examples can be compared pair by pair (`evaluation.gates`)."""
+    scored on the same examples can be compared pair by pair (`evaluation.gates`).
+
+    ``adapter_names`` (one per example, PEFT's ``__base__`` for none) scores each example with
+    its own adapter of a PeftModel: several models in the same batches (PEFT's mixed-adapter
+    batch)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -25,8 +30,9 @@ def evaluate_examples(model: Any, examples: list[Example], pad_id: int, batch_si
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
+        extra = {"adapter_names": adapter_names[start : start + batch_size]} if adapter_names else {}
         with autocast:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
         targets = shifted_labels(batch["labels"])
         mask = targets != IGNORE
         scored = logits[mask].float()  # only the scored positions, [n, vocab], row by row
@@ -45,3 +51,14 @@ def evaluate_examples(model: Any, examples: list[Example], pad_id: int, batch_si
     loss = total_loss / total
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": total_correct / total, "n_tokens": total,
             "per_example": per_example}
+
+
+def metrics_from_rows(per_example: list[list[float]]) -> dict[str, float]:
+    """Loss, perplexity, accuracy and ``n_tokens`` from per-example ``[loss sum, correct,
+    tokens]``: token-weighted, exactly as `evaluate_examples` computes them."""
+    total = sum(int(r[2]) for r in per_example)
+    if total == 0:
+        return {"loss": float("nan"), "perplexity": float("nan"), "accuracy": float("nan"), "n_tokens": 0}
+    loss = sum(r[0] for r in per_example) / total
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": sum(r[1] for r in per_example) / total,
+            "n_tokens": total}

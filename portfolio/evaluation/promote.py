@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from portfolio.errors import AdapterNotFound, InvalidState
-from portfolio.evaluation.evaluate import DEFAULT_SEQ_LEN, evaluate
+from portfolio.evaluation.evaluate import DEFAULT_SEQ_LEN, evaluate, retention_target
 from portfolio.evaluation.gates import GateCheck, GatePolicy, check_gates, check_suite_gates, relative_improvement
 from portfolio.registry.entities import AliasEvent, Lineage
 from portfolio.registry.refs import VERSION_RE
@@ -39,10 +39,16 @@ def _train_snapshots(lineage: Lineage) -> list[str]:
 
 
 def promote(registry: Registry, ref: str, alias: str = "production", *, force: bool = False, reason: str | None = None,
-            seq_len: int = DEFAULT_SEQ_LEN, device: str = "auto", log: Callable[[str], None] = print) -> PromoteOutcome:
-    """Evaluate a candidate and the version behind ``alias`` (the base if none) on the gate's
-    snapshots, check the gates, and move the alias only if they pass, or with ``force`` and a
-    reason. Passes, overrides and refusals all land in the alias history."""
+            full: bool = False, seq_len: int = DEFAULT_SEQ_LEN, device: str = "auto",
+            log: Callable[[str], None] = print) -> PromoteOutcome:
+    """Evaluate a candidate and the version behind ``alias`` (the base if none), check the
+    gates, and move the alias only if they pass, or with ``force`` and a reason. Passes,
+    overrides and refusals all land in the alias history.
+
+    Gain is checked on the snapshots the candidate was trained on. Retention is checked on
+    the gate's retention snapshots when it names some; otherwise on the adapter's bounded
+    retention set over every earlier snapshot upstream (`evaluation.retention`), or with
+    ``full`` on the whole held-out split of each of them."""
     if force and not (reason and reason.strip()):
         raise InvalidState("--force needs --reason TEXT: overrides are recorded with why")
     candidate = registry.get_version(ref)
@@ -56,15 +62,17 @@ def promote(registry: Registry, ref: str, alias: str = "production", *, force: b
     policy = GatePolicy(**stored) if stored else GatePolicy(candidate.adapter)
     lineage = registry.lineage(candidate.ref)
     fresh = _train_snapshots(lineage)
-    # without an explicit retention list, guard every earlier training snapshot upstream
-    retention = policy.retention or [d.snapshot for d in lineage.data if d.role in ("train", "replay") and d.snapshot not in fresh]
-    retention = [s for s in dict.fromkeys(retention) if s not in fresh]
-    scores = evaluate(registry, [candidate.ref, incumbent], fresh + retention, seq_len=seq_len, device=device, log=log)
+    retention, targets, rset = retention_plan(registry, candidate.adapter, lineage, policy, full)
+    scores = evaluate(registry, [candidate.ref, incumbent], fresh + [r for r in retention if not targets], targets=targets,
+                      seq_len=seq_len, device=device, log=log)
     by = {(s.model, s.snapshot): s.metrics[policy.metric] for s in scores}
     rows = {(s.model, s.snapshot): s.per_example for s in scores}
     checks = check_gates(policy, fresh, retention, {s: by[(candidate.ref, s)] for s in fresh + retention},
                          {s: by[(incumbent, s)] for s in fresh + retention},
                          {s: (rows[(candidate.ref, s)], rows[(incumbent, s)]) for s in fresh + retention})
+    if rset is not None:
+        checks = [replace(c, detail=c.detail or f"{targets[0].rows} rows over {len(targets[0].parts)} snapshots")
+                  if c.snapshot == rset.ref else c for c in checks]
     criteria = policy.suites
     suite_scores = []
     if criteria is not None:
@@ -83,6 +91,21 @@ def promote(registry: Registry, ref: str, alias: str = "production", *, force: b
     failed = "; ".join(describe_failure(c) for c in checks if not c.passed)
     registry.record_refusal(candidate.adapter, alias, candidate.ref, f"gates failed: {failed}")
     return PromoteOutcome(candidate.ref, incumbent, alias, policy, checks, False, False, None, suite_scores)
+
+
+def retention_plan(registry: Registry, adapter: str, lineage: Lineage, policy: GatePolicy, full: bool = False):
+    """(retention labels, extra evaluation targets, retention set or None) for a candidate
+    with this lineage: the policy's own snapshots; else, with ``full``, every earlier snapshot
+    upstream; else the adapter's retention set restricted to those snapshots."""
+    fresh = _train_snapshots(lineage)
+    upstream = list(dict.fromkeys(d.snapshot for d in lineage.data if d.role in ("train", "replay") and d.snapshot not in fresh))
+    if policy.retention or full:
+        return [s for s in dict.fromkeys(policy.retention or upstream) if s not in fresh], [], None
+    if not upstream:
+        return [], [], None
+    rset = registry.retention_set(adapter, upstream)
+    target = retention_target(rset, upstream)
+    return ([target.label], [target], rset) if target else ([], [], None)
 
 
 def format_value(c: GateCheck, value: float) -> str:

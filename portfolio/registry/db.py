@@ -122,6 +122,17 @@ def insert_ignore(session: Session, table: sa.Table, values: dict) -> bool:
     return result.first() is not None
 
 
+def insert_many_ignore(session: Session, table: sa.Table, rows: list[dict]) -> None:
+    """``INSERT ... ON CONFLICT DO NOTHING`` of many rows in one statement."""
+    if not rows:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    session.execute(insert(table).values(rows).on_conflict_do_nothing())
+
+
 def alembic_config(engine: Engine) -> Config:
     """An Alembic config pointing at the packaged migrations and this engine's URL."""
     cfg = Config()

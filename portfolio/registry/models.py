@@ -203,6 +203,9 @@ class GatePolicyRow(Base):
     confidence: Mapped[Optional[float]] = mapped_column(Float)
     # behavioural release criteria (suites and their thresholds), see evaluation/gates.py
     suite_criteria: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
+    # the bounded retention set (evaluation/retention.py): rows drawn, and the draw's seed
+    retention_size: Mapped[Optional[int]] = mapped_column(Integer)
+    retention_seed: Mapped[Optional[int]] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -358,3 +361,38 @@ class SuiteResultRow(Base):
     cases: Mapped[list[Any]] = mapped_column(JSON)
     code_version: Mapped[Optional[str]] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RetentionSetRow(Base):
+    """One version of an adapter's retention set: a fixed-size, seeded sample of held-out rows
+    stratified over the snapshots its versions were trained on (`evaluation.retention`).
+    Append-only: a new stratum, size or seed makes the next version."""
+
+    __tablename__ = "retention_sets"
+    __table_args__ = (UniqueConstraint("adapter_id", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer)
+    # [[snapshot id, its held-out row count], ...] in the order they joined
+    strata: Mapped[list[Any]] = mapped_column(JSON)
+    # [[snapshot id, row id, priority hex], ...]: the exact rows, with the key that chose them
+    members: Mapped[list[Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ExampleScoreRow(Base):
+    """One model's scores on one tokenised example, keyed by both: ``model_key`` hashes the
+    base weights, the adapter's serving key, the sequence length and the metric code;
+    ``example_sha`` the example's tokens and labels. Equal keys, equal scores, so any
+    evaluation reuses every example a model was ever scored on."""
+
+    __tablename__ = "example_scores"
+
+    model_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    example_sha: Mapped[str] = mapped_column(String(64), primary_key=True)
+    loss_sum: Mapped[float] = mapped_column(Float)
+    correct: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(Integer)

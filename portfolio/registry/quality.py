@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from portfolio.errors import InvalidState
 from portfolio.evaluation.gates import DEFAULT_CONFIDENCE
+from portfolio.evaluation.retention import DEFAULT_RETENTION_SEED, DEFAULT_RETENTION_SIZE
 from portfolio.registry import entities as E
 from portfolio.registry import queries
 from portfolio.registry.models import (
@@ -74,11 +75,14 @@ def get_gate(session: Session, adapter: str) -> dict[str, Any] | None:
         return None
     return {"adapter": adapter, "metric": row.metric, "max_regression": row.max_regression, "min_gain": row.min_gain,
             "retention": list(row.retention), "confidence": row.confidence if row.confidence is not None else DEFAULT_CONFIDENCE,
-            "suite_criteria": dict(row.suite_criteria) if row.suite_criteria else None}
+            "suite_criteria": dict(row.suite_criteria) if row.suite_criteria else None,
+            "retention_size": row.retention_size if row.retention_size is not None else DEFAULT_RETENTION_SIZE,
+            "retention_seed": row.retention_seed if row.retention_seed is not None else DEFAULT_RETENTION_SEED}
 
 
 def set_gate(session: Session, adapter: str, metric: str, max_regression: float, min_gain: float, retention: list[str],
-             suite_criteria: dict[str, Any] | None = None, confidence: float = 0.95) -> None:
+             suite_criteria: dict[str, Any] | None = None, confidence: float = 0.95,
+             retention_size: int = DEFAULT_RETENTION_SIZE, retention_seed: int = DEFAULT_RETENTION_SEED) -> None:
     """Create or replace an adapter's gate policy; retention snapshots must exist."""
     a = queries.adapter_row(session, adapter)
     resolved = []
@@ -102,6 +106,7 @@ def set_gate(session: Session, adapter: str, metric: str, max_regression: float,
     row.metric, row.max_regression, row.min_gain, row.retention, row.updated_at = metric, max_regression, min_gain, resolved, utcnow()
     row.suite_criteria = suite_criteria or None
     row.confidence = confidence
+    row.retention_size, row.retention_seed = retention_size, retention_seed
     session.flush()
 
 

@@ -56,6 +56,9 @@ class TrainConfig:
     device: str = "auto"
     checkpoint_every: int = 50
     eval_batch_size: int = 8
+    # False: score new and parent on the fresh snapshot and the adapter's bounded retention
+    # set; True: on the whole held-out split of every snapshot involved (cost grows with history)
+    full_eval: bool = False
 
     def __post_init__(self) -> None:
         problems = []

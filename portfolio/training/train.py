@@ -4,7 +4,9 @@
    bad settings before any work;
 2. tokenise the training split and a seeded reservoir of replay rows;
 3. record a run, load the base (and the parent adapter), run `train_loop` with checkpoints;
-4. evaluate the new version and its parent on the held-out rows of every snapshot involved;
+4. evaluate the new version and its parent, in the same batches, on the fresh snapshot's
+   held-out rows and on the adapter's bounded retention set (or, with ``full_eval``, on
+   the held-out rows of every snapshot involved);
 5. register the version, its lineage, data edges (exact row ids), evaluations and the run's
    success in one transaction.
 
@@ -137,11 +139,20 @@ class Prepared:
     fresh: list[Example]
     replay: list[Example]
     heldout: dict[str, tuple[list[Example], list[int]]]  # snapshot ref -> (examples, row ids)
+    retention: tuple[str, list[Example]] | None = None  # (retention set ref, one example per row)
+
+
+def retention_strata(registry: Registry, plan: Plan) -> list[str]:
+    """The earlier snapshots a new version must not forget: what its parent's lineage was
+    trained on or replayed, and what it replays, except what it is trained on now."""
+    upstream = [d.snapshot for d in registry.lineage(plan.parent.ref).data if d.role in ("train", "replay")] if plan.parent else []
+    return [s for s in dict.fromkeys(upstream + [s.ref for s in plan.replay_sources]) if s != plan.snapshot.ref]
 
 
 def prepare_data(registry: Registry, plan: Plan, tokenizer: Any) -> Prepared:
-    """Tokenise the training split, sample and tokenise the replay buffer, and the held-out
-    split of every snapshot involved."""
+    """Tokenise the training split, sample and tokenise the replay buffer, the fresh
+    snapshot's held-out split and the adapter's retention set (with ``full_eval``: the
+    held-out split of every snapshot involved instead of the retention set)."""
     cfg = plan.cfg
     snapshots = [plan.snapshot] + plan.replay_sources
     splits = {s.ref: split_rows(registry.snapshot_rows(s.ref)) for s in snapshots}
@@ -162,10 +173,21 @@ def prepare_data(registry: Registry, plan: Plan, tokenizer: Any) -> Prepared:
             replay += encode_rows([row for src, row in buffer if src == i], s.format, tokenizer, cfg.seq_len, source=i)
 
     heldout = {}
-    for s in snapshots:
+    for s in snapshots if cfg.full_eval else [plan.snapshot]:
         rows = splits[s.ref][1]
         heldout[s.ref] = (encode_rows(rows, s.format, tokenizer, cfg.seq_len), [r["row"] for r in rows])
-    return Prepared(fresh, replay, heldout)
+    retention = None
+    strata = [] if cfg.full_eval else retention_strata(registry, plan)
+    if strata:
+        rset = registry.retention_set(cfg.adapter, strata)
+        examples = []
+        for ref, ids in rset.restricted(strata).items():
+            keep = set(ids)
+            rows = splits[ref][1] if ref in splits else split_rows(registry.snapshot_rows(ref))[1]
+            examples += encode_rows([r for r in rows if r["row"] in keep], registry.get_snapshot(ref).format, tokenizer,
+                                    cfg.seq_len, pack=False)
+        retention = (rset.ref, examples)
+    return Prepared(fresh, replay, heldout, retention)
 
 
 def _used_rows(examples: list[Example], used: set[int], sources: list[DatasetSnapshot], offset: int) -> dict[str, list[int]]:
@@ -285,37 +307,34 @@ def train_adapter(
         model.save_pretrained(out_dir, selected_adapters=["default"], safe_serialization=True)
         lora_folder = adapter_files.read_lora_folder(out_dir)
 
-        # Evaluate new and parent on every held-out split before anything is registered; the
-        # keys let a later `portfolio eval` of the same inputs reuse these numbers.
-        from portfolio.evaluation.evaluate import eval_key
+        # Evaluate new and parent, in the same batches, before anything is registered; the
+        # keys let a later `portfolio eval` or `promote` of the same inputs reuse these numbers.
+        from portfolio.evaluation.evaluate import Scorer, eval_key, model_key
+        from portfolio.evaluation.metrics import metrics_from_rows
         from portfolio.store.local import sha256_file
 
         parent_name = plan.parent.ref if plan.parent else f"base:{base.name}"
         digests = {None: sha256_file(lora_folder.weights), parent_name: plan.parent.artifact_digest if plan.parent else None}
+        keys = {who: model_key(base.weights_sha256, digest, cfg.seq_len) for who, digest in digests.items()}
         snapshot_sha = {s.ref: s.sha256 for s in [plan.snapshot] + plan.replay_sources}
+        targets = [(ref, examples, row_ids) for ref, (examples, row_ids) in data.heldout.items() if examples]
+        if data.retention is not None and data.retention[1]:
+            targets.append((data.retention[0], data.retention[1], None))
+        scorer = Scorer(registry, model, pad_id, cfg.eval_batch_size, device)
+        routes = {None: "default", parent_name: "parent" if plan.parent else None}
+        scored = scorer.score([(keys[who], routes[who], examples) for _, examples, _ in targets for who in (None, parent_name)])
         evals: list[EvalSpec] = []
         report = []
-        for ref, (examples, row_ids) in data.heldout.items():
-            if not examples:
-                continue
-            new = evaluate_examples(model, examples, pad_id, cfg.eval_batch_size, device)
-            parent_key = eval_key(base.weights_sha256, digests[parent_name], snapshot_sha[ref], row_ids, cfg.seq_len)
-            stored = registry.find_evaluation(parent_key)  # the parent's own run (or a revalidation) often scored it
-            if stored is not None:
-                old = {**stored["metrics"], "n_tokens": stored["n_tokens"]}
-            elif plan.parent is None:
-                with model.disable_adapter():
-                    old = evaluate_examples(model, examples, pad_id, cfg.eval_batch_size, device)
-            else:
-                model.set_adapter("parent", inference_mode=True)
-                old = evaluate_examples(model, examples, pad_id, cfg.eval_batch_size, device)
-                model.set_adapter("default")
-            for who, m in ((None, new), (parent_name, old)):
-                if who is not None and stored is not None:
-                    continue  # already stored under this key
-                key = eval_key(base.weights_sha256, digests[who], snapshot_sha[ref], row_ids, cfg.seq_len)
-                evals.append(EvalSpec(who, ref, {k: v for k, v in m.items() if k not in ("n_tokens", "per_example")}, int(m["n_tokens"]),
-                                      row_ids, key, m.get("per_example")))
+        for i, (ref, _, row_ids) in enumerate(targets):
+            new, old = (metrics_from_rows(scored[2 * i]), metrics_from_rows(scored[2 * i + 1]))
+            if row_ids is not None:  # a whole held-out split: recorded as evaluations of the snapshot
+                for j, who in enumerate((None, parent_name)):
+                    key = eval_key(base.weights_sha256, digests[who], snapshot_sha[ref], row_ids, cfg.seq_len)
+                    if who is not None and registry.find_evaluation(key) is not None:
+                        continue  # the parent's own run (or a revalidation) already stored it
+                    m = (new, old)[j]
+                    evals.append(EvalSpec(who, ref, {k: v for k, v in m.items() if k != "n_tokens"}, int(m["n_tokens"]),
+                                          row_ids, key, scored[2 * i + j]))
             report.append({"snapshot": ref, "new_loss": new["loss"], "parent_loss": old["loss"], "n_tokens": new["n_tokens"]})
 
         train_rows = _used_rows(data.fresh, result.fresh_used, [plan.snapshot], 0)
