@@ -77,7 +77,7 @@ def test_a_version_failing_its_gate_leaves_the_alias(setup):
     assert cli(url, store, "scheduler", "run", "--once").returncode == 0
     assert reg.get_version("w@production").version == 1 and reg.get_version("w@2").status == "candidate"
     [job] = jobs.list_jobs(reg, state="succeeded")[:1]
-    assert job["result"]["promoted"] is False and "retention on w@1" in job["result"]["gate_failures"]
+    assert job["result"]["promoted"] is False and "retention on retention:w@1" in job["result"]["gate_failures"]
 
 
 def test_two_workers_racing_over_five_schedules_run_each_cycle_once(setup):

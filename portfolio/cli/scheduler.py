@@ -31,14 +31,15 @@ def schedule_group() -> None:
 @click.option("--seq-len", type=int, default=256, show_default=True)
 @click.option("--lr", type=float, default=2e-4, show_default=True)
 @click.option("--promote-alias", default=None, metavar="ALIAS", help="Move this alias when the gates pass.")
+@click.option("--full-eval", is_flag=True, help="Score every earlier drop in full each cycle, not the bounded retention set.")
 @click.pass_context
 def schedule_add(ctx: click.Context, adapter, watch, pattern, every, cron, base, dataset, domain, replay_ratio, kl_weight,
-                 train_steps, batch_size, seq_len, lr, promote_alias) -> None:
+                 train_steps, batch_size, seq_len, lr, promote_alias, full_eval) -> None:
     """Retrain ADAPTER on new files in a watched folder, every INTERVAL or on a cron."""
     from portfolio.scheduler.schedules import add_schedule
 
     settings = {"replay_ratio": replay_ratio, "kl_weight": kl_weight, "steps": train_steps, "batch_size": batch_size,
-                "seq_len": seq_len, "lr": lr}
+                "seq_len": seq_len, "lr": lr} | ({"full_eval": True} if full_eval else {})
     d = add_schedule(_registry(ctx), adapter, watch, every=every, cron=cron, pattern=pattern, base=base, dataset=dataset,
                      domain=domain, settings=settings, promote_alias=promote_alias)
     when = f"every {d['every_seconds']} s" if d["every_seconds"] else f"on cron '{d['cron']}' (UTC)"

@@ -122,7 +122,7 @@ def get_set(session: Session, adapter: str, version: int | None = None) -> Reten
     row = (session.scalar(query.where(RetentionSetRow.version == version)) if version is not None
            else _latest(session, a.id))
     if row is None:
-        which = f"version {version} of the retention set" if version is not None else "a retention set"
+        which = f"version {version} of its retention set" if version is not None else "retention set yet"
         raise RetentionSetNotFound(f"{adapter} has no {which}; one is drawn when a version of it is first gated "
                                    "(`portfolio promote`) or trained from a parent")
     return to_set(session, row, adapter)

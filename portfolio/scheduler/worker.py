@@ -195,7 +195,7 @@ class Worker:
             return f"{version} registered as a candidate (no alias to promote)"
         if alias in reg.get_version(version).aliases:
             return f"{version} already is {s['adapter']}@{alias}"
-        outcome = promote(reg, version, alias, seq_len=seq_len, log=lambda *_: None)
+        outcome = promote(reg, version, alias, full=bool(settings.get("full_eval")), seq_len=seq_len, log=lambda *_: None)
         if outcome.promoted:
             step(f"promoted {version} to {alias}", promoted=True)
             return f"{version} promoted to {s['adapter']}@{alias}"

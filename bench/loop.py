@@ -1,0 +1,107 @@
+"""Does a scheduler cycle stay flat as drops accumulate? Bounded retention against full evaluation.
+
+    python bench/loop.py [--drops 100] [--at 1,10,50,100] [--rows 50] [--steps 4] [--modes retention,full]
+
+One schedule watches a folder; each drop is a new file of ``--rows`` rows (alternating two toy
+domains), then one worker cycle runs on it (snapshot, revalidate, train from the production
+version with replay of earlier drops, evaluate, gate, promote) on the tiny test model, SQLite
+registry. The same sequence runs twice, in one process, in two registries:
+
+- ``retention``: today's cycle — candidate and parent are scored on the fresh drop and on the
+  adapter's bounded retention set (256 rows by default), with cached per-example scores;
+- ``full``: the earlier cycle (schedule setting ``full_eval``, `promote --full`) — both are
+  scored on the whole held-out split of every earlier drop.
+
+It prints, at each size in ``--at``, the cycle's overhead beyond the training loop (wall time
+of the cycle minus the loop's own time, averaged over that cycle and the two before it) and
+the ratio of the last size to the second: flat means the 100-drop cycle is within 1.5× the
+10-drop one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def run_mode(mode: str, work: Path, tiny: Path, drops: int, rows: int, steps: int, at: list[int]) -> dict[int, float]:
+    """Overhead (s) of the cycles around each size in ``at``."""
+    import sqlalchemy as sa
+    from conftest import domain_rows
+
+    from portfolio import Registry
+    from portfolio.registry.models import ScheduleRow, utcnow
+    from portfolio.scheduler.schedules import add_schedule
+    from portfolio.scheduler.worker import Worker
+
+    reg = Registry.open(f"sqlite:///{work / 'r.db'}", work / "store")
+    reg.add_base("tiny", tiny)
+    watch = work / "drops"
+    watch.mkdir()
+    settings = {"steps": steps, "batch_size": 4, "seq_len": 32, "lr": 0.02, "full_eval": mode == "full"}
+    add_schedule(reg, "loop", str(watch), every="1h", base="tiny", promote_alias="production", settings=settings)
+    worker = Worker(reg, "bench", log=lambda *_: None)
+    overhead: dict[int, float] = {}
+    wanted = {n - k for n in at for k in range(3) if n - k >= 1}
+    for d in range(1, drops + 1):
+        kind = "words" if d % 2 else "numbers"
+        (watch / f"drop-{d:04d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in domain_rows(kind, n=rows, seed=d)))
+        with reg.transaction() as s:  # due now
+            s.execute(sa.update(ScheduleRow).values(next_run_at=utcnow()))
+        t = time.perf_counter()
+        worker.run(once=True)
+        total = time.perf_counter() - t
+        if d in wanted:
+            run = reg.list_runs(adapter="loop")[0]
+            overhead[d] = total - run.metrics["wall_s"]
+        print(f"\r{mode}: drop {d}/{drops} ({total:.1f} s)", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    reg.close()
+    return {n: sum(overhead[k] for k in (n - 2, n - 1, n) if k in overhead) / len([k for k in (n - 2, n - 1, n) if k in overhead])
+            for n in at}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--drops", type=int, default=100)
+    parser.add_argument("--at", default="1,10,50,100", help="Sizes (drop counts) to report.")
+    parser.add_argument("--rows", type=int, default=50, help="Rows per drop.")
+    parser.add_argument("--steps", type=int, default=4, help="Training steps per cycle.")
+    parser.add_argument("--modes", default="retention,full")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from conftest import save_tiny_model, smollm2_tokenizer
+
+    from portfolio.cli._base import quiet_libraries
+
+    quiet_libraries()
+    at = [n for n in map(int, args.at.split(",")) if n <= args.drops]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = save_tiny_model(Path(tmp) / "tiny", tokenizer_dir=smollm2_tokenizer(Path(tmp) / "tok"))
+        for mode in args.modes.split(","):
+            work = Path(tmp) / mode
+            work.mkdir()
+            results[mode] = run_mode(mode, work, tiny, args.drops, args.rows, args.steps, at)
+    print(f"per-cycle overhead beyond training, s (tiny model, {args.rows} rows per drop, {args.steps} steps; "
+          "mean of the cycle and the two before it)")
+    print(f"{'drops':>8}" + "".join(f"{m:>12}" for m in results))
+    for n in at:
+        print(f"{n:>8}" + "".join(f"{results[m][n]:>12.2f}" for m in results))
+    if len(at) >= 2:
+        first, last = at[1], at[-1]
+        print(f"{last}-drop / {first}-drop:" + "".join(f"{m} {results[m][last] / results[m][first]:.2f}×  " for m in results))
+        if "full" in results and "retention" in results:
+            print(f"at {last} drops the full mode costs {results['full'][last] / results['retention'][last]:.1f}× the retention mode")
+
+
+if __name__ == "__main__":
+    main()
