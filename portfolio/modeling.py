@@ -131,12 +131,25 @@ def _save_plain(model: Any, folder: Path) -> None:
     type(model.config).from_dict(config).save_pretrained(folder)
 
 
+_TOKENIZERS: dict[tuple[str, str | None], Any] = {}
+
+
+def load_tokenizer(folder: Path | str, gguf_file: str | None = None) -> Any:
+    """The tokenizer of a model folder, loaded once per process (a worker cycle needs it for
+    revalidation, training and the gates; loading takes ~0.3 s each time)."""
+    from transformers import AutoTokenizer
+
+    key = (str(folder), gguf_file)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file, local_files_only=True)
+    return _TOKENIZERS[key]
+
+
 def load_base(base: BaseModel, dtype: Any = None, log=print):
     """(model, tokenizer) for a registered base, loaded offline."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder, gguf_file = model_folder(base, log)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype or torch.float32, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, local_files_only=True)
-    return model, tokenizer
+    return model, load_tokenizer(folder, gguf_file)

@@ -230,13 +230,11 @@ def evaluate(
 
 
 def _compute(registry, base, pending, snaps, rows, seq_len, batch_size, device_name, scores, log) -> None:
-    from transformers import AutoTokenizer
-
     from portfolio.evaluation.metrics import metrics_from_rows
-    from portfolio.modeling import model_folder
+    from portfolio.modeling import load_tokenizer, model_folder
 
     folder, _ = model_folder(base, log)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer = load_tokenizer(folder)
     examples: dict[str, list[Example]] = {}
     for _, _, t, _ in pending:
         if t.label not in examples:

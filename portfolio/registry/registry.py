@@ -80,6 +80,9 @@ class EvalSpec:
     per_example: list[list[float]] | None = None
 
 
+ROWS_CACHE_LIMIT = 500_000  # parsed snapshot rows kept in memory per process
+
+
 class Registry:
     """Adapters, their versions, lineage and data provenance, in a database plus a store."""
 
@@ -88,6 +91,7 @@ class Registry:
         self.store = store
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._write_sessions = sessionmaker(db.writer(engine), expire_on_commit=False)
+        self._rows_cache: dict[str, list[dict[str, Any]]] = {}
 
     @classmethod
     def open(cls, db_url: str | None = None, store: str | os.PathLike | None = None, *, check: bool = True) -> "Registry":
@@ -309,9 +313,19 @@ class Registry:
             return [queries.to_snapshot(r) for r in session.scalars(query)]
 
     def snapshot_rows(self, ref: str) -> list[dict[str, Any]]:
-        """The snapshot's rows exactly as registered: ``{"row", "sha", "data"}`` each."""
+        """The snapshot's rows exactly as registered: ``{"row", "sha", "data"}`` each.
+
+        Kept in memory by digest (bounded, `ROWS_CACHE_LIMIT` rows): a long-lived worker reads
+        every earlier snapshot each cycle (replay, the retention set), and their bytes never
+        change. The list is shared: read it, never modify it."""
         snapshot = self.get_snapshot(ref)
-        return formats.read_rows(self.store.read_bytes(snapshot.rows_digest, f"the rows of {snapshot.ref}"))
+        rows = self._rows_cache.pop(snapshot.rows_digest, None)
+        if rows is None:
+            rows = formats.read_rows(self.store.read_bytes(snapshot.rows_digest, f"the rows of {snapshot.ref}"))
+        self._rows_cache[snapshot.rows_digest] = rows  # most recently used last
+        while sum(len(r) for r in self._rows_cache.values()) > ROWS_CACHE_LIMIT and len(self._rows_cache) > 1:
+            self._rows_cache.pop(next(iter(self._rows_cache)))
+        return rows
 
     # -- adapters and versions ----------------------------------------------------------
 

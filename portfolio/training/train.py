@@ -214,7 +214,7 @@ def train_adapter(
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from portfolio.evaluation.metrics import evaluate_examples
-    from portfolio.modeling import load_base, model_folder
+    from portfolio.modeling import load_base, load_tokenizer, model_folder
     from portfolio.training.loop import make_schedule, resolve_device, train_loop
 
     if resume is not None:
@@ -242,9 +242,7 @@ def train_adapter(
 
     base = registry.get_base(cfg.base)
     folder, _ = model_folder(base, log)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer = load_tokenizer(folder)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data = prepare_data(registry, plan, tokenizer)
     schedule = make_schedule(len(data.fresh), len(data.replay), cfg)
