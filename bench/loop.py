@@ -65,9 +65,13 @@ def run_mode(mode: str, work: Path, tiny: Path, drops: int, rows: int, steps: in
             run = reg.list_runs(adapter="loop")[0]
             overhead[d] = total - run.metrics["wall_s"]
         if d == 1:
-            reg.set_gate("loop", retention_size=retention_size)
+            # every candidate is promoted, so that the lineage — and with it what a full
+            # evaluation must cover — grows by one drop per cycle, as in a healthy portfolio
+            reg.set_gate("loop", max_regression=10.0, min_gain=-10.0, retention_size=retention_size)
         print(f"\r{mode}: drop {d}/{drops} ({total:.1f} s)", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
+    promoted = sum(1 for e in reg.alias_history("loop", "production") if e.action in ("set", "promote"))
+    assert promoted == drops, f"{mode}: only {promoted} of {drops} cycles promoted"
     reg.close()
     return {n: sum(overhead[k] for k in (n - 2, n - 1, n) if k in overhead) / len([k for k in (n - 2, n - 1, n) if k in overhead])
             for n in at}

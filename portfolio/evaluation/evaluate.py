@@ -200,12 +200,13 @@ def evaluate(
     only where nothing stored matches. Whole-snapshot results are recorded as evaluations."""
     resolved, base = resolve_models(registry, models)
     wanted = [snapshot_target(registry.get_snapshot(s).ref) for s in snapshots] + list(targets or [])
-    snaps = {ref: registry.get_snapshot(ref) for t in wanted for ref, _ in t.parts}
+    refs = list(dict.fromkeys(ref for t in wanted for ref, _ in t.parts))
+    snaps = dict(zip(refs, registry.get_snapshots(refs)))
     rows_of: dict[str, list[dict]] = {}
 
     def rows(ref: str, ids: tuple[int, ...]) -> list[dict]:
         if ref not in rows_of:
-            rows_of[ref] = registry.snapshot_rows(ref)
+            rows_of[ref] = registry.snapshot_rows(snaps[ref])
         if not ids:
             return split_rows(rows_of[ref])[1]
         keep = set(ids)

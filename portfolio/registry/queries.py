@@ -62,6 +62,19 @@ def snapshot_row(session: Session, text: str) -> DatasetSnapshotRow:
     return row
 
 
+def snapshot_rows_many(session: Session, refs: list[str]) -> list[DatasetSnapshotRow]:
+    """The snapshots ``NAME@V`` of ``refs``, in order, in one query per dataset name (a
+    scheduler cycle names every earlier drop)."""
+    parsed = [parse_ref(r) for r in refs]
+    if any(not isinstance(p.selector, int) for p in parsed):
+        return [snapshot_row(session, r) for r in refs]
+    found = {
+        (row.name, row.version): row
+        for row in session.scalars(sa.select(DatasetSnapshotRow).where(DatasetSnapshotRow.name.in_({p.name for p in parsed})))
+    }
+    return [found[(p.name, p.selector)] if (p.name, p.selector) in found else snapshot_row(session, r) for p, r in zip(parsed, refs)]
+
+
 def adapter_row(session: Session, name: str) -> AdapterRow:
     """The adapter called ``name``."""
     row = session.scalar(sa.select(AdapterRow).where(AdapterRow.name == name))

@@ -302,6 +302,11 @@ class Registry:
         with self._read() as session:
             return queries.to_snapshot(queries.snapshot_row(session, ref))
 
+    def get_snapshots(self, refs: list[str]) -> list[E.DatasetSnapshot]:
+        """The snapshots ``NAME@V`` of ``refs``, in order (fewer queries than one `get_snapshot` each)."""
+        with self._read() as session:
+            return [queries.to_snapshot(r) for r in queries.snapshot_rows_many(session, list(refs))]
+
     def list_snapshots(self, name: str | None = None, domain: str | None = None) -> list[E.DatasetSnapshot]:
         """Snapshots, optionally of one dataset or one domain."""
         query = sa.select(DatasetSnapshotRow).order_by(DatasetSnapshotRow.name, DatasetSnapshotRow.version)
@@ -312,13 +317,13 @@ class Registry:
         with self._read() as session:
             return [queries.to_snapshot(r) for r in session.scalars(query)]
 
-    def snapshot_rows(self, ref: str) -> list[dict[str, Any]]:
+    def snapshot_rows(self, ref: str | E.DatasetSnapshot) -> list[dict[str, Any]]:
         """The snapshot's rows exactly as registered: ``{"row", "sha", "data"}`` each.
 
         Kept in memory by digest (bounded, `ROWS_CACHE_LIMIT` rows): a long-lived worker reads
         every earlier snapshot each cycle (replay, the retention set), and their bytes never
         change. The list is shared: read it, never modify it."""
-        snapshot = self.get_snapshot(ref)
+        snapshot = ref if isinstance(ref, E.DatasetSnapshot) else self.get_snapshot(ref)
         rows = self._rows_cache.pop(snapshot.rows_digest, None)
         if rows is None:
             rows = formats.read_rows(self.store.read_bytes(snapshot.rows_digest, f"the rows of {snapshot.ref}"))

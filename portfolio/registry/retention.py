@@ -80,7 +80,7 @@ def ensure_set(session: Session, adapter: str, strata: list[str], size: int, see
     reading only their rows), or drawn afresh over all strata when the size or seed changed."""
     a = queries.adapter_row(session, adapter)
     db.lock_name(session, "retention", adapter)
-    snaps = [queries.snapshot_row(session, ref) for ref in dict.fromkeys(strata)]
+    snaps = queries.snapshot_rows_many(session, list(dict.fromkeys(strata)))
     latest = _latest(session, a.id)
     known = [int(s) for s, _ in latest.strata] if latest else []
     missing = [s for s in snaps if s.id not in known]

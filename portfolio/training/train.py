@@ -106,10 +106,10 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
                                  f"a LoRA rank above {widest} adds nothing but parameters")
 
     if cfg.replay_from:
-        sources = [registry.get_snapshot(ref) for ref in cfg.replay_from]
+        sources = registry.get_snapshots(cfg.replay_from)
     elif parent is not None:
         upstream = [d.snapshot for d in registry.lineage(parent.ref).data if d.role == "train"]
-        sources = [registry.get_snapshot(ref) for ref in dict.fromkeys(upstream)]
+        sources = registry.get_snapshots(list(dict.fromkeys(upstream)))
     else:
         sources = []
     sources = [s for s in sources if s.ref != snapshot.ref]
@@ -155,7 +155,7 @@ def prepare_data(registry: Registry, plan: Plan, tokenizer: Any) -> Prepared:
     held-out split of every snapshot involved instead of the retention set)."""
     cfg = plan.cfg
     snapshots = [plan.snapshot] + plan.replay_sources
-    splits = {s.ref: split_rows(registry.snapshot_rows(s.ref)) for s in snapshots}
+    splits = {s.ref: split_rows(registry.snapshot_rows(s)) for s in snapshots}
     train_rows, _ = splits[plan.snapshot.ref]
     fresh = encode_rows(train_rows, plan.snapshot.format, tokenizer, cfg.seq_len, source=0)
     if not fresh:
@@ -181,11 +181,11 @@ def prepare_data(registry: Registry, plan: Plan, tokenizer: Any) -> Prepared:
     if strata:
         rset = registry.retention_set(cfg.adapter, strata)
         examples = []
-        for ref, ids in rset.restricted(strata).items():
-            keep = set(ids)
-            rows = splits[ref][1] if ref in splits else split_rows(registry.snapshot_rows(ref))[1]
-            examples += encode_rows([r for r in rows if r["row"] in keep], registry.get_snapshot(ref).format, tokenizer,
-                                    cfg.seq_len, pack=False)
+        members = rset.restricted(strata)
+        for snap in registry.get_snapshots(list(members)):
+            keep = set(members[snap.ref])
+            rows = splits[snap.ref][1] if snap.ref in splits else split_rows(registry.snapshot_rows(snap))[1]
+            examples += encode_rows([r for r in rows if r["row"] in keep], snap.format, tokenizer, cfg.seq_len, pack=False)
         retention = (rset.ref, examples)
     return Prepared(fresh, replay, heldout, retention)
 
