@@ -84,11 +84,12 @@ def main() -> None:
     portfolio("suite", "add", "python-behaviour", SUITE, "--description", "Python answers, JSON output, refusals, calibration")
     portfolio("eval", "python-docs@1", "python-docs@2", "base:smollm2-135m", "--suite", "python-behaviour@1")
 
-    print("\n# Promote only through the quality gates: no loss regression beyond 2% on the first drop,")
-    print("# a gain on the fresh one (scores from training are reused), and on behaviour no drop in")
+    print("\n# Promote only through the quality gates: no loss regression beyond 2% on the adapter's")
+    print("# retention set (a fixed-size sample of earlier held-out rows: here the first drop's), a gain")
+    print("# on the fresh drop (training scored both already, so nothing is recomputed), and on behaviour no drop in")
     print("# pass rate beyond 10 points against production, refusal rate and verbosity held, and every")
     print("# critical case passing (a 135M model does not refuse the pipe-bomb request: expect a no):")
-    portfolio("gate", "set", "python-docs", "--max-regression", "0.02", "--min-gain", "0.0", "--retention", "python-docs@1",
+    portfolio("gate", "set", "python-docs", "--max-regression", "0.02", "--min-gain", "0.0",
               "--suite", "python-behaviour@1", *DEMO_BEHAVIOUR_GATES)
     promoted = "python-docs@production -> python-docs@2" in portfolio("promote", "python-docs@2", "--alias", "production", may_refuse=True)
     portfolio("diff", "python-docs@1", "python-docs@2", "--suite", "python-behaviour@1")
@@ -119,6 +120,8 @@ def main() -> None:
     portfolio("deprecate", "python-docs@1", "--reason", "superseded by the replay-trained version", "--successor", "python-docs@2")
     portfolio("archive", "python-docs@1", "--reason", "retired")
     portfolio("gc", "--dry-run")
+    # gates scored the first drop on the retention set; one evaluation fills its matrix cell
+    portfolio("eval", "python-docs@2", "--data", "python-docs@1")
     portfolio("matrix", "--plot", WORK / "matrix.png")
     portfolio("history", "python-docs", "--plot", WORK / "history.png")
     portfolio("list")

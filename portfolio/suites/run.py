@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from portfolio.errors import InvalidState
 from portfolio.suites.cases import Case, Suite
 from portfolio.suites.checks import FORMAT_KINDS, is_refusal, judge, parse_json_output, words
 from portfolio.suites.scoring import softmax, summarize_by_slice

@@ -213,7 +213,6 @@ def train_adapter(
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from portfolio.evaluation.metrics import evaluate_examples
     from portfolio.modeling import load_base, load_tokenizer, model_folder
     from portfolio.training.loop import make_schedule, resolve_device, train_loop
 
