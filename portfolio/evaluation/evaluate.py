@@ -24,6 +24,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,35 +271,29 @@ def registry_rows(registry: Registry, job: tuple[str, Any, list[Example]]) -> li
     return [known[s] for s in shas]
 
 
-class _loaded:
-    """The base with every model that needs computing attached, and a `Scorer` over it; no
-    load at all when nothing does."""
+@contextmanager
+def _loaded(registry, base, models, tokenizer, batch_size, device_name, log):
+    """The base with every model that needs computing attached, and a `Scorer` over it
+    (with each model's adapter names); no load at all when nothing needs computing."""
+    models = list(dict.fromkeys(models))
+    if not models:
+        yield None, {}
+        return
+    from portfolio.modeling import load_base
+    from portfolio.serving import attach
+    from portfolio.training.loop import resolve_device
 
-    def __init__(self, registry, base, models, tokenizer, batch_size, device_name, log):
-        self.args = registry, base, list(dict.fromkeys(models)), tokenizer, batch_size, device_name, log
-        self.tmp = None
-
-    def __enter__(self):
-        registry, base, models, tokenizer, batch_size, device_name, log = self.args
-        if not models:
-            return None, {}
-        from portfolio.modeling import load_base
-        from portfolio.serving import attach
-        from portfolio.training.loop import resolve_device
-
-        device = resolve_device(device_name)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        model, _ = load_base(base, log=log)
-        self.tmp = Path(tempfile.mkdtemp(prefix="portfolio-eval-"))
+    device = resolve_device(device_name)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model, _ = load_base(base, log=log)
+    tmp = Path(tempfile.mkdtemp(prefix="portfolio-eval-"))
+    try:
         routes: dict[str, Any] = {}
         for label, serving in models:
             if serving is not None and label not in routes:
-                model, names = attach(model, registry, label, self.tmp, prefix=f"v{len(routes)}_")
+                model, names = attach(model, registry, label, tmp, prefix=f"v{len(routes)}_")
                 routes[label] = names
         model.to(device).eval()
-        return Scorer(registry, model, pad_id, batch_size or (32 if device.type == "cuda" else 8), device), routes
-
-    def __exit__(self, *exc):
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        return False
+        yield Scorer(registry, model, pad_id, batch_size or (32 if device.type == "cuda" else 8), device), routes
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
