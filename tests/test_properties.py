@@ -95,6 +95,16 @@ def test_setting_any_alias(world, name, alias, version):
 
 
 @SETTINGS
+@given(router=NAMES, when=st.one_of(NAMES, st.builds(lambda k, v: f"{k}={v}", st.sampled_from(["tenant", "task", "risk", "x"]), NAMES)),
+       to=NAMES, priority=NUMBERS, tenant=NAMES)
+def test_routing_with_any_rule(world, router, when, to, priority, tenant):
+    check_contract(world, "route", "set", router, "--when", when, "--to", to, "--priority", priority, "--reason", "prop")
+    for command in (("route", "resolve", router, "--tenant", tenant), ("route", "show", router), ("route", "history", router),
+                    ("route", "rollback", router)):
+        check_contract(world, *command)
+
+
+@SETTINGS
 @given(ref=NAMES, key=NAMES, value=st.one_of(NAMES, st.just("v" * 1001)))
 def test_tagging_with_any_key_and_value(world, ref, key, value):
     check_contract(world, "tag", ref, f"{key}={value}")

@@ -129,6 +129,8 @@ def test_gates_scheduler_style_loop_reuses_scores_and_stays_bounded(drops):
         rset = reg.get_retention_set("a")
         assert ret.snapshot == rset.ref and rset.n_rows == 16 and len(rset.strata) == k - 1
         assert ret.n == 16 and ret.ci is not None  # decided on a paired interval over the set's rows
+        # the recorded decision names the set's version: it replays on the exact rows
+        assert reg.alias_history("a", "production")[-1].reason.endswith(f"retention on {rset.ref})")
     # --full still checks every earlier snapshot's whole held-out split
     full = promote(reg, "a@3", "staging", full=True, seq_len=32, log=lambda *_: None)
     assert {c.snapshot for c in full.checks if c.kind == "retention"} == {"d@1", "d@2"}

@@ -84,7 +84,8 @@ def promote(registry: Registry, ref: str, alias: str = "production", *, force: b
                                         inc_score.cases, policy.confidence)
     passed = all(c.passed for c in checks)
     if passed or force:
-        why = reason or f"gates passed ({len(checks)} checks)"
+        # name the retention set version, so that the decision can be replayed on its exact rows
+        why = reason or f"gates passed ({len(checks)} checks{f'; retention on {rset.ref}' if rset is not None else ''})"
         event = registry.set_alias(candidate.adapter, alias, candidate.version, reason=why, force=force and not passed,
                                    action="promote" if passed else "override")
         return PromoteOutcome(candidate.ref, incumbent, alias, policy, checks, True, force and not passed, event, suite_scores)

@@ -396,3 +396,31 @@ class ExampleScoreRow(Base):
     loss_sum: Mapped[float] = mapped_column(Float)
     correct: Mapped[int] = mapped_column(Integer)
     tokens: Mapped[int] = mapped_column(Integer)
+
+
+class RouterRow(Base):
+    """A named, versioned rule set that routes requests to versions (`portfolio.routing`)."""
+
+    __tablename__ = "routers"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RouteEventRow(Base):
+    """Append-only: every change of a router, holding its whole rule set after the change, so
+    the current rules are the latest event's and any earlier state can be restored."""
+
+    __tablename__ = "route_events"
+    __table_args__ = (UniqueConstraint("router_id", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    router_id: Mapped[int] = mapped_column(ForeignKey("routers.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    action: Mapped[str] = mapped_column(String(20))  # set | remove | rollback
+    rule: Mapped[Optional[str]] = mapped_column(String(400))  # the label of the rule changed
+    rules: Mapped[list[Any]] = mapped_column(JSON)
+    forced: Mapped[bool] = mapped_column(Boolean, default=False)
+    reason: Mapped[Optional[str]] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -20,10 +20,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from portfolio import adapter_files, basemodel
 from portfolio.data import formats
-from portfolio.errors import AdapterNotFound, AlreadyExists, IncompatibleAdapter, InvalidAdapter, InvalidState
-from portfolio.registry import db, lifecycle, quality, queries, retention, runs, suites
+from portfolio.errors import AlreadyExists, IncompatibleAdapter, InvalidAdapter, InvalidState
+from portfolio.registry import db, lifecycle, quality, queries, runs, suites
 from portfolio.registry import entities as E
 from portfolio.registry.lineage import lineage as _lineage
+from portfolio.registry.retention import RetentionMethods
+from portfolio.registry.routes import RouteMethods
 from portfolio.registry.models import (
     AdapterRow,
     AdapterVersionRow,
@@ -83,7 +85,7 @@ class EvalSpec:
 ROWS_CACHE_LIMIT = 500_000  # parsed snapshot rows kept in memory per process
 
 
-class Registry:
+class Registry(RetentionMethods, RouteMethods):
     """Adapters, their versions, lineage and data provenance, in a database plus a store."""
 
     def __init__(self, engine: sa.Engine, store: LocalStore):
@@ -870,51 +872,6 @@ class Registry:
         """Store revalidation results of a version; its drifted flag becomes whether any drifted."""
         with self._write() as (session, _put):
             quality.record_revalidations(session, ref, alias, results)
-
-    # -- bounded retention and the example score cache ------------------------------------
-
-    def retention_set(self, adapter: str, strata: list[str], size: int | None = None, seed: int | None = None) -> retention.RetentionSet:
-        """The adapter's retention set covering the snapshots ``strata``: the latest one, or
-        the next version extended by the strata it lacks (`evaluation.retention`). Size and
-        seed default to the adapter's gate policy."""
-        from portfolio.data.splits import split_rows
-        from portfolio.evaluation.retention import DEFAULT_RETENTION_SEED, DEFAULT_RETENTION_SIZE
-
-        try:
-            gate = self.get_gate(adapter) or {}
-            exists = True
-        except AdapterNotFound:
-            gate, exists = {}, False
-        size = size if size is not None else gate.get("retention_size", DEFAULT_RETENTION_SIZE)
-        seed = seed if seed is not None else gate.get("retention_seed", DEFAULT_RETENTION_SEED)
-
-        def heldout(ref: str) -> list[tuple[int, str]]:
-            return [(r["row"], r["sha"]) for r in split_rows(self.snapshot_rows(ref))[1]]
-
-        if not exists:  # a new adapter's first version: the same draw its first gate will store
-            return retention.unsaved_set(adapter, [self.get_snapshot(s).ref for s in dict.fromkeys(strata)], size, seed, heldout)
-        with self._write() as (session, _put):
-            return retention.ensure_set(session, adapter, strata, size, seed, heldout)
-
-    def get_retention_set(self, adapter: str, version: int | None = None) -> retention.RetentionSet:
-        """A stored version of an adapter's retention set (None: the latest)."""
-        with self._read() as session:
-            return retention.get_set(session, adapter, version)
-
-    def retention_sets(self, adapter: str) -> list[retention.RetentionSet]:
-        """Every version of an adapter's retention set, oldest first."""
-        with self._read() as session:
-            return retention.list_sets(session, adapter)
-
-    def example_scores(self, model_key: str, shas: list[str]) -> dict[str, list[float]]:
-        """Stored per-example scores of a model (see `evaluation.evaluate.model_key`)."""
-        with self._read() as session:
-            return retention.example_scores(session, model_key, shas)
-
-    def record_example_scores(self, model_key: str, scores: dict[str, list[float]]) -> None:
-        """Store per-example scores of a model, so no evaluation computes them again."""
-        with self._write() as (session, _put):
-            retention.record_example_scores(session, model_key, scores)
 
     # -- integrity ----------------------------------------------------------------------
 

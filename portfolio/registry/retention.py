@@ -10,7 +10,7 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from portfolio.errors import NotFound
+from portfolio.errors import AdapterNotFound, NotFound
 from portfolio.evaluation import retention as sampling
 from portfolio.registry import db, queries
 from portfolio.registry import entities as E
@@ -157,3 +157,50 @@ def record_example_scores(session: Session, model_key: str, scores: dict[str, li
              for sha, s in scores.items()]
     for i in range(0, len(items), CHUNK):
         db.insert_many_ignore(session, ExampleScoreRow.__table__, items[i:i + CHUNK])
+
+
+class RetentionMethods:
+    """`Registry`'s retention-set and score-cache methods (behind `portfolio retention ...`)."""
+
+    def retention_set(self, adapter: str, strata: list[str], size: int | None = None, seed: int | None = None) -> RetentionSet:
+        """The adapter's retention set covering the snapshots ``strata``: the latest one, or
+        the next version extended by the strata it lacks (`evaluation.retention`). Size and
+        seed default to the adapter's gate policy."""
+        from portfolio.data.splits import split_rows
+        from portfolio.evaluation.retention import DEFAULT_RETENTION_SEED, DEFAULT_RETENTION_SIZE
+
+        try:
+            gate = self.get_gate(adapter) or {}
+            exists = True
+        except AdapterNotFound:
+            gate, exists = {}, False
+        size = size if size is not None else gate.get("retention_size", DEFAULT_RETENTION_SIZE)
+        seed = seed if seed is not None else gate.get("retention_seed", DEFAULT_RETENTION_SEED)
+
+        def heldout(ref: str) -> list[tuple[int, str]]:
+            return [(r["row"], r["sha"]) for r in split_rows(self.snapshot_rows(ref))[1]]
+
+        if not exists:  # a new adapter's first version: the same draw its first gate will store
+            return unsaved_set(adapter, [self.get_snapshot(s).ref for s in dict.fromkeys(strata)], size, seed, heldout)
+        with self._write() as (session, _put):
+            return ensure_set(session, adapter, strata, size, seed, heldout)
+
+    def get_retention_set(self, adapter: str, version: int | None = None) -> RetentionSet:
+        """A stored version of an adapter's retention set (None: the latest)."""
+        with self._read() as session:
+            return get_set(session, adapter, version)
+
+    def retention_sets(self, adapter: str) -> list[RetentionSet]:
+        """Every version of an adapter's retention set, oldest first."""
+        with self._read() as session:
+            return list_sets(session, adapter)
+
+    def example_scores(self, model_key: str, shas: list[str]) -> dict[str, list[float]]:
+        """Stored per-example scores of a model (see `evaluation.evaluate.model_key`)."""
+        with self._read() as session:
+            return example_scores(session, model_key, shas)
+
+    def record_example_scores(self, model_key: str, scores: dict[str, list[float]]) -> None:
+        """Store per-example scores of a model, so no evaluation computes them again."""
+        with self._write() as (session, _put):
+            record_example_scores(session, model_key, scores)
