@@ -182,9 +182,13 @@ def list_cmd(ctx: click.Context, adapter: str | None, status: str | None, domain
 @click.pass_context
 def show(ctx: click.Context, ref: str, as_json: bool) -> None:
     """Show one version (NAME@3, NAME@production or NAME for the latest)."""
-    v = _registry(ctx).get_version(ref)
+    reg = _registry(ctx)
+    v = reg.get_version(ref)
+    traffic = reg.traffic(v.ref)
     if as_json:
-        return _emit_json(v.to_dict())
+        return _emit_json(v.to_dict() | {"traffic": [t | {"first_hour": str(t["first_hour"]), "last_hour": str(t["last_hour"])}
+                                                     for t in traffic]})
+    served = sum(t["requests"] for t in traffic)
     fields = [
         ("version", v.ref), ("status", v.status + (f" ({v.status_reason})" if v.status_reason else "")),
         ("drift", "DRIFTED on fresh data (see `portfolio revalidate`)" if v.drifted else None),
@@ -196,6 +200,10 @@ def show(ctx: click.Context, ref: str, as_json: bool) -> None:
         ("aliases", ", ".join(v.aliases)),
         ("tags", ", ".join(f"{k}={x}" for k, x in v.tags.items())), ("run", v.run_id),
         ("created", _when(v.created_at)), ("description", v.description),
+        ("traffic", f"{served:,} requests served, {sum(t['tokens'] for t in traffic):,} tokens, last in the hour of "
+                    f"{_when(max(t['last_hour'] for t in traffic))} (" + "; ".join(
+                        f"{t['requests']:,} via {t['router'] + ' ' + t['rule'] if t['router'] else 'its own name'}" for t in traffic) + ")"
+         if served else None),
     ]
     for key, value in fields:
         if value not in (None, ""):

@@ -424,3 +424,18 @@ class RouteEventRow(Base):
     forced: Mapped[bool] = mapped_column(Boolean, default=False)
     reason: Mapped[Optional[str]] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RequestCountRow(Base):
+    """Served traffic, counted per (version, router, rule, hour) by `portfolio serve`."""
+
+    __tablename__ = "request_counts"
+    __table_args__ = (UniqueConstraint("version_id", "router", "rule", "hour"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"), index=True)
+    router: Mapped[str] = mapped_column(String(100))  # "" when the request named the version itself
+    rule: Mapped[str] = mapped_column(String(400))
+    hour: Mapped[datetime] = mapped_column()
+    requests: Mapped[int] = mapped_column(BigInteger)
+    tokens: Mapped[int] = mapped_column(BigInteger)

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from portfolio.errors import InvalidState, NotFound
 from portfolio.registry import db
 from portfolio.registry import entities as E
-from portfolio.registry.models import RouteEventRow, RouterRow
+from portfolio.registry.models import AdapterVersionRow, AliasEventRow, RequestCountRow, RouteEventRow, RouterRow
 from portfolio.registry.refs import check_name
 from portfolio.routing import Rule
 
@@ -196,3 +196,42 @@ class RouteMethods:
         """(name, version, rules, last change) of every router."""
         with self._read() as session:
             return list_routers(session)
+
+    def record_requests(self, counts: dict[tuple[str, str, str, datetime], tuple[int, int]]) -> None:
+        """Add served traffic: ``(version ref, router or "", rule, hour) -> (requests, tokens)``."""
+        from portfolio.registry import queries
+
+        with self._write() as (session, _put):
+            for (ref, router, rule, hour), (n, tokens) in counts.items():
+                version_id = queries.version_row(session, ref).id
+                key = (RequestCountRow.version_id == version_id, RequestCountRow.router == router, RequestCountRow.rule == rule[:400],
+                       RequestCountRow.hour == hour)
+                db.insert_ignore(session, RequestCountRow.__table__, {"version_id": version_id, "router": router, "rule": rule[:400],
+                                                                      "hour": hour, "requests": 0, "tokens": 0})
+                session.execute(sa.update(RequestCountRow).where(*key).values(requests=RequestCountRow.requests + n,
+                                                                               tokens=RequestCountRow.tokens + tokens))
+
+    def traffic(self, ref: str) -> list[dict[str, Any]]:
+        """Served traffic of a version per (router, rule): requests, tokens, first and last hour."""
+        from portfolio.registry import queries
+
+        with self._read() as session:
+            version_id = queries.version_row(session, ref).id
+            rows = session.execute(
+                sa.select(RequestCountRow.router, RequestCountRow.rule, sa.func.sum(RequestCountRow.requests),
+                          sa.func.sum(RequestCountRow.tokens), sa.func.min(RequestCountRow.hour), sa.func.max(RequestCountRow.hour))
+                .where(RequestCountRow.version_id == version_id).group_by(RequestCountRow.router, RequestCountRow.rule)
+            ).all()
+        return [{"router": r or None, "rule": rule, "requests": int(n), "tokens": int(t), "first_hour": E.as_utc(a), "last_hour": E.as_utc(b)}
+                for r, rule, n, t, a, b in rows]
+
+    def serving_marker(self) -> tuple:
+        """What changes whenever routing could: the newest alias event, the newest route
+        event, and how many versions are archived or deprecated (one cheap query; a server
+        polls it to know when to drop its caches)."""
+        with self._read() as session:
+            return tuple(session.execute(sa.select(
+                sa.select(sa.func.max(AliasEventRow.id)).scalar_subquery(),
+                sa.select(sa.func.max(RouteEventRow.id)).scalar_subquery(),
+                sa.select(sa.func.count()).where(AdapterVersionRow.status.in_(("archived", "deprecated"))).scalar_subquery(),
+            )).one())

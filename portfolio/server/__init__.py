@@ -1,0 +1,1 @@
+"""`portfolio serve`: an OpenAI-compatible HTTP server over the registry."""

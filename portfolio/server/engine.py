@@ -1,0 +1,201 @@
+"""The serving engine: one base model in memory, adapter versions loaded on first use and kept
+in an LRU, and one thread that batches concurrent requests for different adapters into the
+same forward passes (PEFT's mixed-adapter batch, ``adapter_names``).
+
+HTTP handlers never touch the model: they `submit` a request and wait on its future. The
+engine thread takes the first queued request, gathers what else arrives within
+``max_wait_s`` (up to ``batch_size``), and generates greedy requests of single adapters (and
+of the base, PEFT's ``__base__``) together in one left-padded batch; a stack — whose parts
+must be active together — and a sampled request run in batches of their own.
+"""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BASE_ADAPTER = "__base__"
+
+
+@dataclass
+class Request:
+    """One generation: whose weights, which tokens, how much."""
+
+    version: Any  # an AdapterVersion, or None for the base alone
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    seed: int = 0
+    future: Future = field(default_factory=Future)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a request produced."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (end of sequence) or "length"
+    prompt_tokens: int
+
+
+class Engine:
+    """A base model serving many adapter versions (see the module docstring)."""
+
+    def __init__(self, registry, base, *, max_adapters: int = 8, batch_size: int = 8, max_wait_s: float = 0.005,
+                 device: str = "auto", log=print):
+        from portfolio.modeling import load_base
+        from portfolio.training.loop import resolve_device
+
+        self.registry, self.base = registry, base
+        self.max_adapters, self.batch_size, self.max_wait_s = max_adapters, batch_size, max_wait_s
+        self.device = resolve_device(device)
+        self.model, self.tokenizer = load_base(base, log=log)
+        self.model.to(self.device).eval()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.loaded: OrderedDict[str, list[str]] = OrderedDict()  # serving key -> PEFT adapter names, LRU last
+        self.workdir = Path(tempfile.mkdtemp(prefix="portfolio-serve-"))
+        self.queue: queue.Queue[Request | None] = queue.Queue()
+        self.batches = 0
+        self._thread = threading.Thread(target=self._loop, name="portfolio-engine", daemon=True)
+        self._thread.start()
+
+    # -- what handlers call ---------------------------------------------------------------
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation with the assistant's turn opened."""
+        if self.tokenizer.chat_template:
+            enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+            return list(enc["input_ids"])
+        return self.encode_text("\n".join(m["content"] for m in messages))
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of a plain prompt."""
+        return list(self.tokenizer(text)["input_ids"])
+
+    def submit(self, request: Request) -> Future:
+        """Queue a request; its future resolves to a `Completion`."""
+        self.queue.put(request)
+        return request.future
+
+    def close(self) -> None:
+        """Stop the engine thread (requests in flight finish first) and drop its files."""
+        self.queue.put(None)
+        self._thread.join(timeout=30)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- the engine thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            first = self.queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait_s
+            while len(batch) < self.batch_size:
+                try:
+                    item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self.queue.put(None)  # stop after this batch
+                    break
+                batch.append(item)
+            self._run(batch)
+
+    def _run(self, batch: list[Request]) -> None:
+        groups: dict[Any, list[tuple[Request, list[str]]]] = {}
+        in_use: set[str] = set()
+        for req in batch:
+            try:
+                names = self._names(req.version, in_use)
+            except Exception as exc:  # a version that cannot be loaded fails its own request only
+                req.future.set_exception(exc)
+                continue
+            mixable = req.temperature == 0 and len(names) <= 1
+            key = "mixed" if mixable else (tuple(names), id(req))
+            groups.setdefault(key, []).append((req, names))
+        for key, items in groups.items():
+            try:
+                outs = self._generate(items, mixed=key == "mixed")
+            except Exception as exc:
+                for req, _ in items:
+                    if not req.future.done():
+                        req.future.set_exception(exc)
+                continue
+            for (req, _), out in zip(items, outs):
+                req.future.set_result(out)
+
+    def _names(self, version, in_use: set[str]) -> list[str]:
+        """PEFT adapter names of a version, loading it if needed and evicting the least
+        recently used version beyond ``max_adapters`` that this batch does not use; [] for
+        the base."""
+        if version is None:
+            return []
+        from portfolio.serving import attach, serving_key
+
+        key = serving_key(self.registry, version)
+        in_use.add(key)
+        if key in self.loaded:
+            self.loaded.move_to_end(key)
+            return self.loaded[key]
+        for old in [k for k in self.loaded if k not in in_use][: max(0, len(self.loaded) + 1 - self.max_adapters)]:
+            for name in self.loaded.pop(old):
+                self.model.delete_adapter(name)
+        prefix = f"s{len(self.workdir.name)}{abs(hash(key)) % 10**10}_"
+        self.model, names = attach(self.model, self.registry, version.ref, self.workdir / prefix, prefix=prefix)
+        self.model.to(self.device).eval()
+        self.loaded[key] = names
+        return names
+
+    def _generate(self, items: list[tuple[Request, list[str]]], mixed: bool) -> list[Completion]:
+        import torch
+        from peft import PeftModel
+
+        reqs = [req for req, _ in items]
+        peft = isinstance(self.model, PeftModel)
+        extra: dict[str, Any] = {}
+        if mixed and peft:
+            extra["adapter_names"] = [(names or [BASE_ADAPTER])[0] for _, names in items]
+        elif not mixed and items[0][1]:
+            from portfolio.serving import activate
+
+            activate(self.model, items[0][1])
+        sampling: dict[str, Any] = {"do_sample": False}
+        if reqs[0].temperature > 0:
+            torch.manual_seed(reqs[0].seed)
+            sampling = {"do_sample": True, "temperature": reqs[0].temperature}
+        width = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((len(reqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(reqs), width), dtype=torch.long)
+        for row, r in enumerate(reqs):
+            ids[row, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[row, width - len(r.prompt_ids):] = 1
+        with torch.no_grad():
+            if not mixed and not items[0][1] and peft:
+                with self.model.disable_adapter():
+                    out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                              max_new_tokens=max(r.max_tokens for r in reqs), pad_token_id=self.pad_id, **sampling)
+            else:
+                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                          max_new_tokens=max(r.max_tokens for r in reqs), pad_token_id=self.pad_id, **sampling, **extra)
+        self.batches += 1
+        eos = self.tokenizer.eos_token_id
+        results = []
+        for row, r in enumerate(reqs):
+            new = out[row, width:].tolist()[: r.max_tokens]
+            stop = eos is not None and eos in new
+            if stop:
+                new = new[: new.index(eos)]
+            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            results.append(Completion(text, new, "stop" if stop else "length", len(r.prompt_ids)))
+        return results
