@@ -155,8 +155,55 @@ def main() -> None:
         out = peft_model.generate(**inputs, max_new_tokens=40, do_sample=False)
     print("  >", tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
 
+    print("\n# Serve it: a router sends each request to a version by tenant and task, following the aliases;")
+    print("# every answer names the version behind it, and the traffic lands in the registry:")
+    portfolio("route", "set", "support", "--default", "--to", "python-docs@production", "--reason", "docs questions by default")
+    portfolio("route", "set", "support", "--when", "task=code", "--to", "python-code@1", "--reason", "code goes to the code adapter")
+    portfolio("route", "show", "support")
+    serve_briefly()
+
     portfolio("verify")
     print(f"\ndemo done: registry {ENV['PORTFOLIO_DB']}, store {ENV['PORTFOLIO_STORE']}, lineage graphs in {WORK}")
+
+
+def serve_briefly() -> None:
+    """Start `portfolio serve --router support` on a free loopback port, send two routed chat
+    requests with the standard library's HTTP client, print who answered, stop the server."""
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    print(f"$ portfolio serve --router support --port {port}   (in the background)")
+    server = subprocess.Popen([sys.executable, "-m", "portfolio", "serve", "--router", "support", "--port", str(port)], env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                if server.poll() is not None:
+                    raise SystemExit(f"the server did not start:\n{server.stderr.read()}")
+                time.sleep(0.2)
+        for task, question in (("docs", "What does the `with` statement do?"), ("code", "Write a function that reverses a list.")):
+            body = json.dumps({"messages": [{"role": "user", "content": question}], "max_tokens": 24}).encode()
+            request = urllib.request.Request(f"{url}/v1/chat/completions", data=body, method="POST",
+                                             headers={"Content-Type": "application/json", "X-Portfolio-Task": task})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                answer = json.loads(response.read())
+                who = response.headers["X-Portfolio-Version"]
+            print(f"  task={task}: answered by {who} (rule '{answer['portfolio']['rule']}'): "
+                  f"{' '.join(answer['choices'][0]['message']['content'].split())[:90]!r}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    print("server stopped; its request log:")
+    portfolio("show", "python-code@1")
 
 
 if __name__ == "__main__":

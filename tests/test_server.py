@@ -204,3 +204,41 @@ def test_binding_beyond_loopback_needs_a_key(tmp_path):
     result = CliRunner(env={"PORTFOLIO_API_KEY": None}).invoke(
         cli, ["--db", f"sqlite:///{tmp_path / 'r.db'}", "--store", str(tmp_path / "s"), "serve", "--host", "0.0.0.0"])
     assert result.exit_code != 0 and "set --api-key" in result.stderr
+
+
+# -- property test against the OpenAPI schema: any body, any header, never a 5xx ---------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False) | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3), max_leaves=8)
+FIELDS = {"model": st.one_of(st.none(), st.sampled_from(["general@1", "acme@production", "support", "base:tiny", "nope", "@", ""]), st.text(max_size=12)),
+          "max_tokens": st.one_of(st.integers(-5, 40), JSON), "temperature": st.one_of(st.floats(-1, 3, allow_nan=False), JSON),
+          "stream": st.one_of(st.booleans(), JSON), "tenant": st.one_of(st.sampled_from(["acme", "zeta", "a b", ""]), JSON),
+          "seed": st.one_of(st.integers(-3, 2**32), JSON)}
+MESSAGES = st.one_of(JSON, st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "x"]),
+                                                           "content": st.one_of(st.text(max_size=30), JSON)}), max_size=3))
+
+
+def _schema_paths(client) -> set[str]:
+    return set(client.get("/openapi.json").json()["paths"])
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+       body=st.fixed_dictionaries({}, optional={**FIELDS, "messages": MESSAGES, "prompt": st.one_of(st.text(max_size=30), JSON)}),
+       raw=st.one_of(st.none(), st.binary(max_size=40)))
+def test_any_request_gets_an_answer_or_a_clean_4xx(served, path, body, raw):
+    client = served["client"]
+    assert path in _schema_paths(client)
+    if raw is not None:
+        r = client.post(path, content=raw, headers=AUTH | {"content-type": "application/json"})
+    else:
+        r = client.post(path, json={k: v for k, v in body.items()}, headers=AUTH)
+    assert r.status_code < 500, (path, body, raw, r.text)
+    if r.status_code >= 400:
+        error = r.json()["error"]
+        assert error["code"] == r.status_code and isinstance(error["message"], str) and error["message"]
+    elif not body.get("stream"):
+        assert r.headers["X-Portfolio-Version"] == r.json()["portfolio"]["version"]

@@ -338,6 +338,8 @@ def create_app(registry, engine: Engine, settings: ServerSettings, log=print) ->
         return {key: getattr(body, key) or request.headers.get(f"x-portfolio-{key}") for key in ("tenant", "task", "risk")}
 
     def run(target: Target, prompt_ids: list[int], max_tokens: int, temperature: float, seed: int) -> Completion:
+        if not prompt_ids:
+            raise ApiError(400, "the prompt is empty: there is nothing to complete")
         if max_tokens > settings.max_tokens:
             raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of {settings.max_tokens}")
         if len(prompt_ids) > settings.max_prompt_tokens:
