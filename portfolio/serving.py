@@ -42,7 +42,7 @@ def serving_key(registry, version) -> str:
 def write_component(registry, version, weight: float, dest: Path) -> Path:
     """A PEFT folder of one component with its weight folded into lora_B."""
     if weight == 1.0:
-        return registry.export(version.ref, dest)
+        return registry.export(version.ref, dest, card=False)
     from safetensors.torch import load_file
 
     from portfolio.compose.lora_files import write_lora

@@ -641,11 +641,21 @@ class Registry(RetentionMethods, RouteMethods):
             session.flush()
             return queries.to_versions(session, [version])[0]
 
-    def export(self, ref: str, dest: str | os.PathLike) -> Path:
+    def export(self, ref: str, dest: str | os.PathLike, card: bool = True) -> Path:
         """Write a version as a PEFT folder (``adapter_config.json`` with
         ``base_model_name_or_path`` set, ``adapter_model.safetensors``) that
-        ``PeftModel.from_pretrained`` and vLLM's ``--lora-modules`` load. A stack is written
-        as its exact `cat` merge, one adapter for servers that take one."""
+        ``PeftModel.from_pretrained`` and vLLM's ``--lora-modules`` load, with a model card
+        (README.md, Hugging Face's YAML header: base model, relation, datasets with their
+        sha256, evaluations, lineage) unless ``card`` is False. A stack is written as its
+        exact `cat` merge, one adapter for servers that take one."""
+        folder = self._export_weights(ref, dest)
+        if card:
+            from portfolio.model_card import model_card
+
+            (folder / "README.md").write_text(model_card(self, ref), encoding="utf-8")
+        return folder
+
+    def _export_weights(self, ref: str, dest: str | os.PathLike) -> Path:
         with self._read() as session:
             row = queries.version_row(session, ref)
             if row.status == "archived":

@@ -262,7 +262,7 @@ def train_adapter(
         device = resolve_device(cfg.device)
         parent_dir = None
         if plan.parent is not None:
-            parent_dir = registry.export(plan.parent.ref, Path(tempfile.mkdtemp(dir=workdir)) / "parent")
+            parent_dir = registry.export(plan.parent.ref, Path(tempfile.mkdtemp(dir=workdir)) / "parent", card=False)
             model = PeftModel.from_pretrained(model, parent_dir, adapter_name="default", is_trainable=True)
             model.load_adapter(parent_dir, adapter_name="parent", is_trainable=False)
             model.set_adapter("default")
