@@ -120,3 +120,17 @@ def route_rollback(ctx: click.Context, router: str, reason: str | None) -> None:
     """Restore ROUTER's previous rule set."""
     e = _registry(ctx).route_rollback(router, reason)
     click.echo(f"{router} v{e.version}: rolled back to the rule set before ({len(e.rules)} rules)")
+
+
+@cli.command("export-router")
+@click.argument("router")
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--for", "target", type=click.Choice(["vllm", "lorax"]), default="vllm", show_default=True, help="The GPU server to export for.")
+@click.pass_context
+def export_router(ctx: click.Context, router: str, dest: str, target: str) -> None:
+    """Write every version ROUTER reaches as a PEFT folder, with what TARGET needs to load
+    them under stable names, and the routing table (routes.json)."""
+    from portfolio.server.export import describe, export_router as run_export
+
+    for line in describe(run_export(_registry(ctx), router, dest, target), target):
+        click.echo(line)
