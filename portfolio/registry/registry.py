@@ -26,6 +26,7 @@ from portfolio.registry import entities as E
 from portfolio.registry.lineage import lineage as _lineage
 from portfolio.registry.retention import RetentionMethods
 from portfolio.registry.routes import RouteMethods
+from portfolio.registry.webhooks import WebhookMethods
 from portfolio.registry.models import (
     AdapterRow,
     AdapterVersionRow,
@@ -85,7 +86,7 @@ class EvalSpec:
 ROWS_CACHE_LIMIT = 500_000  # parsed snapshot rows kept in memory per process
 
 
-class Registry(RetentionMethods, RouteMethods):
+class Registry(RetentionMethods, RouteMethods, WebhookMethods):
     """Adapters, their versions, lineage and data provenance, in a database plus a store."""
 
     def __init__(self, engine: sa.Engine, store: LocalStore):

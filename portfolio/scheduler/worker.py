@@ -76,6 +76,7 @@ class Worker:
         done = 0
         try:
             while not self.stop_requested:
+                self.deliver_webhooks()
                 for line in jobs.enqueue_due(self.registry):
                     self.log(f"[{self.name}] {line}")
                 job_id = jobs.claim_job(self.registry, self.name, self.lease_s)
@@ -92,6 +93,17 @@ class Worker:
             if lock is not None:
                 lock.close()
         return done
+
+    def deliver_webhooks(self) -> None:
+        """Send pending events to webhooks between cycles; a failing receiver never stops the
+        worker (deliveries are retried with back-off and recorded)."""
+        try:
+            counts = self.registry.deliver()
+        except Exception as exc:
+            self.log(f"[{self.name}] webhook delivery failed: {exc}")
+            return
+        if counts["delivered"] or counts["failed"]:
+            self.log(f"[{self.name}] webhooks: {counts['delivered']} delivered, {counts['retrying']} retrying, {counts['failed']} failed")
 
     def run_job(self, job_id: int) -> None:
         """Run one claimed job under a heartbeat that keeps its lease."""
