@@ -204,6 +204,8 @@ def serve_briefly() -> None:
         server.wait(timeout=30)
     print("server stopped; its request log:")
     portfolio("show", "python-code@1")
+    print("\n# Everything that happened, as events (webhooks receive the same, signed):")
+    portfolio("events", "--last", "8")
 
 
 if __name__ == "__main__":
