@@ -110,16 +110,16 @@ class Scorer:
     device: Any
     computed: int = field(default=0)
 
-    def score(self, jobs: list[tuple[str, Any, list[Example]]]) -> list[list[list[float]]]:
-        """Per-example ``[loss sum, correct, tokens]`` of each (model key, route, examples)."""
+    def score(self, jobs: list[tuple[str, Any, list[Example]]],
+              known: dict[str, dict[str, list[float]]] | None = None) -> list[list[list[float]]]:
+        """Per-example ``[loss sum, correct, tokens]`` of each (model key, route, examples);
+        ``known`` holds scores the caller already read from the cache (model key -> sha -> scores)."""
         from peft import PeftModel
 
         from portfolio.evaluation.metrics import evaluate_examples
 
         shas = [[example_sha(e) for e in examples] for _, _, examples in jobs]
-        known = {}
-        for (key, _, _), job_shas in zip(jobs, shas):
-            known[key] = {**known.get(key, {}), **self.registry.example_scores(key, job_shas)}
+        known = known if known is not None else cached_scores(self.registry, jobs, shas)
         todo: dict[tuple[str, str], tuple[Any, Example]] = {}
         for (key, route, examples), job_shas in zip(jobs, shas):
             for sha, example in zip(job_shas, examples):
@@ -155,6 +155,14 @@ class Scorer:
                 known[key].update(rows)
             self.computed += len(todo)
         return [[known[key][sha] for sha in job_shas] for (key, _, _), job_shas in zip(jobs, shas)]
+
+
+def cached_scores(registry: Registry, jobs: list[tuple[str, Any, list[Example]]], shas: list[list[str]]) -> dict[str, dict[str, list[float]]]:
+    """What the example cache holds for the jobs, read once per model key."""
+    wanted: dict[str, list[str]] = {}
+    for (key, _, _), job_shas in zip(jobs, shas):
+        wanted.setdefault(key, []).extend(job_shas)
+    return {key: registry.example_scores(key, key_shas) for key, key_shas in wanted.items()}
 
 
 def _single(route: Any) -> str:
@@ -205,11 +213,15 @@ def evaluate(
     snaps = dict(zip(refs, registry.get_snapshots(refs)))
     rows_of: dict[str, list[dict]] = {}
 
+    heldout_of: dict[str, list[dict]] = {}
+
     def rows(ref: str, ids: tuple[int, ...]) -> list[dict]:
         if ref not in rows_of:
             rows_of[ref] = registry.snapshot_rows(snaps[ref])
         if not ids:
-            return split_rows(rows_of[ref])[1]
+            if ref not in heldout_of:
+                heldout_of[ref] = split_rows(rows_of[ref])[1]
+            return heldout_of[ref]
         keep = set(ids)
         return [r for r in rows_of[ref] if r["row"] in keep]
 
@@ -243,16 +255,19 @@ def _compute(registry, base, pending, snaps, rows, seq_len, batch_size, device_n
             examples[t.label] = [e for ref, ids in t.parts
                                  for e in encode_rows(rows(ref, ids), snaps[ref].format, tokenizer, seq_len, pack=t.whole_snapshot)]
     keys = {label: model_key(base.weights_sha256, serving, seq_len) for label, serving, _, _ in pending}
+    shas = {label: [example_sha(e) for e in exs] for label, exs in examples.items()}
+    jobs = [(keys[label], None, examples[t.label]) for label, _, t, _ in pending]
+    known = cached_scores(registry, jobs, [shas[t.label] for _, _, t, _ in pending])
     # everything already scored example by example needs no model at all
-    cached = {(label, t.label) for label, _, t, _ in pending
-              if len(registry.example_scores(keys[label], [example_sha(e) for e in examples[t.label]])) == len({example_sha(e) for e in examples[t.label]})}
+    cached = {(label, t.label) for label, _, t, _ in pending if all(sha in known[keys[label]] for sha in shas[t.label])}
     with _loaded(registry, base, [(label, serving) for label, serving, t, _ in pending if (label, t.label) not in cached],
                  tokenizer, batch_size, device_name, log) as (scorer, routes):
         jobs = [(keys[label], routes.get(label), examples[t.label]) for label, _, t, _ in pending]
         for label, _, t, _ in pending:
             if (label, t.label) not in cached:
                 log(f"evaluating {label} on {t.label} ({len(examples[t.label])} examples)")
-        per_job = scorer.score(jobs) if scorer is not None else [registry_rows(registry, job) for job in jobs]
+        per_job = (scorer.score(jobs, known) if scorer is not None
+                   else [[known[keys[label]][sha] for sha in shas[t.label]] for label, _, t, _ in pending])
     for (label, _, t, key), per_example in zip(pending, per_job):
         metrics = metrics_from_rows(per_example)
         n_tokens = int(metrics.pop("n_tokens"))
@@ -261,14 +276,6 @@ def _compute(registry, base, pending, snaps, rows, seq_len, batch_size, device_n
             registry.record_evaluation(label, ref, metrics, n_tokens=n_tokens, row_ids=[r["row"] for r in rows(ref, ())],
                                        eval_key=key, per_example=per_example)
         scores[(label, t.label)] = Score(label, t.label, metrics, n_tokens, (label, t.label) in cached, per_example)
-
-
-def registry_rows(registry: Registry, job: tuple[str, Any, list[Example]]) -> list[list[float]]:
-    """A job's per-example scores, all of them already stored."""
-    key, _, examples = job
-    shas = [example_sha(e) for e in examples]
-    known = registry.example_scores(key, shas)
-    return [known[s] for s in shas]
 
 
 @contextmanager
