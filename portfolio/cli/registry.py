@@ -200,7 +200,7 @@ def show(ctx: click.Context, ref: str, as_json: bool) -> None:
         ("aliases", ", ".join(v.aliases)),
         ("tags", ", ".join(f"{k}={x}" for k, x in v.tags.items())), ("run", v.run_id),
         ("created", _when(v.created_at)), ("description", v.description),
-        ("traffic", f"{served:,} requests served, {sum(t['tokens'] for t in traffic):,} tokens, last in the hour of "
+        ("traffic", f"{served:,} request{'s' if served != 1 else ''} served, {sum(t['tokens'] for t in traffic):,} tokens, last in the hour of "
                     f"{_when(max(t['last_hour'] for t in traffic))} (" + "; ".join(
                         f"{t['requests']:,} via {t['router'] + ' ' + t['rule'] if t['router'] else 'its own name'}" for t in traffic) + ")"
          if served else None),
