@@ -90,3 +90,9 @@ def read_events(session: Session, after: Cursor | None = None, limit: int = 1000
                                                            "baseline": r.baseline, "threshold": r.threshold}))
     events.sort(key=lambda e: (e.at, e.id))
     return events, cursor
+
+
+def latest_cursor(session: Session) -> Cursor:
+    """The cursor after every event recorded so far (what "from now on" starts at)."""
+    return {source: session.scalar(sa.select(sa.func.coalesce(sa.func.max(table.id), 0))) or 0
+            for source, table in (("alias", AliasEventRow), ("route", RouteEventRow), ("drift", RevalidationRow))}

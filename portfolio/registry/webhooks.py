@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 from portfolio.errors import InvalidState, NotFound
 from portfolio.registry import db
 from portfolio.registry import entities as E
-from portfolio.registry.events import KINDS, SOURCES, Event, read_events
+from portfolio.registry.events import KINDS, SOURCES, Event, latest_cursor, read_events
 from portfolio.registry.models import WebhookDeliveryRow, WebhookRow, utcnow
 
 MAX_ATTEMPTS = 8
@@ -124,7 +124,7 @@ class WebhookMethods:
         kinds = parse_kinds(",".join(kinds))
         secret = secret or secrets.token_hex(32)
         with self._write() as (session, _put):
-            cursor = {s: 0 for s in SOURCES} if past else read_events(session, None, limit=10**9)[1]
+            cursor = {s: 0 for s in SOURCES} if past else latest_cursor(session)
             row = WebhookRow(url=url, kinds=kinds, secret=secret, cursor=cursor, active=True)
             session.add(row)
             session.flush()
