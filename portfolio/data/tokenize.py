@@ -108,6 +108,29 @@ def encode_rows(rows: list[dict[str, Any]], fmt: str, tokenizer: Any, seq_len: i
     return examples
 
 
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation with the assistant's turn opened (without a chat template:
+    the messages' contents, one per line)."""
+    if getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return list(enc["input_ids"])
+    return list(tokenizer("\n".join(m["content"] for m in messages))["input_ids"])
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """(input_ids, attention_mask) of prompts left-padded to the longest, as generation with
+    the KV cache wants them (every row's last token at the same position)."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
     """Right-pad a list of examples into ``input_ids``, ``attention_mask``, ``labels``."""
     import torch

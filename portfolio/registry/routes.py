@@ -54,11 +54,14 @@ def to_event(row: RouteEventRow, router: str) -> RouteEvent:
     return RouteEvent(router, row.version, row.action, row.rule, list(row.rules), bool(row.forced), row.reason, E.as_utc(row.created_at))
 
 
+def _latest(session: Session, router: RouterRow) -> RouteEventRow | None:
+    return session.scalar(sa.select(RouteEventRow).where(RouteEventRow.router_id == router.id)
+                          .order_by(RouteEventRow.version.desc()).limit(1))
+
+
 def current_rules(session: Session, name: str) -> tuple[list[Rule], int]:
     """(the router's rules, its version)."""
-    router = router_row(session, name)
-    latest = session.scalar(sa.select(RouteEventRow).where(RouteEventRow.router_id == router.id)
-                            .order_by(RouteEventRow.version.desc()).limit(1))
+    latest = _latest(session, router_row(session, name))
     if latest is None:
         return [], 0
     return [Rule(**r) for r in latest.rules], latest.version
@@ -109,8 +112,7 @@ def list_routers(session: Session) -> list[tuple[str, int, int, datetime]]:
     """(name, version, rule count, last change) of every router."""
     out = []
     for router in session.scalars(sa.select(RouterRow).order_by(RouterRow.name)):
-        latest = session.scalar(sa.select(RouteEventRow).where(RouteEventRow.router_id == router.id)
-                                .order_by(RouteEventRow.version.desc()).limit(1))
+        latest = _latest(session, router)
         out.append((router.name, latest.version if latest else 0, len(latest.rules) if latest else 0,
                     E.as_utc(latest.created_at if latest else router.created_at)))
     return out
@@ -129,16 +131,17 @@ class RouteMethods:
 
         check_name(router, "router name")
         rule = Rule(to, dict(when or {}), priority)
-        self._check_route_target(to, force)
+        target = self._check_route_target(to, force)
         with self._write() as (session, _put):
             try:
                 rules, _ = current_rules(session, router)
             except RouterNotFound:
                 rules = []
-            forced = force and self.get_version(to).status == "deprecated"
+            forced = force and target.status == "deprecated"
             return record(session, router, "set", f"{rule.label} -> {to}", upsert(rules, rule), reason, forced, create=True)
 
-    def _check_route_target(self, to: str, force: bool) -> None:
+    def _check_route_target(self, to: str, force: bool) -> E.AdapterVersion:
+        """The version ``to`` reaches, if a route may point at it."""
         version = self.get_version(to)
         what = to if to == version.ref else f"{to} is {version.ref}, which"
         if version.status == "archived":
@@ -146,6 +149,7 @@ class RouteMethods:
         if version.status == "deprecated" and not force:
             successor = f" (successor: {version.successor})" if version.successor else ""
             raise InvalidState(f"{what} is deprecated{successor}; pass --force to route to it anyway")
+        return version
 
     def route_remove(self, router: str, when: dict[str, str] | None = None, reason: str | None = None) -> RouteEvent:
         """Remove the rule of ``router`` with conditions ``when`` (none: the default rule)."""

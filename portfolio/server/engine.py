@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from contextlib import nullcontext
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,10 +73,9 @@ class Engine:
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation with the assistant's turn opened."""
-        if self.tokenizer.chat_template:
-            enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-            return list(enc["input_ids"])
-        return self.encode_text("\n".join(m["content"] for m in messages))
+        from portfolio.data.tokenize import chat_prompt_ids
+
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of a plain prompt."""
@@ -151,7 +151,7 @@ class Engine:
         for old in [k for k in self.loaded if k not in in_use][: max(0, len(self.loaded) + 1 - self.max_adapters)]:
             for name in self.loaded.pop(old):
                 self.model.delete_adapter(name)
-        prefix = f"s{len(self.workdir.name)}{abs(hash(key)) % 10**10}_"
+        prefix = f"s{abs(hash(key)) % 10**10}_"
         self.model, names = attach(self.model, self.registry, version.ref, self.workdir / prefix, prefix=prefix)
         self.model.to(self.device).eval()
         self.loaded[key] = names
@@ -160,6 +160,8 @@ class Engine:
     def _generate(self, items: list[tuple[Request, list[str]]], mixed: bool) -> list[Completion]:
         import torch
         from peft import PeftModel
+
+        from portfolio.data.tokenize import left_pad
 
         reqs = [req for req, _ in items]
         peft = isinstance(self.model, PeftModel)
@@ -174,20 +176,13 @@ class Engine:
         if reqs[0].temperature > 0:
             torch.manual_seed(reqs[0].seed)
             sampling = {"do_sample": True, "temperature": reqs[0].temperature}
-        width = max(len(r.prompt_ids) for r in reqs)
-        ids = torch.full((len(reqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(reqs), width), dtype=torch.long)
-        for row, r in enumerate(reqs):
-            ids[row, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[row, width - len(r.prompt_ids):] = 1
-        with torch.no_grad():
-            if not mixed and not items[0][1] and peft:
-                with self.model.disable_adapter():
-                    out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                              max_new_tokens=max(r.max_tokens for r in reqs), pad_token_id=self.pad_id, **sampling)
-            else:
-                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          max_new_tokens=max(r.max_tokens for r in reqs), pad_token_id=self.pad_id, **sampling, **extra)
+        ids, mask = left_pad([r.prompt_ids for r in reqs], self.pad_id)
+        width = ids.shape[1]
+        # the base alone in a batch of its own (a sampled request): no adapter may be active
+        base_only = self.model.disable_adapter() if not mixed and not items[0][1] and peft else nullcontext()
+        with torch.no_grad(), base_only:
+            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                      max_new_tokens=max(r.max_tokens for r in reqs), pad_token_id=self.pad_id, **sampling, **extra)
         self.batches += 1
         eos = self.tokenizer.eos_token_id
         results = []

@@ -180,10 +180,9 @@ class Engine:
 
     def encode(self, chat: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation with the assistant's turn opened."""
-        if self.tokenizer.chat_template:
-            enc = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
-            return list(enc["input_ids"])
-        return self.tokenizer("\n".join(m["content"] for m in chat))["input_ids"]
+        from portfolio.data.tokenize import chat_prompt_ids
+
+        return chat_prompt_ids(self.tokenizer, chat)
 
     def _batches(self, n: int, lengths: list[int]):
         order = sorted(range(n), key=lambda i: lengths[i])  # similar lengths share a batch: less padding
@@ -194,17 +193,13 @@ class Engine:
 
     def generate(self, chats: list[list[dict[str, str]]], max_new_tokens: int, adapter_names: list[str] | None) -> list[str]:
         """Greedy completions, one per chat, in left-padded batches (with the KV cache)."""
-        import torch
+        from portfolio.data.tokenize import left_pad
 
         prompts = [self.encode(c) for c in chats]
         out: list[str] = [""] * len(prompts)
         for idx in self._batches(len(prompts), [len(p) for p in prompts]):
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[row, width - len(prompts[i]):] = 1
+            ids, mask = left_pad([prompts[i] for i in idx], self.pad_id)
+            width = ids.shape[1]
             extra = {"adapter_names": [adapter_names[i] for i in idx]} if adapter_names else {}
             gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                       max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id, **extra)
