@@ -324,6 +324,8 @@ def create_app(registry, engine: Engine, settings: ServerSettings, log=print) ->
                 if len(body) > settings.max_body_bytes:
                     stats.failed(413, time.perf_counter() - started)
                     return _error(413, f"request body over {settings.max_body_bytes:,} bytes")
+                # checked here, not left to FastAPI: some undecodable bodies (raw bytes) get its own
+                # error shape instead of the OpenAI one (tests/test_server.py's property test)
                 try:
                     json.loads(body or b"null")
                 except ValueError:

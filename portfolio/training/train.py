@@ -54,6 +54,7 @@ class Plan:
     replay_sources: list[DatasetSnapshot]
     parent: AdapterVersion | None
     notes: list[str]
+    parent_data: list[str] = field(default_factory=list)  # snapshots the parent's lineage trained on or replayed
 
 
 def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
@@ -105,11 +106,13 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
         raise InvalidTrainConfig(f"--rank {cfg.rank} exceeds the narrowest targeted layer of base {base!r} ({widest}); "
                                  f"a LoRA rank above {widest} adds nothing but parameters")
 
+    # what the parent's lineage trained on or replayed: the default replay sources (train
+    # edges) and, with replay edges, the retention set's strata (`retention_strata`)
+    upstream = [(d.snapshot, d.role) for d in registry.lineage(parent.ref).data if d.role in ("train", "replay")] if parent else []
     if cfg.replay_from:
         sources = registry.get_snapshots(cfg.replay_from)
     elif parent is not None:
-        upstream = [d.snapshot for d in registry.lineage(parent.ref).data if d.role == "train"]
-        sources = registry.get_snapshots(list(dict.fromkeys(upstream)))
+        sources = registry.get_snapshots(list(dict.fromkeys(ref for ref, role in upstream if role == "train")))
     else:
         sources = []
     sources = [s for s in sources if s.ref != snapshot.ref]
@@ -129,7 +132,7 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
         replay_from=[s.ref for s in sources], replay_ratio=cfg.replay_ratio if sources else 0.0,
         kl_weight=kl_weight if replaying else 0.0,
     )
-    return Plan(cfg, snapshot, sources, parent, notes)
+    return Plan(cfg, snapshot, sources, parent, notes, list(dict.fromkeys(ref for ref, _ in upstream)))
 
 
 @dataclass
@@ -142,11 +145,10 @@ class Prepared:
     retention: tuple[str, list[Example]] | None = None  # (retention set ref, one example per row)
 
 
-def retention_strata(registry: Registry, plan: Plan) -> list[str]:
+def retention_strata(plan: Plan) -> list[str]:
     """The earlier snapshots a new version must not forget: what its parent's lineage was
     trained on or replayed, and what it replays, except what it is trained on now."""
-    upstream = [d.snapshot for d in registry.lineage(plan.parent.ref).data if d.role in ("train", "replay")] if plan.parent else []
-    return [s for s in dict.fromkeys(upstream + [s.ref for s in plan.replay_sources]) if s != plan.snapshot.ref]
+    return [s for s in dict.fromkeys(plan.parent_data + [s.ref for s in plan.replay_sources]) if s != plan.snapshot.ref]
 
 
 def prepare_data(registry: Registry, plan: Plan, tokenizer: Any) -> Prepared:
@@ -177,7 +179,7 @@ def prepare_data(registry: Registry, plan: Plan, tokenizer: Any) -> Prepared:
         rows = splits[s.ref][1]
         heldout[s.ref] = (encode_rows(rows, s.format, tokenizer, cfg.seq_len), [r["row"] for r in rows])
     retention = None
-    strata = [] if cfg.full_eval else retention_strata(registry, plan)
+    strata = [] if cfg.full_eval else retention_strata(plan)
     if strata:
         rset = registry.retention_set(cfg.adapter, strata)
         examples = []
