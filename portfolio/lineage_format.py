@@ -22,7 +22,8 @@ def _rows(edge: DataEdge) -> str:
 def _version_line(v: AdapterVersion) -> str:
     alias = f" ({', '.join(v.aliases)})" if v.aliases else ""
     digest = f" artifact {v.artifact_digest[:12]}" if v.artifact_digest else ""
-    return f"{v.ref}{alias} [{v.status}] {v.kind} r={v.rank} alpha={v.alpha:g}{digest}"
+    taint = f" TAINTED by {', '.join(v.tainted_by)}" if v.tainted_by else ""
+    return f"{v.ref}{alias} [{v.status}] {v.kind} r={v.rank} alpha={v.alpha:g}{digest}{taint}"
 
 
 def render_tree(lin: Lineage) -> str:
@@ -46,7 +47,8 @@ def render_tree(lin: Lineage) -> str:
             branch, cont = ("└── ", "    ") if last else ("├── ", "│   ")
             if kind == "data":
                 d = item  # type: ignore[assignment]
-                lines.append(f"{prefix}{branch}{d.role:<6} {d.snapshot} [{d.domain}] sha256 {d.sha256} ({_rows(d)})")
+                state = " PURGED (bytes deleted)" if d.purged else " REVOKED" if d.revoked else ""
+                lines.append(f"{prefix}{branch}{d.role:<6} {d.snapshot} [{d.domain}] sha256 {d.sha256} ({_rows(d)}){state}")
             elif kind == "parent":
                 p = item  # type: ignore[assignment]
                 detail = [p.recipe["method"]] if p.recipe.get("method") else []
@@ -126,3 +128,49 @@ def render_mermaid(lin: Lineage) -> str:
 
 
 RENDERERS = {"tree": render_tree, "dot": render_dot, "mermaid": render_mermaid}
+
+
+def _uses_nodes(uses) -> tuple[list, list]:
+    """(version nodes, edges (source, target, label, dashed)) of a reverse lineage."""
+    edges = []
+    for u in uses.uses:
+        for e in u.edges:
+            label = f"{e['via']} ({e['rows']})" if e["rows"] is not None else e["via"]
+            edges.append((e["source"] if e["source"] != uses.snapshot else "data:" + uses.snapshot, u.version, label, e["via"] == "replay"))
+    return uses.uses, edges
+
+
+def render_uses_dot(uses) -> str:
+    """Reverse lineage of a snapshot as Graphviz DOT (data at the bottom, descendants above)."""
+    versions, edges = _uses_nodes(uses)
+    state = " REVOKED" if uses.revoked else ""
+    out = ["digraph uses {", "  rankdir=BT;", '  node [fontname="Helvetica", fontsize=10];',
+           f"  {_dot_id('data:' + uses.snapshot)} [shape=cylinder, label={_label(uses.snapshot + state, 'sha256 ' + uses.sha256[:12])}];"]
+    for u in versions:
+        fill = ', style="filled", fillcolor="#fee2e2"' if uses.revoked else ""
+        head = u.version + (f" ({', '.join(u.aliases)})" if u.aliases else "")
+        out.append(f"  {_dot_id(u.version)} [shape=box{fill}, label={_label(head, u.status)}];")
+    for source, target, label, dashed in edges:
+        out.append(f"  {_dot_id(source)} -> {_dot_id(target)} [label={_dot_id(label)}{', style=dashed' if dashed else ''}];")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def render_uses_mermaid(uses) -> str:
+    """Reverse lineage of a snapshot as a Mermaid flowchart."""
+    ids: dict[str, str] = {}
+
+    def node(key: str) -> str:
+        return ids.setdefault(key, f"n{len(ids)}")
+
+    versions, edges = _uses_nodes(uses)
+    state = "<br/>REVOKED" if uses.revoked else ""
+    out = ["flowchart BT", f'  {node("data:" + uses.snapshot)}[("{uses.snapshot}<br/>sha256 {uses.sha256[:12]}{state}")]']
+    for u in versions:
+        alias = f"<br/>({', '.join(u.aliases)})" if u.aliases else ""
+        out.append(f'  {node(u.version)}["{u.version}{alias}<br/>{u.status}"]')
+    for source, target, label, dashed in edges:
+        out.append(f"  {node(source)} {'-.->' if dashed else '-->'}|{label}| {node(target)}")
+    if uses.revoked:
+        out += [f"  style {node(u.version)} fill:#fee2e2" for u in versions]
+    return "\n".join(out) + "\n"

@@ -48,7 +48,7 @@ def webhook_group() -> None:
 
 @webhook_group.command("add")
 @click.argument("url")
-@click.option("--on", "kinds", default="promote,override,rollback,refused,route,drift", show_default=True,
+@click.option("--on", "kinds", default="promote,override,rollback,refused,route,drift,revoke,purge", show_default=True,
               help="Event kinds to send, comma-separated, or all.")
 @click.option("--secret", default=None, help="Signing secret [generated and printed once].")
 @click.option("--past", is_flag=True, help="Also send the events recorded before now.")

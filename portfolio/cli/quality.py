@@ -270,10 +270,13 @@ def revalidate(ctx: click.Context, target: str, data: tuple[str, ...], suites: t
 @click.argument("name")
 @click.option("--alias", default="production", show_default=True, help="Alias to move back.")
 @click.option("--reason", default=None, help="Why (kept in the alias history).")
+@click.option("--force", is_flag=True, help="Roll back even to a version tainted by revoked data (needs --reason).")
 @click.pass_context
-def rollback(ctx: click.Context, name: str, alias: str, reason: str | None) -> None:
+def rollback(ctx: click.Context, name: str, alias: str, reason: str | None, force: bool) -> None:
     """Move NAME@ALIAS back to the version it pointed at before."""
-    e = _registry(ctx).rollback(name, alias, reason)
+    if force and not (reason and reason.strip()):
+        raise click.UsageError("--force needs --reason TEXT: overrides are recorded with why")
+    e = _registry(ctx).rollback(name, alias, reason, force=force)
     click.echo(f"{name}@{alias} -> {name}@{e.to_version} (rolled back from {name}@{e.from_version})")
 
 

@@ -118,7 +118,9 @@ def data_list(ctx: click.Context, name: str | None, domain: str | None, as_json:
     snaps = _registry(ctx).list_snapshots(name, domain)
     if as_json:
         return _emit_json([s.to_dict() for s in snaps])
-    click.echo(_table([[s.ref, s.domain, s.format, s.row_count, s.sha256[:16], _when(s.created_at)] for s in snaps], ["SNAPSHOT", "DOMAIN", "FORMAT", "ROWS", "SHA256", "CREATED"]))
+    click.echo(_table([[s.ref, s.domain, s.format, s.row_count, s.sha256[:16], _when(s.created_at),
+                        "purged" if s.purged else "revoked" if s.revoked else ""] for s in snaps],
+                      ["SNAPSHOT", "DOMAIN", "FORMAT", "ROWS", "SHA256", "CREATED", "STATE"]))
 
 
 @data_group.command("show")
@@ -126,7 +128,8 @@ def data_list(ctx: click.Context, name: str | None, domain: str | None, as_json:
 @click.pass_context
 def data_show(ctx: click.Context, ref: str) -> None:
     """Show one snapshot (NAME@V) as JSON, with its files and their sha256."""
-    _emit_json(_registry(ctx).get_snapshot(ref).to_dict())
+    snap = _registry(ctx).get_snapshot(ref)
+    _emit_json(snap.to_dict() | {"revoked": snap.revoked, "purged": snap.purged})
 
 
 # -- adapters -------------------------------------------------------------------------
@@ -171,7 +174,7 @@ def list_cmd(ctx: click.Context, adapter: str | None, status: str | None, domain
     if as_json:
         return _emit_json([v.to_dict() for v in versions])
     click.echo(_table(
-        [[v.ref, v.domain, v.status + (" (drifted)" if v.drifted else ""), ",".join(v.aliases), v.rank, v.base_model, ",".join(f"{k}={x}" for k, x in v.tags.items()), _when(v.created_at)] for v in versions],
+        [[v.ref, v.domain, v.status + (" (drifted)" if v.drifted else "") + (" (TAINTED)" if v.tainted else ""), ",".join(v.aliases), v.rank, v.base_model, ",".join(f"{k}={x}" for k, x in v.tags.items()), _when(v.created_at)] for v in versions],
         ["VERSION", "DOMAIN", "STATUS", "ALIASES", "RANK", "BASE", "TAGS", "CREATED"],
     ))
 
@@ -192,6 +195,7 @@ def show(ctx: click.Context, ref: str, as_json: bool) -> None:
     fields = [
         ("version", v.ref), ("status", v.status + (f" ({v.status_reason})" if v.status_reason else "")),
         ("drift", "DRIFTED on fresh data (see `portfolio revalidate`)" if v.drifted else None),
+        ("taint", f"TAINTED: descends from revoked data {', '.join(v.tainted_by)} (see `portfolio data uses`)" if v.tainted else None),
         ("successor", v.successor), ("domain", v.domain), ("base", v.base_model), ("kind", v.kind),
         ("rank", v.rank), ("alpha", f"{v.alpha:g}"), ("targets", ", ".join(v.target_modules)),
         ("parts", " + ".join(f"{c['weight']:g}·{c['ref']}" for c in v.lora_config.get("components", [])) if v.kind == "stack" else None),
@@ -241,7 +245,7 @@ def alias_group() -> None:
 @click.argument("alias")
 @click.argument("version")
 @click.option("--reason", default=None, help="Why the alias moves (kept in the history).")
-@click.option("--force", is_flag=True, help="Allow a deprecated version.")
+@click.option("--force", is_flag=True, help="Allow a deprecated version, or one tainted by revoked data (needs --reason).")
 @click.pass_context
 def alias_set(ctx: click.Context, name: str, alias: str, version: str, reason: str | None, force: bool) -> None:
     """Point NAME@ALIAS at VERSION (a number or another alias)."""

@@ -9,6 +9,7 @@ from portfolio.errors import AdapterNotFound, InvalidState
 from portfolio.evaluation.evaluate import DEFAULT_SEQ_LEN, evaluate, retention_target
 from portfolio.evaluation.gates import GateCheck, GatePolicy, check_gates, check_suite_gates, relative_improvement
 from portfolio.registry.entities import AliasEvent, Lineage
+from portfolio.registry.governance import DataRevoked
 from portfolio.registry.refs import VERSION_RE
 from portfolio.registry.registry import Registry
 
@@ -35,7 +36,7 @@ class PromoteOutcome:
 
 
 def _train_snapshots(lineage: Lineage) -> list[str]:
-    return [d.snapshot for d in lineage.data if d.version == lineage.root and d.role == "train"]
+    return [d.snapshot for d in lineage.data if d.version == lineage.root and d.role == "train" and not d.revoked]
 
 
 def promote(registry: Registry, ref: str, alias: str = "production", *, force: bool = False, reason: str | None = None,
@@ -52,6 +53,12 @@ def promote(registry: Registry, ref: str, alias: str = "production", *, force: b
     if force and not (reason and reason.strip()):
         raise InvalidState("--force needs --reason TEXT: overrides are recorded with why")
     candidate = registry.get_version(ref)
+    if candidate.tainted:
+        why = f"tainted: descends from revoked data {', '.join(candidate.tainted_by)}"
+        if not force:
+            registry.record_refusal(candidate.adapter, alias, candidate.ref, why)
+            raise DataRevoked(f"{candidate.ref} is {why}; retrain without it, or pass --force --reason TEXT (recorded as an override)")
+        log(f"{candidate.ref} is {why}; forced by --force")
     try:
         incumbent = registry.get_version(f"{candidate.adapter}@{alias}").ref
     except AdapterNotFound:
@@ -86,9 +93,10 @@ def promote(registry: Registry, ref: str, alias: str = "production", *, force: b
     if passed or force:
         # name the retention set version, so that the decision can be replayed on its exact rows
         why = reason or f"gates passed ({len(checks)} checks{f'; retention on {rset.ref}' if rset is not None else ''})"
-        event = registry.set_alias(candidate.adapter, alias, candidate.version, reason=why, force=force and not passed,
-                                   action="promote" if passed else "override")
-        return PromoteOutcome(candidate.ref, incumbent, alias, policy, checks, True, force and not passed, event, suite_scores)
+        overridden = force and (not passed or candidate.tainted)
+        event = registry.set_alias(candidate.adapter, alias, candidate.version, reason=why, force=overridden,
+                                   action="override" if overridden else "promote")
+        return PromoteOutcome(candidate.ref, incumbent, alias, policy, checks, True, overridden, event, suite_scores)
     failed = "; ".join(describe_failure(c) for c in checks if not c.passed)
     registry.record_refusal(candidate.adapter, alias, candidate.ref, f"gates failed: {failed}")
     return PromoteOutcome(candidate.ref, incumbent, alias, policy, checks, False, False, None, suite_scores)
@@ -99,9 +107,12 @@ def retention_plan(registry: Registry, adapter: str, lineage: Lineage, policy: G
     with this lineage: the policy's own snapshots; else, with ``full``, every earlier snapshot
     upstream; else the adapter's retention set restricted to those snapshots."""
     fresh = _train_snapshots(lineage)
-    upstream = list(dict.fromkeys(d.snapshot for d in lineage.data if d.role in ("train", "replay") and d.snapshot not in fresh))
+    # a revoked snapshot is not scored again (a purged one has no rows left to score)
+    upstream = list(dict.fromkeys(d.snapshot for d in lineage.data
+                                  if d.role in ("train", "replay") and d.snapshot not in fresh and not d.revoked))
     if policy.retention or full:
-        return [s for s in dict.fromkeys(policy.retention or upstream) if s not in fresh], [], None
+        revoked = {s.ref for s in registry.get_snapshots(policy.retention) if s.revoked} if policy.retention else set()
+        return [s for s in dict.fromkeys(policy.retention or upstream) if s not in fresh and s not in revoked], [], None
     if not upstream:
         return [], [], None
     rset = registry.retention_set(adapter, upstream)

@@ -67,11 +67,26 @@ class DatasetSnapshot(Entity):
     source_uri: str | None
     license: str | None
     created_at: datetime
+    # data governance (`registry.governance`): withdrawn, and whether its bytes are gone
+    revoked_at: datetime | None = None
+    revoked_by: str | None = None
+    revoke_reason: str | None = None
+    purged_at: datetime | None = None
 
     @property
     def ref(self) -> str:
         """``NAME@VERSION``."""
         return f"{self.name}@{self.version}"
+
+    @property
+    def revoked(self) -> bool:
+        """Whether the snapshot was withdrawn (`portfolio data revoke`)."""
+        return self.revoked_at is not None
+
+    @property
+    def purged(self) -> bool:
+        """Whether its stored bytes and rows were deleted (`portfolio data purge`)."""
+        return self.purged_at is not None
 
 
 @dataclass(frozen=True)
@@ -98,11 +113,18 @@ class AdapterVersion(Entity):
     successor: str | None = None
     run_id: int | None = None
     drifted: bool = False
+    # the revoked snapshots it descends from (`registry.governance`); empty when clean
+    tainted_by: list[str] = field(default_factory=list)
 
     @property
     def ref(self) -> str:
         """``NAME@VERSION``."""
         return f"{self.adapter}@{self.version}"
+
+    @property
+    def tainted(self) -> bool:
+        """Whether revoked data went into its weights (itself or an ancestor)."""
+        return bool(self.tainted_by)
 
 
 @dataclass(frozen=True)
@@ -131,6 +153,8 @@ class DataEdge(Entity):
     n_rows: int
     row_ids: list[int] | None
     files: list[dict[str, Any]]
+    revoked: bool = False
+    purged: bool = False
 
 
 @dataclass(frozen=True)

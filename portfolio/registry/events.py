@@ -1,6 +1,6 @@
 """One stream of what happened to the portfolio, read from the append-only records that already
 hold it: alias events (set, promote, refused, override, rollback, remove), route events (route
-set, remove, rollback) and revalidations that found drift. Nothing is written twice; an event's
+set, remove, rollback), revalidations that found drift, and data revocations and purges. Nothing is written twice; an event's
 id is its source and row id (``alias:12``), and a cursor is the last row id seen per source.
 Webhooks (`registry.webhooks`) deliver the same events."""
 
@@ -18,6 +18,7 @@ from portfolio.registry.models import (
     AdapterRow,
     AdapterVersionRow,
     AliasEventRow,
+    DataEventRow,
     DatasetSnapshotRow,
     RevalidationRow,
     RouteEventRow,
@@ -25,8 +26,8 @@ from portfolio.registry.models import (
     SuiteSnapshotRow,
 )
 
-SOURCES = ("alias", "route", "drift")
-KINDS = ("set", "promote", "refused", "override", "rollback", "remove", "route", "drift")
+SOURCES = ("alias", "route", "drift", "data")
+KINDS = ("set", "promote", "refused", "override", "rollback", "remove", "route", "drift", "revoke", "purge")
 Cursor = dict[str, int]
 
 
@@ -88,6 +89,16 @@ def read_events(session: Session, after: Cursor | None = None, limit: int = 1000
         events.append(Event(f"drift:{r.id}", "drift", adapters[adapter_id], f"{ref} drifted on {on}: {r.metric} {r.value:.4f} vs {r.baseline:.4f}",
                             None, E.as_utc(r.created_at), {"version": ref, "on": on, "metric": r.metric, "value": r.value,
                                                            "baseline": r.baseline, "threshold": r.threshold}))
+    for r, name, number, sha in session.execute(
+        sa.select(DataEventRow, DatasetSnapshotRow.name, DatasetSnapshotRow.version, DatasetSnapshotRow.sha256)
+        .join(DatasetSnapshotRow, DatasetSnapshotRow.id == DataEventRow.snapshot_id)
+        .where(DataEventRow.id > after["data"]).order_by(DataEventRow.id).limit(limit)
+    ):
+        cursor["data"] = r.id
+        ref = f"{name}@{number}"
+        what = "revoked" if r.action == "revoke" else f"purged ({r.detail.get('bytes', 0):,} bytes deleted)"
+        events.append(Event(f"data:{r.id}", r.action, ref, f"dataset {ref} {what} by {r.actor}", r.reason, E.as_utc(r.created_at),
+                            {"snapshot": ref, "sha256": sha, "actor": r.actor, **dict(r.detail or {})}))
     events.sort(key=lambda e: (e.at, e.id))
     return events, cursor
 
@@ -95,4 +106,4 @@ def read_events(session: Session, after: Cursor | None = None, limit: int = 1000
 def latest_cursor(session: Session) -> Cursor:
     """The cursor after every event recorded so far (what "from now on" starts at)."""
     return {source: session.scalar(sa.select(sa.func.coalesce(sa.func.max(table.id), 0))) or 0
-            for source, table in (("alias", AliasEventRow), ("route", RouteEventRow), ("drift", RevalidationRow))}
+            for source, table in (("alias", AliasEventRow), ("route", RouteEventRow), ("drift", RevalidationRow), ("data", DataEventRow))}

@@ -5,7 +5,8 @@ evaluations and run, so `lineage` still traces through it to the dataset bytes. 
 go, and only when nothing live needs them:
 
 - a blob is **live** if a version that is not archived uses it (weights or config; identical
-  bytes are shared between versions) or a dataset snapshot does (snapshots are never retired);
+  bytes are shared between versions) or a dataset snapshot does (snapshots are never retired,
+  only purged after a revocation: `registry.governance`);
 - a blob's bytes are deleted while its `artifacts` row is locked, then the row is marked
   ``removed_at`` in the same transaction. A writer that reuses the same bytes locks the row
   too and writes the bytes back (`Registry._write`), so a concurrent register never ends up
@@ -31,6 +32,7 @@ from portfolio.registry.models import (
     AliasRow,
     ArtifactRow,
     BaseModelRow,
+    DataEventRow,
     DatasetSnapshotRow,
     RunRow,
     SuiteSnapshotRow,
@@ -117,7 +119,11 @@ def live_digests(session: Session) -> set[str]:
         sa.select(AdapterVersionRow.artifact_digest, AdapterVersionRow.config_digest).where(AdapterVersionRow.status != "archived")
     ):
         live.update(d for d in (weights, config) if d)
-    for files, rows_digest in session.execute(sa.select(DatasetSnapshotRow.files, DatasetSnapshotRow.rows_digest)):
+    # snapshots are never retired, except by purge (`registry.governance`), which gives their bytes up
+    purged = sa.select(DataEventRow.snapshot_id).where(DataEventRow.action == "purge")
+    for files, rows_digest in session.execute(
+        sa.select(DatasetSnapshotRow.files, DatasetSnapshotRow.rows_digest).where(DatasetSnapshotRow.id.notin_(purged))
+    ):
         live.update(f["sha256"] for f in files)
         live.add(rows_digest)
     live.update(session.scalars(sa.select(SuiteSnapshotRow.sha256)))  # suites are never retired either

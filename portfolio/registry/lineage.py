@@ -168,6 +168,9 @@ def _lineage(session: Session, root: AdapterVersionRow) -> E.Lineage:
         }
     successors.update(label)
 
+    from portfolio.registry.governance import data_events, taint
+
+    tainted = taint(session)
     new, Version, no_tags = object.__new__, E.AdapterVersion, {}
     versions = {}
     for (vid, adapter_id, version, status, kind, digest, rank, alpha, targets, config, n_params, description, created,
@@ -180,6 +183,7 @@ def _lineage(session: Session, root: AdapterVersionRow) -> E.Lineage:
             "lora_config": dict(decode(config)), "n_params": n_params, "description": description, "created_at": _when(created),
             "aliases": aliases.get(vid, []), "tags": dict(tags.get(vid, no_tags)), "status_reason": status_reason,
             "successor": successors.get(successor_id) if successor_id else None, "run_id": run_id, "drifted": bool(drifted),
+            "tainted_by": list(tainted.get(vid, ())),
         })
 
     parents = []
@@ -195,6 +199,7 @@ def _lineage(session: Session, root: AdapterVersionRow) -> E.Lineage:
         s.id: s
         for s in conn.execute(sa.select(DatasetSnapshotRow.__table__).where(DatasetSnapshotRow.id.in_({r[1] for r in data_rows})))
     } if data_rows else {}
+    withdrawn = data_events(session, list(snapshots))
     snap_of = {i: (f"{s.name}@{s.version}", s.sha256, s.domain, decode(s.files)) for i, s in snapshots.items()}
     data = []
     Edge = E.DataEdge
@@ -205,6 +210,7 @@ def _lineage(session: Session, root: AdapterVersionRow) -> E.Lineage:
         obj.__dict__.update({
             "version": label[version_id], "snapshot": snap_label, "role": role, "sha256": sha256, "domain": domain,
             "n_rows": n_rows, "row_ids": list(ids) if ids is not None else None, "files": list(files),
+            "revoked": "revoke" in withdrawn.get(snapshot_id, ()), "purged": "purge" in withdrawn.get(snapshot_id, ()),
         })
     run_ids = {r[15] for r in rows if r[15]}
     runs = []

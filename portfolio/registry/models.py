@@ -474,3 +474,20 @@ class WebhookDeliveryRow(Base):
     last_error: Mapped[Optional[str]] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[Optional[datetime]] = mapped_column()
+
+
+class DataEventRow(Base):
+    """Append-only: a dataset snapshot revoked (withdrawn: never trained on or replayed again,
+    its descendants tainted) or purged (its stored bytes and rows deleted, its sha256 and
+    metadata kept). One of each at most per snapshot; never deleted (`registry.governance`)."""
+
+    __tablename__ = "data_events"
+    __table_args__ = (UniqueConstraint("snapshot_id", "action"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    snapshot_id: Mapped[int] = mapped_column(ForeignKey("dataset_snapshots.id"), index=True)
+    action: Mapped[str] = mapped_column(String(20))  # revoke | purge
+    actor: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[Optional[str]] = mapped_column(Text)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)  # purge: the blobs deleted and their sizes
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -126,8 +126,17 @@ def to_base(row: BaseModelRow) -> E.BaseModel:
     )
 
 
-def to_snapshot(row: DatasetSnapshotRow) -> E.DatasetSnapshot:
-    """Row -> entity."""
+def to_snapshot(row: DatasetSnapshotRow, events: dict[str, Any] | None = None) -> E.DatasetSnapshot:
+    """Row -> entity. ``events`` are its data events by action (`governance.data_events`);
+    when None they are read from the row's session."""
+    if events is None:
+        from sqlalchemy.orm import object_session
+
+        from portfolio.registry.governance import data_events
+
+        session = object_session(row)
+        events = data_events(session, [row.id]).get(row.id, {}) if session is not None else {}
+    revoke, purge = events.get("revoke"), events.get("purge")
     return E.DatasetSnapshot(
         name=row.name,
         version=row.version,
@@ -141,6 +150,10 @@ def to_snapshot(row: DatasetSnapshotRow) -> E.DatasetSnapshot:
         source_uri=row.source_uri,
         license=row.license,
         created_at=as_utc(row.created_at),
+        revoked_at=as_utc(revoke.created_at) if revoke else None,
+        revoked_by=revoke.actor if revoke else None,
+        revoke_reason=revoke.reason if revoke else None,
+        purged_at=as_utc(purge.created_at) if purge else None,
     )
 
 
@@ -240,13 +253,16 @@ def to_versions(session: Session, rows: Iterable[AdapterVersionRow]) -> list[E.A
                 .where(AdapterVersionRow.id.in_(successor_ids))
             )
         }
+    from portfolio.registry.governance import taint
+
+    tainted = taint(session)
     out = []
     for r in rows:
         adapter, base_name = adapters[r.adapter_id]
         out.append(
             to_version(
                 r, adapter, base_name, aliases.get(r.id, []), tags.get(r.id, {}),
-                successors.get(r.successor_id) if r.successor_id else None,
+                successors.get(r.successor_id) if r.successor_id else None, tainted.get(r.id),
             )
         )
     return out
@@ -259,6 +275,7 @@ def to_version(
     aliases: list[str] | None = None,
     tags: dict[str, str] | None = None,
     successor: str | None = None,
+    tainted_by: list[str] | None = None,
 ) -> E.AdapterVersion:
     """One row -> entity, when its adapter and base are already at hand."""
     return E.AdapterVersion(
@@ -282,6 +299,7 @@ def to_version(
         successor=successor,
         run_id=r.run_id,
         drifted=bool(r.drifted),
+        tainted_by=list(tainted_by or []),
     )
 
 

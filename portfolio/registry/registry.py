@@ -21,8 +21,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from portfolio import adapter_files, basemodel
 from portfolio.data import formats
 from portfolio.errors import AlreadyExists, IncompatibleAdapter, InvalidAdapter, InvalidState
-from portfolio.registry import db, lifecycle, quality, queries, runs, suites
+from portfolio.registry import db, governance, lifecycle, quality, queries, runs, suites
 from portfolio.registry import entities as E
+from portfolio.registry.governance import DataRevoked, GovernanceMethods
 from portfolio.registry.lineage import lineage as _lineage
 from portfolio.registry.retention import RetentionMethods
 from portfolio.registry.routes import RouteMethods
@@ -86,7 +87,7 @@ class EvalSpec:
 ROWS_CACHE_LIMIT = 500_000  # parsed snapshot rows kept in memory per process
 
 
-class Registry(RetentionMethods, RouteMethods, WebhookMethods):
+class Registry(RetentionMethods, RouteMethods, WebhookMethods, GovernanceMethods):
     """Adapters, their versions, lineage and data provenance, in a database plus a store."""
 
     def __init__(self, engine: sa.Engine, store: LocalStore):
@@ -278,7 +279,11 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods):
                     sa.select(DatasetSnapshotRow).where(DatasetSnapshotRow.name == name, DatasetSnapshotRow.sha256 == sha)
                 )
                 if existing is not None:
-                    return queries.to_snapshot(existing), False
+                    snapshot = queries.to_snapshot(existing)
+                    if snapshot.revoked:
+                        raise DataRevoked(f"these bytes are {snapshot.ref}, revoked on {snapshot.revoked_at:%Y-%m-%d} by "
+                                          f"{snapshot.revoked_by} ({snapshot.revoke_reason}); revoked data is not registered again")
+                    return snapshot, False
                 for pf in parsed:
                     put(pf.path, "dataset_file")
                 rows_digest = put(rows_file.name, "dataset_rows")
@@ -308,7 +313,7 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods):
     def get_snapshots(self, refs: list[str]) -> list[E.DatasetSnapshot]:
         """The snapshots ``NAME@V`` of ``refs``, in order (fewer queries than one `get_snapshot` each)."""
         with self._read() as session:
-            return [queries.to_snapshot(r) for r in queries.snapshot_rows_many(session, list(refs))]
+            return _snapshots(session, queries.snapshot_rows_many(session, list(refs)))
 
     def list_snapshots(self, name: str | None = None, domain: str | None = None) -> list[E.DatasetSnapshot]:
         """Snapshots, optionally of one dataset or one domain."""
@@ -318,7 +323,7 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods):
         if domain:
             query = query.where(DatasetSnapshotRow.domain == domain)
         with self._read() as session:
-            return [queries.to_snapshot(r) for r in session.scalars(query)]
+            return _snapshots(session, session.scalars(query).all())
 
     def snapshot_rows(self, ref: str | E.DatasetSnapshot) -> list[dict[str, Any]]:
         """The snapshot's rows exactly as registered: ``{"row", "sha", "data"}`` each.
@@ -327,6 +332,9 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods):
         every earlier snapshot each cycle (replay, the retention set), and their bytes never
         change. The list is shared: read it, never modify it."""
         snapshot = ref if isinstance(ref, E.DatasetSnapshot) else self.get_snapshot(ref)
+        if snapshot.purged:
+            raise DataRevoked(f"{snapshot.ref} was purged on {snapshot.purged_at:%Y-%m-%d} (revoked: {snapshot.revoke_reason}); "
+                              f"its rows are gone, only its sha256 {snapshot.sha256[:12]} and metadata remain")
         rows = self._rows_cache.pop(snapshot.rows_digest, None)
         if rows is None:
             rows = formats.read_rows(self.store.read_bytes(snapshot.rows_digest, f"the rows of {snapshot.ref}"))
@@ -401,6 +409,11 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods):
             db.lock_name(session, "adapter", name)
             base_row = queries.base_row(session, base)
             snapshots = [(queries.snapshot_row(session, d.ref), d) for d in data]
+            withdrawn = governance.data_events(session, [s.id for s, d in snapshots if d.role in governance.WEIGHT_ROLES])
+            for snap, spec in snapshots:
+                if "revoke" in withdrawn.get(snap.id, {}) and spec.role in governance.WEIGHT_ROLES:
+                    raise DataRevoked(f"{snap.name}@{snap.version} is revoked; a new version cannot be {spec.role}ed on it "
+                                      "(see `portfolio data events`)")
             for snap, d in snapshots:
                 bad = [i for i in d.row_ids or [] if not 0 <= i < snap.row_count]
                 if bad:
@@ -560,6 +573,14 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods):
                 )
             if target.status == "archived":
                 raise InvalidState(f"{target_ref} is archived and has no artifact to serve")
+            tainted_by = governance.taint(session).get(target.id)
+            if tainted_by and not force:
+                raise DataRevoked(
+                    f"{target_ref} is tainted: it descends from revoked data {', '.join(tainted_by)}; retrain without it, or "
+                    f"pass --force --reason TEXT to point {alias!r} at it anyway (recorded as an override)"
+                )
+            if tainted_by and not (reason and reason.strip()):
+                raise InvalidState(f"{target_ref} is tainted by {', '.join(tainted_by)}: forcing it needs --reason TEXT")
             row = session.scalar(sa.select(AliasRow).where(AliasRow.adapter_id == target.adapter_id, AliasRow.name == alias).with_for_update())
             previous = row.version_id if row else None
             if row is None:
@@ -575,7 +596,7 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods):
                 from_version_id=previous,
                 to_version_id=target.id,
                 action=action,
-                forced=force and action != "rollback",
+                forced=(force and action != "rollback") or bool(tainted_by),
                 reason=reason,
             )
             session.add(event)
@@ -873,10 +894,15 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods):
         with self._write() as (session, _put):
             quality.record_refusal(session, adapter, alias, candidate, reason)
 
-    def rollback(self, adapter: str, alias: str = "production", reason: str | None = None) -> E.AliasEvent:
-        """Move an alias back to the version it pointed at before, through its history."""
+    def rollback(self, adapter: str, alias: str = "production", reason: str | None = None, force: bool = False) -> E.AliasEvent:
+        """Move an alias back to the version it pointed at before, through its history. A
+        version tainted by revoked data since is refused unless ``force`` (with a reason)."""
         with self._read() as session:
             target = quality.rollback_target(session, adapter, alias)
+            tainted_by = governance.taint(session).get(queries.version_row(session, f"{adapter}@{target}").id)
+        if tainted_by and not force:
+            raise DataRevoked(f"{adapter}@{target}, the version before, is tainted by revoked data {', '.join(tainted_by)}; "
+                              f"point {alias!r} at a clean version with `portfolio alias set`, or pass --force --reason TEXT")
         return self.set_alias(adapter, alias, target, reason=reason or "rollback", force=True, action="rollback")
 
     def record_revalidations(self, ref: str, alias: str | None, results: list[dict[str, Any]]) -> None:
@@ -891,6 +917,12 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods):
         each missing or corrupt one and what uses it."""
         with self._read() as session:
             return lifecycle.verify(session, self.store)
+
+def _snapshots(session: Session, rows: list[DatasetSnapshotRow]) -> list[E.DatasetSnapshot]:
+    """Rows -> entities, their data events read in one query."""
+    events = governance.data_events(session, [r.id for r in rows])
+    return [queries.to_snapshot(r, events.get(r.id, {})) for r in rows]
+
 
 def _default_source(parsed: list[formats.ParsedFile]) -> str:
     """Where the files came from when no --source is given: the file, or their folder."""

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from portfolio.errors import AdapterNotFound, NotFound
 from portfolio.evaluation import retention as sampling
 from portfolio.registry import db, queries
+from portfolio.registry.governance import revoked_snapshot_ids
 from portfolio.registry import entities as E
 from portfolio.registry.models import DatasetSnapshotRow, ExampleScoreRow, RetentionSetRow, utcnow
 
@@ -82,12 +83,16 @@ def ensure_set(session: Session, adapter: str, strata: list[str], size: int, see
     db.lock_name(session, "retention", adapter)
     snaps = queries.snapshot_rows_many(session, list(dict.fromkeys(strata)))
     latest = _latest(session, a.id)
-    known = [int(s) for s, _ in latest.strata] if latest else []
+    # a revoked snapshot leaves the set: its share goes back to the others by a fresh draw
+    revoked = revoked_snapshot_ids(session)
+    snaps = [s for s in snaps if s.id not in revoked]
+    known = [int(s) for s, _ in latest.strata if int(s) not in revoked] if latest else []
+    same = latest is not None and latest.size == size and latest.seed == seed and len(known) == len(latest.strata)
     missing = [s for s in snaps if s.id not in known]
-    if latest is not None and not missing and latest.size == size and latest.seed == seed:
+    if same and not missing:
         return to_set(session, latest, adapter)
     ref_of = {s.id: f"{s.name}@{s.version}" for s in snaps} | _labels(session, set(known) - {s.id for s in snaps})
-    if latest is not None and latest.size == size and latest.seed == seed:
+    if same:
         old = [sampling.Member(int(s), int(r), p) for s, r, p in latest.members]
         counts = {int(s): int(n) for s, n in latest.strata}
         new = {s.id: list(heldout(ref_of[s.id])) for s in missing}

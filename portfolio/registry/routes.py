@@ -137,7 +137,7 @@ class RouteMethods:
                 rules, _ = current_rules(session, router)
             except RouterNotFound:
                 rules = []
-            forced = force and target.status == "deprecated"
+            forced = force and (target.status == "deprecated" or target.tainted)
             return record(session, router, "set", f"{rule.label} -> {to}", upsert(rules, rule), reason, forced, create=True)
 
     def _check_route_target(self, to: str, force: bool) -> E.AdapterVersion:
@@ -146,6 +146,9 @@ class RouteMethods:
         what = to if to == version.ref else f"{to} is {version.ref}, which"
         if version.status == "archived":
             raise InvalidState(f"{what} is archived and cannot be served; route to its successor")
+        if version.tainted and not force:
+            raise InvalidState(f"{what} is tainted by revoked data {', '.join(version.tainted_by)}; route to a clean version, "
+                               "or pass --force --reason TEXT")
         if version.status == "deprecated" and not force:
             successor = f" (successor: {version.successor})" if version.successor else ""
             raise InvalidState(f"{what} is deprecated{successor}; pass --force to route to it anyway")

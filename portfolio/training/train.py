@@ -61,6 +61,7 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
     """Resolve every reference and default; raise on anything that would fail later."""
     notes: list[str] = []
     snapshot = registry.get_snapshot(cfg.data)
+    registry.check_usable([snapshot.ref] + list(cfg.replay_from or []), "training or replay")
     try:
         existing = registry.list_versions(adapter=cfg.adapter)
     except AdapterNotFound:
@@ -116,6 +117,13 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
     else:
         sources = []
     sources = [s for s in sources if s.ref != snapshot.ref]
+    withdrawn = [s.ref for s in sources if s.revoked]
+    if withdrawn:
+        notes.append(f"not replaying {', '.join(withdrawn)}: revoked")
+        sources = [s for s in sources if not s.revoked]
+    if parent is not None and parent.tainted:
+        notes.append(f"{parent.ref} is tainted by revoked data ({', '.join(parent.tainted_by)}): the new version inherits it "
+                     "and cannot be promoted; train a fresh adapter, or --from a clean version")
     if cfg.replay_ratio > 0 and not sources:
         notes.append("no earlier snapshots to replay (first version, no --replay-from): training without replay")
         if cfg.kl_weight:
@@ -132,7 +140,8 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
         replay_from=[s.ref for s in sources], replay_ratio=cfg.replay_ratio if sources else 0.0,
         kl_weight=kl_weight if replaying else 0.0,
     )
-    return Plan(cfg, snapshot, sources, parent, notes, list(dict.fromkeys(ref for ref, _ in upstream)))
+    revoked = {s.ref for s in registry.get_snapshots(list(dict.fromkeys(ref for ref, _ in upstream))) if s.revoked}
+    return Plan(cfg, snapshot, sources, parent, notes, [ref for ref in dict.fromkeys(ref for ref, _ in upstream) if ref not in revoked])
 
 
 @dataclass

@@ -1,0 +1,338 @@
+"""Data governance: lineage read backwards, and withdrawing a dataset snapshot.
+
+Forward lineage answers "which data made this version?"; a withdrawal (a licence problem,
+personal data found) asks the reverse: which versions did this snapshot produce? Replay keeps
+old rows alive in new versions, so the answer is every version that
+
+- was trained on the snapshot, or replayed rows of it (its ``train``/``replay`` data edges), or
+- inherits weights from such a version through a ``finetune``, ``merge`` or ``stack`` edge,
+  however far down.
+
+One recursive CTE walks that set (`downstream_cte`); evaluation edges do not count, since
+scoring a model on data puts none of it in the weights.
+
+Withdrawal is recorded, never erased (``data_events``, append-only, who/when/why):
+
+- **revoke** taints every downstream version: `list`/`show`/the dashboard flag it, alias moves,
+  promotions and routes refuse it unless forced with a reason (recorded as an override), and
+  training and the scheduler never train on or replay its rows again;
+- **purge** (only after revoke) deletes the snapshot's stored bytes (its files and rows) and
+  keeps its row: name, sha256, sizes, source, licence, so `lineage` still explains what was
+  there. The purge is committed before the bytes go; if the process dies in between, the
+  bytes are recorded as removed but still present, and `gc` removes them.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from portfolio.errors import InvalidState
+from portfolio.registry import entities as E
+from portfolio.registry import queries
+from portfolio.registry.models import (
+    AdapterRow,
+    AdapterVersionRow,
+    AliasRow,
+    ArtifactRow,
+    DataEdgeRow,
+    DataEventRow,
+    DatasetSnapshotRow,
+    LineageEdgeRow,
+    utcnow,
+)
+
+# the data roles that put rows into the weights; `eval` only scores
+WEIGHT_ROLES = ("train", "replay")
+
+
+class DataRevoked(InvalidState):
+    """A revoked (or purged) snapshot was asked to give its rows or to be used again."""
+
+
+@dataclass(frozen=True)
+class DataEvent(E.Entity):
+    """A snapshot revoked or purged: who, when, why."""
+
+    snapshot: str
+    sha256: str
+    action: str  # revoke | purge
+    actor: str
+    reason: str | None
+    detail: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class DataUse(E.Entity):
+    """One version downstream of a snapshot, and every way it got there: ``via`` is ``train``
+    or ``replay`` (``source`` is the snapshot, ``rows`` how many of its rows) or a parent
+    relation such as ``finetune`` or ``merge`` (``source`` is the parent version)."""
+
+    version: str
+    status: str
+    aliases: list[str]
+    depth: int  # 0: used the snapshot itself; n: inherits through n parent edges
+    edges: list[dict[str, Any]]
+
+    @property
+    def deployed(self) -> bool:
+        """Whether an alias points at it (what serving reaches)."""
+        return bool(self.aliases)
+
+
+@dataclass(frozen=True)
+class DataUses(E.Entity):
+    """Reverse lineage of one snapshot."""
+
+    snapshot: str
+    sha256: str
+    revoked: bool
+    purged: bool
+    uses: list[DataUse] = field(default_factory=list)
+
+
+def actor() -> str:
+    """Who is acting, for the record: ``PORTFOLIO_USER``, else the login name, at the host."""
+    name = os.environ.get("PORTFOLIO_USER")
+    if not name:
+        try:
+            name = getpass.getuser()
+        except Exception:  # no login name in some containers
+            name = "unknown"
+    return f"{name}@{socket.gethostname()}"[:200]
+
+
+def downstream_cte(snapshot_ids: sa.ColumnElement | list[int]) -> sa.CTE:
+    """A recursive CTE of ``(snapshot_id, version_id, via, source_id)``: every version
+    downstream of the given snapshots. A seed row (``via`` train/replay) has ``source_id``
+    NULL; an inherited row names the parent version it came through. ``UNION`` keeps each
+    tuple once, so a merge-heavy DAG is walked once per edge, not once per path."""
+    d = DataEdgeRow.__table__.c
+    e = LineageEdgeRow.__table__.c
+    seed = sa.select(d.snapshot_id, d.version_id, d.role.label("via"), sa.cast(sa.null(), sa.Integer).label("source_id")).where(
+        d.snapshot_id.in_(snapshot_ids), d.role.in_(WEIGHT_ROLES)
+    )
+    down = seed.cte("downstream", recursive=True)
+    return down.union(
+        sa.select(down.c.snapshot_id, e.child_id, e.relation, e.parent_id).join(down, e.parent_id == down.c.version_id)
+    )
+
+
+def data_events(session: Session, snapshot_ids: list[int] | None = None) -> dict[int, dict[str, DataEventRow]]:
+    """snapshot id -> {action: event} for the given snapshots (all when None)."""
+    query = sa.select(DataEventRow)
+    if snapshot_ids is not None:
+        if not snapshot_ids:
+            return {}
+        query = query.where(DataEventRow.snapshot_id.in_(snapshot_ids))
+    out: dict[int, dict[str, DataEventRow]] = {}
+    for row in session.scalars(query):
+        out.setdefault(row.snapshot_id, {})[row.action] = row
+    return out
+
+
+def revoked_snapshot_ids(session: Session) -> set[int]:
+    """Every revoked snapshot (purged ones included: purge needs revoke first)."""
+    return set(session.scalars(sa.select(DataEventRow.snapshot_id).where(DataEventRow.action == "revoke")))
+
+
+def taint(session: Session) -> dict[int, list[str]]:
+    """version id -> the revoked snapshots (``NAME@V``) it descends from; empty when nothing
+    is revoked (one cheap query then)."""
+    revoked = revoked_snapshot_ids(session)
+    if not revoked:
+        return {}
+    down = downstream_cte(sorted(revoked))
+    rows = session.execute(
+        sa.select(down.c.version_id, DatasetSnapshotRow.name, DatasetSnapshotRow.version)
+        .join(DatasetSnapshotRow, DatasetSnapshotRow.id == down.c.snapshot_id).distinct()
+    ).all()
+    out: dict[int, list[str]] = {}
+    for version_id, name, version in sorted(rows, key=lambda r: (r[0], r[1], r[2])):
+        out.setdefault(version_id, []).append(f"{name}@{version}")
+    return out
+
+
+def to_event(row: DataEventRow, snapshot: DatasetSnapshotRow) -> DataEvent:
+    """Row -> entity."""
+    return DataEvent(f"{snapshot.name}@{snapshot.version}", snapshot.sha256, row.action, row.actor, row.reason,
+                     dict(row.detail or {}), E.as_utc(row.created_at))
+
+
+def uses(session: Session, ref: str, deployed: bool = False) -> DataUses:
+    """Reverse lineage of snapshot ``ref``: every downstream version with how it got there,
+    nearest first (`deployed`: only those an alias points at)."""
+    snap = queries.snapshot_row(session, ref)
+    events = data_events(session, [snap.id]).get(snap.id, {})
+    down = downstream_cte([snap.id])
+    rows = session.execute(sa.select(down.c.version_id, down.c.via, down.c.source_id)).all()
+    ids = {r[0] for r in rows} | {r[2] for r in rows if r[2]}
+    label: dict[int, tuple[str, str]] = {}
+    if ids:
+        for vid, name, number, status in session.execute(
+            sa.select(AdapterVersionRow.id, AdapterRow.name, AdapterVersionRow.version, AdapterVersionRow.status)
+            .join(AdapterRow, AdapterRow.id == AdapterVersionRow.adapter_id).where(AdapterVersionRow.id.in_(ids))
+        ):
+            label[vid] = (f"{name}@{number}", status)
+    aliases: dict[int, list[str]] = {}
+    for vid, name in session.execute(sa.select(AliasRow.version_id, AliasRow.name).where(AliasRow.version_id.in_(ids)).order_by(AliasRow.name)):
+        aliases.setdefault(vid, []).append(name)
+    counts = dict(session.execute(
+        sa.select(DataEdgeRow.version_id, DataEdgeRow.n_rows).where(DataEdgeRow.snapshot_id == snap.id, DataEdgeRow.role == "replay")
+    ).all())
+    trained = dict(session.execute(
+        sa.select(DataEdgeRow.version_id, DataEdgeRow.n_rows).where(DataEdgeRow.snapshot_id == snap.id, DataEdgeRow.role == "train")
+    ).all())
+    edges: dict[int, list[dict[str, Any]]] = {}
+    parents: dict[int, set[int]] = {}
+    for vid, via, source in rows:
+        if source is None:
+            n = (trained if via == "train" else counts).get(vid)
+            edges.setdefault(vid, []).append({"via": via, "source": f"{snap.name}@{snap.version}", "rows": n})
+        else:
+            edges.setdefault(vid, []).append({"via": via, "source": label[source][0], "rows": None})
+            parents.setdefault(vid, set()).add(source)
+    depth = {vid: 0 for vid, via, source in rows if source is None}
+    # depths by relaxation over the (small, acyclic) downstream set
+    changed = True
+    while changed:
+        changed = False
+        for vid, ps in parents.items():
+            best = min((depth[p] + 1 for p in ps if p in depth), default=None)
+            if best is not None and (vid not in depth or best < depth[vid]):
+                depth[vid] = best
+                changed = True
+    out = [
+        DataUse(label[vid][0], label[vid][1], aliases.get(vid, []), depth[vid],
+                sorted(es, key=lambda x: (x["via"] not in WEIGHT_ROLES, x["via"], x["source"])))
+        for vid, es in edges.items()
+    ]
+    out.sort(key=lambda u: (u.depth, u.version.split("@")[0], int(u.version.rsplit("@", 1)[1])))
+    if deployed:
+        out = [u for u in out if u.deployed]
+    return DataUses(f"{snap.name}@{snap.version}", snap.sha256, "revoke" in events, "purge" in events, out)
+
+
+def revoke(session: Session, ref: str, reason: str, who: str | None = None) -> DataEvent:
+    """Record ``ref`` as revoked (see the module docstring)."""
+    if not (reason and reason.strip()):
+        raise InvalidState("revoking data needs --reason TEXT: the record says why it was withdrawn")
+    snap = queries.snapshot_row(session, ref)
+    existing = data_events(session, [snap.id]).get(snap.id, {}).get("revoke")
+    if existing is not None:
+        raise InvalidState(f"{snap.name}@{snap.version} was already revoked on {E.as_utc(existing.created_at):%Y-%m-%d %H:%M} UTC "
+                           f"by {existing.actor}: {existing.reason}")
+    row = DataEventRow(snapshot_id=snap.id, action="revoke", actor=who or actor(), reason=reason.strip(), detail={})
+    session.add(row)
+    session.flush()
+    return to_event(row, snap)
+
+
+def plan_purge(session: Session, refs: list[str]) -> tuple[list[DatasetSnapshotRow], list[str]]:
+    """(the snapshots to purge, the blobs to delete) after checking each is revoked, not yet
+    purged, and shares no bytes with a snapshot that stays."""
+    snaps = list({s.id: s for s in (queries.snapshot_row(session, r) for r in refs)}.values())
+    events = data_events(session, [s.id for s in snaps])
+    for s in snaps:
+        label = f"{s.name}@{s.version}"
+        if "revoke" not in events.get(s.id, {}):
+            raise InvalidState(f"{label} is not revoked; revoke it first: `portfolio data revoke {label} --reason TEXT`")
+        if "purge" in events[s.id]:
+            raise InvalidState(f"{label} was already purged on {E.as_utc(events[s.id]['purge'].created_at):%Y-%m-%d %H:%M} UTC")
+    ids = {s.id for s in snaps}
+    digests = list(dict.fromkeys(d for s in snaps for d in [f["sha256"] for f in s.files] + [s.rows_digest]))
+    purged = {sid for sid, ev in data_events(session).items() if "purge" in ev}
+    for other in session.scalars(sa.select(DatasetSnapshotRow).where(DatasetSnapshotRow.id.notin_(ids | purged | {0}))):
+        shared = set(digests) & ({f["sha256"] for f in other.files} | {other.rows_digest})
+        if shared:
+            label = f"{other.name}@{other.version}"
+            raise InvalidState(f"{label} holds identical bytes (blob {sorted(shared)[0][:12]}); revoke it and purge both together: "
+                               f"`portfolio data purge {' '.join(refs)} {label}`")
+    return snaps, digests
+
+
+def record_purge(session: Session, snaps: list[DatasetSnapshotRow], digests: list[str], reason: str | None,
+                 who: str | None = None) -> list[DataEvent]:
+    """Mark the blobs removed and append one purge event per snapshot (the bytes are deleted
+    after this commits)."""
+    sizes = {}
+    now = utcnow()
+    for digest in digests:
+        art = session.get(ArtifactRow, digest, with_for_update=True)
+        if art is not None:
+            sizes[digest] = art.size
+            art.removed_at = art.removed_at or now
+    out = []
+    for s in snaps:
+        mine = [d for d in [f["sha256"] for f in s.files] + [s.rows_digest] if d in digests]
+        row = DataEventRow(snapshot_id=s.id, action="purge", actor=who or actor(), reason=reason,
+                           detail={"blobs": mine, "bytes": sum(sizes.get(d, 0) for d in dict.fromkeys(mine))})
+        session.add(row)
+        out.append((row, s))
+    session.flush()
+    return [to_event(r, s) for r, s in out]
+
+
+def list_events(session: Session) -> list[DataEvent]:
+    """Every revocation and purge, oldest first."""
+    rows = session.execute(
+        sa.select(DataEventRow, DatasetSnapshotRow).join(DatasetSnapshotRow, DatasetSnapshotRow.id == DataEventRow.snapshot_id)
+        .order_by(DataEventRow.id)
+    ).all()
+    return [to_event(e, s) for e, s in rows]
+
+
+class GovernanceMethods:
+    """`Registry`'s data-governance methods (the Python API behind `portfolio data uses/revoke/purge`)."""
+
+    def data_uses(self, ref: str, deployed: bool = False) -> DataUses:
+        """Every version downstream of snapshot ``ref`` (trained on it, replayed it, or
+        inheriting from one that did), with the edges and the aliases that point at them."""
+        with self._read() as session:
+            return uses(session, ref, deployed)
+
+    def revoke_data(self, ref: str, reason: str, who: str | None = None) -> tuple[DataEvent, DataUses]:
+        """Revoke snapshot ``ref``; returns the record and the versions it now taints."""
+        with self._write() as (session, _put):
+            event = revoke(session, ref, reason, who)
+        return event, self.data_uses(ref)
+
+    def purge_data(self, refs: list[str], reason: str | None = None, who: str | None = None) -> list[DataEvent]:
+        """Delete the stored bytes and rows of revoked snapshots, keeping their records."""
+        with self._write() as (session, _put):
+            snaps, digests = plan_purge(session, list(refs))
+            events = record_purge(session, snaps, digests, reason, who)
+        for digest in digests:
+            self.store.delete(digest)
+        self._rows_cache.clear()
+        return events
+
+    def data_events(self) -> list[DataEvent]:
+        """Every revocation and purge, oldest first."""
+        with self._read() as session:
+            return list_events(session)
+
+    def tainted(self, ref: str) -> list[str]:
+        """The revoked snapshots version ``ref`` descends from (empty: clean)."""
+        with self._read() as session:
+            row = queries.version_row(session, ref)
+            return taint(session).get(row.id, [])
+
+    def check_usable(self, refs: list[str], purpose: str) -> None:
+        """Raise `DataRevoked` if a snapshot of ``refs`` is revoked (``purpose`` says for what)."""
+        with self._read() as session:
+            snaps = queries.snapshot_rows_many(session, list(refs))
+            events = data_events(session, [s.id for s in snaps])
+            for s in snaps:
+                ev = events.get(s.id, {}).get("revoke")
+                if ev is not None:
+                    raise DataRevoked(f"{s.name}@{s.version} was revoked on {E.as_utc(ev.created_at):%Y-%m-%d} by {ev.actor} "
+                                      f"({ev.reason}); it cannot be used for {purpose}")
