@@ -48,9 +48,11 @@ def _version_key(model: str) -> tuple:
     return (1, name, int(ver))
 
 
-def build_matrix(registry: Registry, adapters: list[str] | None = None, snapshots: list[str] | None = None, metric: str = "loss") -> Matrix:
+def build_matrix(registry: Registry, adapters: list[str] | None = None, snapshots: list[str] | None = None, metric: str = "loss",
+                 max_versions: int | None = None) -> Matrix:
     """The matrix of ``metric`` and, per adapter, forgetting and backward transfer over its
-    versions (each version's task = the snapshot it trained on)."""
+    versions (each version's task = the snapshot it trained on); with ``max_versions``, over
+    each adapter's newest that many versions only."""
     if metric in SUITE_METRICS:
         return _suite_matrix(registry, adapters, snapshots, metric)
     if metric not in LOWER_IS_BETTER:
@@ -58,13 +60,21 @@ def build_matrix(registry: Registry, adapters: list[str] | None = None, snapshot
     table = registry.evaluation_table(adapters, snapshots, metric)
     values = {(r["model"], r["snapshot"]): r["value"] for r in table}
     rows = sorted({r["model"] for r in table}, key=_version_key)
-    cols = sorted({r["snapshot"] for r in table}, key=lambda s: (s.rpartition("@")[0], int(s.rpartition("@")[2])))
+    if max_versions is not None:
+        newest: dict[str, list[str]] = {}
+        for m in rows:
+            if not m.startswith("base:"):
+                newest.setdefault(m.rpartition("@")[0], []).append(m)
+        keep = {m for ms in newest.values() for m in ms[-max_versions:]}
+        rows = [m for m in rows if m.startswith("base:") or m in keep]
+        values = {k: x for k, x in values.items() if k[0] in rows}
+    cols = sorted({s for _, s in values}, key=lambda s: (s.rpartition("@")[0], int(s.rpartition("@")[2])))
     continual = []
     for adapter in sorted({r["adapter"] for r in table if r["adapter"]}):
         versions = [m for m in rows if m.rpartition("@")[0] == adapter]
         if len(versions) < 2:
             continue
-        lineage = registry.lineage(versions[-1])
+        lineage = registry.lineage(versions[-1], None if max_versions is None else 2 * max_versions)
         tasks = {}
         for edge in lineage.data:
             if edge.role == "train" and edge.version in versions:

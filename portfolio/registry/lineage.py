@@ -39,11 +39,15 @@ from portfolio.registry.models import (
 from portfolio.registry.queries import to_base, to_run
 
 
-def upstream_edges_cte(version_id: int) -> sa.CTE:
-    """A recursive CTE of (edge id, parent id) of every parent edge upstream of a version."""
+def upstream_edges_cte(version_id: int, max_depth: int | None = None) -> sa.CTE:
+    """A recursive CTE of (edge id, parent id) of every parent edge upstream of a version
+    (with ``max_depth``, of those at most that many hops up)."""
     e = LineageEdgeRow.__table__.c
-    up = sa.select(e.id, e.parent_id).where(e.child_id == version_id).cte("upstream", recursive=True)
-    return up.union(sa.select(e.id, e.parent_id).join(up, e.child_id == up.c.parent_id))
+    if max_depth is None:
+        up = sa.select(e.id, e.parent_id).where(e.child_id == version_id).cte("upstream", recursive=True)
+        return up.union(sa.select(e.id, e.parent_id).join(up, e.child_id == up.c.parent_id))
+    up = sa.select(e.id, e.parent_id, sa.literal(1).label("depth")).where(e.child_id == version_id).cte("upstream", recursive=True)
+    return up.union(sa.select(e.id, e.parent_id, up.c.depth + 1).join(up, e.child_id == up.c.parent_id).where(up.c.depth < max_depth))
 
 
 @contextmanager
@@ -115,18 +119,20 @@ def _among(dialect: str, column: sa.ColumnElement) -> sa.ColumnElement:
     return column.in_(sa.select(sa.literal_column("value")).select_from(sa.func.json_each(sa.bindparam("ids", type_=sa.Text))))
 
 
-def lineage(session: Session, root: AdapterVersionRow) -> E.Lineage:
-    """The full upstream lineage of ``root``."""
+def lineage(session: Session, root: AdapterVersionRow, max_depth: int | None = None) -> E.Lineage:
+    """The upstream lineage of ``root``: all of it, or its nearest ``max_depth`` generations."""
     with _no_gc():
-        return _lineage(session, root)
+        return _lineage(session, root, max_depth)
 
 
-def _lineage(session: Session, root: AdapterVersionRow) -> E.Lineage:
+def _lineage(session: Session, root: AdapterVersionRow, max_depth: int | None = None) -> E.Lineage:
     conn = session.connection()
     dialect = conn.dialect.name
     decode = _Decoder()
     e = LineageEdgeRow.__table__.c
-    up = upstream_edges_cte(root.id)
+    up = upstream_edges_cte(root.id, max_depth)
+    if max_depth is not None:  # an edge reached at two depths (a diamond) comes once
+        up = sa.select(up.c.id).distinct().subquery()
     edges = _tuples(conn, sa.select(e.child_id, e.parent_id, e.relation, _raw(e.recipe)).join(up, e.id == up.c.id)
                     .order_by(e.child_id.desc(), e.position))
     id_list = sorted({root.id, *(edge[1] for edge in edges)})

@@ -23,6 +23,7 @@ from portfolio.data import formats
 from portfolio.errors import AlreadyExists, IncompatibleAdapter, InvalidAdapter, InvalidState
 from portfolio.registry import db, governance, lifecycle, quality, queries, runs, suites
 from portfolio.registry import entities as E
+from portfolio.registry.browse import BrowseMethods
 from portfolio.registry.governance import DataRevoked, GovernanceMethods
 from portfolio.registry.lineage import lineage as _lineage
 from portfolio.registry.retention import RetentionMethods
@@ -87,7 +88,7 @@ class EvalSpec:
 ROWS_CACHE_LIMIT = 500_000  # parsed snapshot rows kept in memory per process
 
 
-class Registry(RetentionMethods, RouteMethods, WebhookMethods, GovernanceMethods):
+class Registry(RetentionMethods, RouteMethods, WebhookMethods, GovernanceMethods, BrowseMethods):
     """Adapters, their versions, lineage and data provenance, in a database plus a store."""
 
     def __init__(self, engine: sa.Engine, store: LocalStore):
@@ -543,11 +544,12 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods, GovernanceMethods
                 out.append(E.Adapter(a.name, a.domain, base_name, a.description, E.as_utc(a.created_at), n, latest, aliases.get(a.id, {})))
             return out
 
-    def lineage(self, ref: str) -> E.Lineage:
+    def lineage(self, ref: str, max_depth: int | None = None) -> E.Lineage:
         """Everything upstream of a version: parent versions recursively, every dataset
-        snapshot with its sha256, role and rows, and the runs that made them."""
+        snapshot with its sha256, role and rows, and the runs that made them (with
+        ``max_depth``, only the nearest that many generations: what a page can draw)."""
         with self._read() as session:
-            return _lineage(session, queries.version_row(session, ref))
+            return _lineage(session, queries.version_row(session, ref), max_depth)
 
     # -- aliases, tags, lifecycle -------------------------------------------------------
 

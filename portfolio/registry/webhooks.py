@@ -117,6 +117,12 @@ class WebhookMethods:
         with self._read() as session:
             return read_events(session, after, limit)
 
+    def recent_events(self, limit: int = 200) -> list[Event]:
+        """The newest events, at most ``limit`` per source, newest first."""
+        with self._read() as session:
+            after = {s: max(0, n - limit) for s, n in latest_cursor(session).items()}
+            return list(reversed(read_events(session, after, limit)[0]))
+
     def add_webhook(self, url: str, kinds: list[str], secret: str | None = None, past: bool = False) -> tuple[Webhook, str]:
         """Register a URL for these event kinds; returns it and its signing secret (generated
         when not given). Only events from now on are sent, unless ``past``."""
