@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test test-sqlite bench study clean
+.PHONY: install browser demo test test-sqlite bench screenshots study clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,13 +25,30 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/python examples/demo.py
 
-test: install
+# The dashboard's browser tests drive Debian's Chromium through playwright (tests/test_ui.py).
+# Root installs it here; without it those tests skip (CI sets PORTFOLIO_REQUIRE_BROWSER=1, so
+# there a missing browser fails instead).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium and chromium-driver for the browser tests"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
+	    echo "could not install chromium: the browser tests will skip"; \
+	  else echo "no chromium and not root: the browser tests will skip"; fi; }
+
+test: install browser
 	$(BIN)/python -m pytest -q
+
+# Screenshots of the dashboard for docs/ (taken by the browser tests themselves).
+screenshots: install browser
+	PORTFOLIO_SCREENSHOTS=docs/img $(BIN)/python -m pytest -q tests/test_ui.py -k browser
 
 # mlflow is a benchmark-only install, never a dependency of portfolio.
 bench: install
 	$(BIN)/pip install -q mlflow
 	$(BIN)/python bench/registry.py
+	$(BIN)/python bench/ui.py
 
 clean:
 	rm -rf $(VENV) .portfolio build *.egg-info

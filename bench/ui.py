@@ -85,7 +85,10 @@ def main() -> None:
 
     from fastapi.testclient import TestClient
 
+    from portfolio.cli._base import quiet_libraries
     from portfolio.ui.app import create_app
+
+    quiet_libraries()
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

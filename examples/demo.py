@@ -10,7 +10,9 @@ a JSON-schema slice, refusals, calibrated multiple choice) on both versions and 
 to promote through loss and behaviour gates (shown refused, then overridden with a reason), train a second adapter on
 code, merge (exact and TIES) and stack the two, retire the first version, ask "which data
 produced the adapter we deployed?", export it for PEFT/vLLM, load it on the real model and
-generate, then verify every stored byte.
+generate, serve it through a router, read lineage backwards from a drop, revoke and purge a
+drop (its descendants tainted), verify every stored byte, and print the command that opens
+the dashboard on the demo's registry.
 """
 
 from __future__ import annotations
@@ -165,8 +167,23 @@ def main() -> None:
     portfolio("route", "show", "support")
     serve_briefly()
 
+    print("\n# Lineage backwards: which versions did the first drop produce (trained on it, replayed it, or")
+    print("# inherit from one that did through finetune, merge or stack edges), and which are deployed?")
+    portfolio("data", "uses", "python-docs@1")
+    print("\n# The code drop must be withdrawn (say its licence was): revoke it. Everything downstream is")
+    print("# tainted and refused for promotion, and it is never trained on or replayed again; purge then")
+    print("# deletes its bytes, while lineage keeps naming its sha256:")
+    portfolio("data", "revoke", "python-stdlib@1", "--reason", "demo: licence withdrawn by the publisher")
+    portfolio("list")
+    portfolio("alias", "set", "python-all", "production", "2", "--reason", "try a tainted merge", may_refuse=True)
+    portfolio("data", "purge", "python-stdlib@1", "--reason", "demo: erase the withdrawn bytes")
+    portfolio("lineage", "python-all@2")
+
     portfolio("verify")
     print(f"\ndemo done: registry {ENV['PORTFOLIO_DB']}, store {ENV['PORTFOLIO_STORE']}, lineage graphs in {WORK}")
+    cli = Path(sys.executable).parent / "portfolio"
+    print("\n# Browse all of it in the web dashboard (read-only; add --api-key KEY to allow promote, rollback, revoke):")
+    print(f"  {cli} --db {ENV['PORTFOLIO_DB']} --store {ENV['PORTFOLIO_STORE']} ui --port 8080    # then open http://127.0.0.1:8080/")
 
 
 def serve_briefly() -> None:

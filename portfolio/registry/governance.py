@@ -173,17 +173,18 @@ def uses(session: Session, ref: str, deployed: bool = False) -> DataUses:
     snap = queries.snapshot_row(session, ref)
     events = data_events(session, [snap.id]).get(snap.id, {})
     down = downstream_cte([snap.id])
-    rows = session.execute(sa.select(down.c.version_id, down.c.via, down.c.source_id)).all()
-    ids = {r[0] for r in rows} | {r[2] for r in rows if r[2]}
-    label: dict[int, tuple[str, str]] = {}
-    if ids:
-        for vid, name, number, status in session.execute(
-            sa.select(AdapterVersionRow.id, AdapterRow.name, AdapterVersionRow.version, AdapterVersionRow.status)
-            .join(AdapterRow, AdapterRow.id == AdapterVersionRow.adapter_id).where(AdapterVersionRow.id.in_(ids))
-        ):
-            label[vid] = (f"{name}@{number}", status)
+    # labels come joined to the walk, not through an IN list that would grow with it; a
+    # parent named by an inherited row is itself downstream, so it is labelled here too
+    found = session.execute(
+        sa.select(down.c.version_id, down.c.via, down.c.source_id, AdapterRow.name, AdapterVersionRow.version, AdapterVersionRow.status)
+        .join(AdapterVersionRow, AdapterVersionRow.id == down.c.version_id).join(AdapterRow, AdapterRow.id == AdapterVersionRow.adapter_id)
+    ).all()
+    rows = [(vid, via, source) for vid, via, source, *_ in found]
+    label = {vid: (f"{name}@{number}", status) for vid, _, _, name, number, status in found}
     aliases: dict[int, list[str]] = {}
-    for vid, name in session.execute(sa.select(AliasRow.version_id, AliasRow.name).where(AliasRow.version_id.in_(ids)).order_by(AliasRow.name)):
+    walked = sa.select(down.c.version_id).distinct().subquery()
+    for vid, name in session.execute(sa.select(AliasRow.version_id, AliasRow.name).join(walked, walked.c.version_id == AliasRow.version_id)
+                                     .order_by(AliasRow.name)):
         aliases.setdefault(vid, []).append(name)
     counts = dict(session.execute(
         sa.select(DataEdgeRow.version_id, DataEdgeRow.n_rows).where(DataEdgeRow.snapshot_id == snap.id, DataEdgeRow.role == "replay")
