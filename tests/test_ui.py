@@ -146,6 +146,34 @@ def test_writes_need_the_key_and_are_recorded_as_the_cli_records_them(dashboard)
     assert wrong.status_code == 401 and "wrong API key" in wrong.text
 
 
+def test_no_input_makes_the_dashboard_fail(dashboard):
+    """Any query, path segment or form body: an answer, never a server error."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    reg, client, _ = dashboard
+    text = st.text(max_size=30)
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(q=text, domain=text, status=text, flag=st.sampled_from(["", "drifted", "tainted", "x"]),
+           page_no=st.integers(-5, 10**6), per_page=st.integers(-5, 10**6), name=text, number=st.integers(-5, 10**9), body=st.binary(max_size=200))
+    def check(q, domain, status, flag, page_no, per_page, name, number, body):
+        params = {"q": q, "domain": domain, "status": status, "flag": flag, "page_no": page_no, "per_page": per_page}
+        for path in ("/", "/api/adapters"):
+            assert client.get(path, params=params).status_code in (200, 400, 409, 422)
+        from urllib.parse import quote
+
+        segment = quote(name, safe="") or "x"
+        for path in (f"/versions/{segment}/{number}", f"/api/versions/{segment}/{number}/lineage", f"/datasets/{segment}/{number}",
+                     f"/adapters/{segment}/matrix"):
+            assert client.get(path).status_code in (200, 400, 404, 409, 422), path
+        for path in ("/actions/revoke", "/actions/rollback", "/api/adapters/py/rollback"):
+            assert client.post(path, content=body).status_code in (400, 401, 403, 409, 422)
+
+    check()
+    assert reg.get_version("py@production").version == 2 and reg.data_events() == []
+
+
 def test_ui_command_refuses_a_short_key(db_url, store_dir):
     from tests.conftest import cli_invoker
 
@@ -261,30 +289,29 @@ def test_browser_walks_from_the_overview_through_lineage_links(browser_page):
     assert errors == []
 
 
+def _submit(page, url: str, form: str, reason: str, key: str | None) -> None:
+    """Open ``url``, unfold the write form ``form``, fill it in and send it."""
+    page.goto(url)
+    page.click(f"#{form} summary")
+    page.fill(f'#{form} input[name="reason"]', reason)
+    if key:
+        page.fill(f'#{form} input[name="api_key"]', key)
+    page.click(f"#{form} button")
+
+
 def test_browser_writes_are_refused_without_the_key_and_recorded_with_it(browser_page):
     page, (url, db, store), errors = browser_page
-    page.goto(url + "/adapters/py/aliases")
-    page.click("#rollback-form summary")
-    page.fill('#rollback-form input[name="reason"]', "bad answers in prod")
-    page.click("#rollback-form button")
+    _submit(page, url + "/adapters/py/aliases", "rollback-form", "bad answers in prod", None)
     assert "wrong API key" in page.inner_text("#message")
     reg = Registry.open(db, store)
     try:
         assert reg.get_version("py@production").version == 2
-        page.goto(url + "/adapters/py/aliases")
-        page.click("#rollback-form summary")
-        page.fill('#rollback-form input[name="reason"]', "bad answers in prod")
-        page.fill('#rollback-form input[name="api_key"]', KEY)
-        page.click("#rollback-form button")
+        _submit(page, url + "/adapters/py/aliases", "rollback-form", "bad answers in prod", KEY)
         page.wait_for_selector("#done")
         assert "rolled back" in page.inner_text("#done") and "bad answers in prod" in page.inner_text("#timeline")
         last = reg.alias_history("py")[-1]
         assert (last.action, last.to_version, last.reason) == ("rollback", 1, "bad answers in prod")
-        page.goto(url + "/datasets/nums/1")
-        page.click("#revoke-form summary")
-        page.fill('#revoke-form input[name="reason"]', "licence withdrawn")
-        page.fill('#revoke-form input[name="api_key"]', KEY)
-        page.click("#revoke-form button")
+        _submit(page, url + "/datasets/nums/1", "revoke-form", "licence withdrawn", KEY)
         page.wait_for_selector("#revoked")
         assert reg.get_snapshot("nums@1").revoke_reason == "licence withdrawn"
         page.goto(url + "/versions/blend/1")
