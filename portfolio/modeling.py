@@ -26,17 +26,10 @@ import json
 from portfolio.basemodel import resolve_source
 from portfolio.errors import BaseModelNotFound, IntegrityFailure
 from portfolio.registry.entities import BaseModel
+from portfolio.store.cache import cache_root
 from portfolio.store.local import sha256_file, verify_file
 
 CACHE_MANIFEST = "portfolio-cache.json"
-
-
-def cache_root() -> Path:
-    """``PORTFOLIO_CACHE``, else ``$XDG_CACHE_HOME/portfolio``, else ``~/.cache/portfolio``."""
-    if os.environ.get("PORTFOLIO_CACHE"):
-        return Path(os.environ["PORTFOLIO_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "portfolio"
 
 
 def cache_dir(base: BaseModel) -> Path:

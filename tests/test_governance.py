@@ -47,6 +47,10 @@ def test_reverse_lineage_follows_train_replay_finetune_merge_and_stack(portfolio
     assert by["m@1"].edges == [{"via": "merge", "source": "a@2", "rows": None}] and by["m@1"].depth == 2
     assert by["s@1"].edges == [{"via": "stack", "source": "b@1", "rows": None}]
     assert [u.depth for u in uses.uses] == sorted(u.depth for u in uses.uses)  # nearest first
+    portfolio_dag.route_set("main", "b@1", {"tenant": "acme"})
+    routed = {u.version: u.routes for u in portfolio_dag.data_uses("docs@1").uses}
+    assert routed["b@1"] == ["main: tenant=acme"] and routed["a@1"] == []
+    portfolio_dag.route_remove("main", {"tenant": "acme"})
     deployed = portfolio_dag.data_uses("docs@1", deployed=True).uses
     assert [(u.version, u.aliases) for u in deployed] == [("s@1", ["staging"]), ("a@2", ["production"])] or \
         sorted((u.version, tuple(u.aliases)) for u in deployed) == [("a@2", ("production",)), ("s@1", ("staging",))]
@@ -227,7 +231,7 @@ def test_a_purge_killed_before_deleting_leaves_bytes_that_gc_removes(portfolio_d
 def test_governance_cli(portfolio_dag, db_url, store_dir):
     invoke = cli_invoker(db_url, store_dir)
     out = invoke("data", "uses", "docs@1").output
-    assert "docs@1" in out and "5 versions downstream, 2 deployed" in out and "replay docs@1 (2 rows)" in out
+    assert "docs@1" in out and "5 versions downstream, 2 deployed" in out and "SERVED AS" in out and "replay docs@1 (2 rows)" in out
     assert "merge a@2" in out
     dot = invoke("data", "uses", "docs@1", "--format", "dot").output
     assert dot.startswith("digraph uses") and '"a@1" -> "a@2" [label="finetune"]' in dot

@@ -29,9 +29,9 @@ def data_uses(ctx: click.Context, ref: str, deployed: bool, fmt: str, as_json: b
     click.echo(f"{uses.snapshot} (sha256 {uses.sha256[:16]}){state}: {len(uses.uses)} {which} downstream, "
                f"{sum(u.deployed for u in uses.uses)} deployed")
     if uses.uses:
-        click.echo(_table([[u.version, u.status, ",".join(u.aliases) or "-", u.depth,
+        click.echo(_table([[u.version, u.status, ",".join(u.aliases + [f"route {r}" for r in u.routes]) or "-", u.depth,
                             "; ".join(f"{e['via']} {e['source']}" + (f" ({e['rows']} rows)" if e["rows"] is not None else "") for e in u.edges)]
-                           for u in uses.uses], ["VERSION", "STATUS", "ALIASES", "DEPTH", "HOW"]))
+                           for u in uses.uses], ["VERSION", "STATUS", "SERVED AS", "DEPTH", "HOW"]))
 
 
 @data_group.command("revoke")
@@ -46,8 +46,8 @@ def data_revoke(ctx: click.Context, ref: str, reason: str) -> None:
     click.echo(f"revoked {event.snapshot} (sha256 {event.sha256[:16]}) by {event.actor}: {event.reason}")
     click.echo(f"{len(uses.uses)} version(s) now tainted" + (": " + ", ".join(u.version for u in uses.uses) if uses.uses else ""))
     for u in deployed:
-        click.echo(f"  DEPLOYED: {u.version} is {', '.join(u.version.split('@')[0] + '@' + a for a in u.aliases)}; "
-                   f"move the alias to a clean version", err=True)
+        served = [u.version.split("@")[0] + "@" + a for a in u.aliases] + [f"routed by {r}" for r in u.routes]
+        click.echo(f"  DEPLOYED: {u.version} is {', '.join(served)}; move it to a clean version", err=True)
 
 
 @data_group.command("purge")

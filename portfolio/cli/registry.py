@@ -18,7 +18,7 @@ def init(ctx: click.Context) -> None:
     reg = _registry(ctx, check=False)
     before, after = reg.upgrade()
     state = "created" if before is None else ("already up to date" if before == after else f"upgraded from {before}")
-    click.echo(f"registry {state} at schema revision {after}; artifacts in {reg.store.root}")
+    click.echo(f"registry {state} at schema revision {after}; artifacts in {reg.store.url}")
 
 
 @cli.group("db")

@@ -81,11 +81,12 @@ class DataUse(E.Entity):
     aliases: list[str]
     depth: int  # 0: used the snapshot itself; n: inherits through n parent edges
     edges: list[dict[str, Any]]
+    routes: list[str] = field(default_factory=list)  # "ROUTER: RULE" of router rules that reach it
 
     @property
     def deployed(self) -> bool:
-        """Whether an alias points at it (what serving reaches)."""
-        return bool(self.aliases)
+        """Whether serving reaches it: an alias points at it, or a router rule does."""
+        return bool(self.aliases or self.routes)
 
 
 @dataclass(frozen=True)
@@ -211,15 +212,36 @@ def uses(session: Session, ref: str, deployed: bool = False) -> DataUses:
             if best is not None and (vid not in depth or best < depth[vid]):
                 depth[vid] = best
                 changed = True
-    out = [
-        DataUse(label[vid][0], label[vid][1], aliases.get(vid, []), depth[vid],
-                sorted(es, key=lambda x: (x["via"] not in WEIGHT_ROLES, x["via"], x["source"])))
-        for vid, es in edges.items()
-    ]
+    reached = _routed(session)
+    out = []
+    for vid, es in edges.items():
+        ref = label[vid][0]
+        name = ref.rsplit("@", 1)[0]
+        routes = sorted({r for target in [ref] + [f"{name}@{a}" for a in aliases.get(vid, [])] for r in reached.get(target, [])})
+        out.append(DataUse(ref, label[vid][1], aliases.get(vid, []), depth[vid],
+                           sorted(es, key=lambda x: (x["via"] not in WEIGHT_ROLES, x["via"], x["source"])), routes))
     out.sort(key=lambda u: (u.depth, u.version.split("@")[0], int(u.version.rsplit("@", 1)[1])))
     if deployed:
         out = [u for u in out if u.deployed]
     return DataUses(f"{snap.name}@{snap.version}", snap.sha256, "revoke" in events, "purge" in events, out)
+
+
+def _routed(session: Session) -> dict[str, list[str]]:
+    """Route target (``NAME@V`` or ``NAME@alias``, as written in the rule) -> the router rules
+    sending requests there, from each router's current rule set."""
+    from portfolio.registry.models import RouteEventRow, RouterRow
+
+    latest = sa.select(RouteEventRow.router_id, sa.func.max(RouteEventRow.version).label("v")).group_by(RouteEventRow.router_id).subquery()
+    out: dict[str, list[str]] = {}
+    for name, rules in session.execute(
+        sa.select(RouterRow.name, RouteEventRow.rules).join(RouteEventRow, RouteEventRow.router_id == RouterRow.id)
+        .join(latest, sa.and_(latest.c.router_id == RouteEventRow.router_id, latest.c.v == RouteEventRow.version))
+    ):
+        for rule in rules or []:
+            when = rule.get("when") or {}
+            label = ",".join(f"{k}={when[k]}" for k in sorted(when)) or "default"
+            out.setdefault(rule["to"], []).append(f"{name}: {label}")
+    return out
 
 
 def revoke(session: Session, ref: str, reason: str, who: str | None = None) -> DataEvent:

@@ -16,7 +16,6 @@ go, and only when nothing live needs them:
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,8 @@ from portfolio.registry.models import (
     SuiteSnapshotRow,
     utcnow,
 )
-from portfolio.store.local import LocalStore, sha256_file
+from portfolio.store.base import ArtifactStore
+from portfolio.store.local import sha256_file
 
 GC_GRACE_SECONDS = 3600.0  # unrecorded blobs younger than this may belong to a write in flight
 
@@ -135,7 +135,7 @@ def version_digests(row: AdapterVersionRow) -> list[str]:
     return [d for d in (row.artifact_digest, row.config_digest) if d]
 
 
-def remove_unreferenced(session: Session, store: LocalStore, digests: list[str]) -> tuple[list[dict], list[dict]]:
+def remove_unreferenced(session: Session, store: ArtifactStore, digests: list[str]) -> tuple[list[dict], list[dict]]:
     """Delete the bytes of each digest nothing live needs, marking its row removed;
     return (removed, kept) with sizes and, for kept ones, who still needs them."""
     live = live_digests(session)
@@ -156,7 +156,7 @@ def remove_unreferenced(session: Session, store: LocalStore, digests: list[str])
     return removed, kept
 
 
-def find_garbage(session: Session, store: LocalStore, min_age: float) -> list[dict[str, Any]]:
+def find_garbage(session: Session, store: ArtifactStore, min_age: float) -> list[dict[str, Any]]:
     """Everything `gc` would remove: recorded blobs nothing live uses, blobs no row records
     (a writer killed between storing and recording) older than ``min_age`` seconds, stale
     temporary files, and work folders of runs that finished (checkpoints of interrupted runs
@@ -172,22 +172,24 @@ def find_garbage(session: Session, store: LocalStore, min_age: float) -> list[di
                       "reason": "used only by archived versions" if present else "bytes already gone; record not yet marked"})
     for digest in store.digests():
         if digest not in recorded and store.age_seconds(digest) >= min_age:
-            items.append({"type": "unrecorded", "digest": digest, "kind": "-", "size": store.path(digest).stat().st_size,
+            items.append({"type": "unrecorded", "digest": digest, "kind": "-", "size": store.size(digest),
                           "reason": "no record (left by an interrupted write)"})
     for tmp in store.stale_temp_files(min_age):
         items.append({"type": "temp", "digest": str(tmp), "kind": "-", "size": tmp.stat().st_size, "reason": "temporary file of an interrupted write"})
-    runs_dir = store.root / "work" / "runs"
-    if runs_dir.is_dir():
+    for upload in store.stale_uploads(min_age):
+        items.append({"type": "upload", "digest": upload["key"], "kind": "multipart", "size": 0, "upload": upload,
+                      "reason": "an upload cut off midway (its parts are held by the server)"})
+    work = store.work_runs()
+    if work:
         finished = dict(session.execute(sa.select(RunRow.id, RunRow.status).where(RunRow.status.in_(["succeeded", "failed"]))).all())
-        for folder in sorted(runs_dir.iterdir()):
-            if folder.name.isdigit() and int(folder.name) in finished:
-                size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-                items.append({"type": "run-workdir", "digest": str(folder), "kind": "checkpoints", "size": size,
-                              "reason": f"run {folder.name} {finished[int(folder.name)]}"})
+        for run_id in work:
+            if run_id in finished:
+                items.append({"type": "run-workdir", "digest": f"{store.url}/work/runs/{run_id}", "run_id": run_id, "kind": "checkpoints", "size": store.work_bytes(run_id),
+                              "reason": f"run {run_id} {finished[run_id]}"})
     return items
 
 
-def collect(session: Session, store: LocalStore, items: list[dict[str, Any]], min_age: float) -> None:
+def collect(session: Session, store: ArtifactStore, items: list[dict[str, Any]], min_age: float) -> None:
     """Remove what `find_garbage` listed, re-checking each item first: a recorded artifact
     under its row lock, an unrecorded blob by its age (a writer reusing it freshens it)."""
     live = live_digests(session)
@@ -208,12 +210,14 @@ def collect(session: Session, store: LocalStore, items: list[dict[str, Any]], mi
                 session.execute(sa.delete(ArtifactRow).where(ArtifactRow.digest == item["digest"]))
         elif item["type"] == "temp":
             Path(item["digest"]).unlink(missing_ok=True)
+        elif item["type"] == "upload":
+            store.abort_upload(item["upload"])
         elif item["type"] == "run-workdir":
-            shutil.rmtree(item["digest"], ignore_errors=True)
+            item["size"] = store.remove_work(item["run_id"])
     session.flush()
 
 
-def verify(session: Session, store: LocalStore):
+def verify(session: Session, store: ArtifactStore):
     """Re-hash every recorded artifact not removed on purpose; report missing or corrupt ones
     with what uses them."""
     from portfolio.registry.entities import VerifyReport

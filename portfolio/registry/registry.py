@@ -44,7 +44,7 @@ from portfolio.registry.models import (
     utcnow,
 )
 from portfolio.registry.refs import ALIAS_MAX, VERSION_RE, check_length, check_name, parse_ref
-from portfolio.store.local import LocalStore
+from portfolio.store.base import ArtifactStore, open_store
 
 DEFAULT_DB = "sqlite:///.portfolio/registry.db"
 DEFAULT_STORE = ".portfolio/store"
@@ -91,7 +91,7 @@ ROWS_CACHE_LIMIT = 500_000  # parsed snapshot rows kept in memory per process
 class Registry(RetentionMethods, RouteMethods, WebhookMethods, GovernanceMethods, BrowseMethods):
     """Adapters, their versions, lineage and data provenance, in a database plus a store."""
 
-    def __init__(self, engine: sa.Engine, store: LocalStore):
+    def __init__(self, engine: sa.Engine, store: ArtifactStore):
         self.engine = engine
         self.store = store
         self._sessions = sessionmaker(engine, expire_on_commit=False)
@@ -105,7 +105,7 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods, GovernanceMethods
         A brand-new, empty database is initialised; one at an older schema is refused."""
         url = db_url or os.environ.get("PORTFOLIO_DB") or DEFAULT_DB
         root = store or os.environ.get("PORTFOLIO_STORE") or DEFAULT_STORE
-        registry = cls(db.create_engine(url), LocalStore(root))
+        registry = cls(db.create_engine(url), open_store(root))
         if check:
             if db.current_revision(registry.engine) is None and not db.has_tables(registry.engine):
                 db.upgrade(registry.engine)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from portfolio.errors import IntegrityFailure, NotFound, StoreError
+from portfolio.store.base import ArtifactStore
 
 CHUNK = 1 << 20
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -83,11 +84,12 @@ class Staged:
     tmp: str
 
 
-class LocalStore:
+class LocalStore(ArtifactStore):
     """Blobs on a local (or mounted) file system, addressed by sha256."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self.url = str(self.root)
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -153,16 +155,6 @@ class LocalStore:
         """Drop a staged file that will not be committed."""
         Path(staged.tmp).unlink(missing_ok=True)
 
-    def put_file(self, src: str | os.PathLike) -> tuple[str, bool]:
-        """Copy a file into the store; return ``(digest, newly_written)``."""
-        staged = self.stage(src)
-        return staged.digest, self.commit(staged)
-
-    def put_bytes(self, data: bytes) -> tuple[str, bool]:
-        """Store bytes; return ``(digest, newly_written)``."""
-        staged = self.stage(data)
-        return staged.digest, self.commit(staged)
-
     @staticmethod
     def _touch(path: Path) -> None:
         # A reused blob is about to be recorded: freshen its mtime so `gc`, which only
@@ -216,9 +208,35 @@ class LocalStore:
             raise damaged(what or f"artifact {digest[:12]}", digest)
         return data
 
-    def copy_to(self, digest: str, dest: str | os.PathLike) -> None:
-        """Write the blob to ``dest`` (a fresh, writable copy), checked first."""
-        shutil.copyfile(self.verified_path(digest), dest)
+    def size(self, digest: str) -> int:
+        """The blob's size in bytes (0 if absent)."""
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def work_dir(self, run_id: int) -> Path:
+        """``<root>/work/runs/<id>``: inside the store, so every process that sees the store
+        sees the checkpoints (a shared folder or NFS mount is enough for several hosts)."""
+        folder = self.root / "work" / "runs" / str(int(run_id))
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def work_runs(self) -> list[int]:
+        """Runs with a work folder."""
+        runs = self.root / "work" / "runs"
+        return sorted(int(p.name) for p in runs.iterdir() if p.is_dir() and p.name.isdigit()) if runs.is_dir() else []
+
+    def work_bytes(self, run_id: int) -> int:
+        """The size of a run's work folder."""
+        folder = self.root / "work" / "runs" / str(int(run_id))
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+
+    def remove_work(self, run_id: int) -> int:
+        """Delete a run's work folder; return the bytes freed."""
+        size = self.work_bytes(run_id)
+        shutil.rmtree(self.root / "work" / "runs" / str(int(run_id)), ignore_errors=True)
+        return size
 
     def delete(self, digest: str) -> bool:
         """Remove a blob; return whether it was there."""

@@ -264,8 +264,11 @@ def train_adapter(
             + (f", KL weight {cfg.kl_weight:g}" if cfg.kl_weight else ""))
     if on_run is not None:
         on_run(run_id)
-    workdir = registry.store.root / "work" / "runs" / str(run_id)
-    workdir.mkdir(parents=True, exist_ok=True)
+    # checkpoints live in the run's work folder; a store elsewhere (S3) keeps a copy of each,
+    # so a run killed on one host resumes on another
+    workdir = registry.store.work_dir(run_id)
+    if resume is not None and registry.store.pull_work(run_id, CHECKPOINT_FILE):
+        log(f"run {run_id}: fetched its checkpoint from {registry.store.url}")
 
     try:
         torch.manual_seed(cfg.seed)
@@ -306,7 +309,8 @@ def train_adapter(
         result = train_loop(
             model, data.fresh, data.replay, cfg, schedule, pad_id, checkpoint,
             parent_logits=parent_logits, on_step=step_hook, should_stop=should_stop,
-            on_checkpoint=lambda step: registry.update_run(run_id, heartbeat=True, metrics={"checkpoint_step": step}),
+            on_checkpoint=lambda step: (registry.store.push_work(run_id, checkpoint),
+                                        registry.update_run(run_id, heartbeat=True, metrics={"checkpoint_step": step})),
         )
         bar.close()
 
