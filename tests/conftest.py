@@ -159,9 +159,135 @@ def pg_url(pg_ok):
         yield url
 
 
+# The test modules whose tests also run against a real S3 API server (moto in server mode, a
+# separate process on loopback), beside the local folder; a test that pokes at the local folder's
+# files is marked `local_store` and runs on the folder only.
+S3_MODULES = {"test_registry", "test_compose", "test_training", "test_scheduler", "test_store", "test_governance"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "local_store: the test inspects the local store's files; not run against S3")
+
+
+def pytest_generate_tests(metafunc):
+    if "store_kind" in metafunc.fixturenames:
+        kinds = ["local"]
+        if metafunc.module.__name__.rsplit(".", 1)[-1] in S3_MODULES and not metafunc.definition.get_closest_marker("local_store"):
+            kinds.append("s3")
+        metafunc.parametrize("store_kind", kinds, indirect=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    # S3 runs pair with SQLite (and with PostgreSQL where a test asks for it by name, as the
+    # scheduler's do): the PostgreSQL x S3 cross product would double the suite for nothing new
+    for item in list(items):
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("store_kind") == "s3" and params.get("db_url") == "postgresql":
+            items.remove(item)
+
+
 @pytest.fixture
-def store_dir(tmp_path) -> Path:
-    return tmp_path / "store"
+def store_kind(request) -> str:
+    """``local`` or ``s3`` (see `pytest_generate_tests`)."""
+    return getattr(request, "param", "local")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto(env: dict[str, str] | None = None):
+    """A moto S3 server as a separate process on a free loopback port: (process, endpoint)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            return proc, endpoint
+        except Exception:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("the moto S3 server did not start (pip install 'moto[server]')")
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """One moto S3 server for the session; each test gets its own bucket."""
+    try:
+        import boto3  # noqa: F401
+        import moto  # noqa: F401
+    except ImportError:
+        if os.environ.get("PORTFOLIO_REQUIRE_S3"):
+            pytest.fail("S3 tests required (PORTFOLIO_REQUIRE_S3) but boto3 / moto[server] are not installed")
+        pytest.skip("boto3 and moto[server] are not installed")
+    proc, endpoint = start_moto()
+    yield endpoint
+    proc.terminate()
+    proc.wait(10)
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def new_bucket(endpoint: str) -> str:
+    import boto3
+
+    name = f"t-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def store_dir(store_kind, tmp_path, request, monkeypatch):
+    """Where the test's artifacts go: a folder, or ``s3://BUCKET/portfolio`` on the moto server
+    (credentials, endpoint and this test's own cache in the environment, so worker processes
+    the test starts use them too)."""
+    if store_kind == "local":
+        return tmp_path / "store"
+    endpoint = request.getfixturevalue("moto_endpoint")
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PORTFOLIO_S3_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("PORTFOLIO_CACHE", str(tmp_path / "cache"))
+    return f"s3://{new_bucket(endpoint)}/portfolio"
+
+
+def corrupt_blob(store, digest: str) -> None:
+    """Damage a stored blob in place, as a bad disk or a bad copy would (real store, real bytes)."""
+    from portfolio.store.local import LocalStore
+
+    if isinstance(store, LocalStore):
+        path = store.path(digest)
+        path.chmod(0o644)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    else:
+        store.client.put_object(Bucket=store.bucket, Key=store._key(digest), Body=b"not the bytes that were stored")
+
+
+def checkpoints(store) -> list[str]:
+    """The runs with a checkpoint in the store (in the bucket, for S3: what another host sees)."""
+    from portfolio.store.local import LocalStore
+
+    if isinstance(store, LocalStore):
+        return sorted(p.parent.name for p in (store.root / "work" / "runs").glob("*/checkpoint.safetensors"))
+    found = store.client.list_objects_v2(Bucket=store.bucket, Prefix=f"{store.prefix}/work/runs/").get("Contents", [])
+    return sorted(o["Key"].split("/")[-2] for o in found if o["Key"].endswith("/checkpoint.safetensors"))
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ CLI, on SQLite and PostgreSQL, with real PEFT loading of the results."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def dense_model(tiny_base, updates: list[tuple[str, float]], reg):
     params = dict(model.named_parameters())
     for ref, weight in updates:
         v = reg.get_version(ref)
-        tensors = load_file(reg.store.path(v.artifact_digest))
+        tensors = load_file(reg.store.verified_path(v.artifact_digest))
         scale = v.lora_config["lora_alpha"] / v.lora_config["r"]
         with torch.no_grad():
             for key, a in tensors.items():
@@ -202,8 +203,7 @@ def test_shared_bytes_survive_until_the_last_user_is_archived(composed, tiny_bas
 
 def test_gc_lists_then_removes_leftovers_only(composed):
     orphan, _ = composed.store.put_bytes(b"left behind by a killed writer")
-    tmp = composed.store.root / "tmp" / "half-written"
-    tmp.write_bytes(b"partial")
+    tmp = Path(composed.store.stage(b"partial").tmp)  # a writer killed between staging and committing
     live = set(composed.store.digests()) - {orphan}
 
     young = json.loads(composed.run("gc", "--dry-run", "--json").stdout)
@@ -224,14 +224,14 @@ def test_gc_finishes_an_archive_cut_short_and_clears_finished_run_folders(compos
         lifecycle.mark_archived(session, "b@1", "cut short", force=True)
     digest = composed.get_version("b@1").artifact_digest
     merge_run = composed.get_version("ab@1").run_id
-    workdir = composed.store.root / "work" / "runs" / str(merge_run)
-    workdir.mkdir(parents=True)
-    (workdir / "ckpt.pt").write_bytes(b"x" * 100)
+    workdir = composed.store.work_dir(merge_run)
+    (workdir / "checkpoint.safetensors").write_bytes(b"x" * 100)
+    composed.store.push_work(merge_run, workdir / "checkpoint.safetensors")
 
     dry = json.loads(composed.run("gc", "--dry-run", "--json").stdout)
-    assert {(i["type"], i["digest"]) for i in dry["items"]} >= {("artifact", digest), ("run-workdir", str(workdir))}
-    assert composed.store.exists(digest) and workdir.exists()
+    assert {(i["type"], i["digest"]) for i in dry["items"]} >= {("artifact", digest), ("run-workdir", f"{composed.store.url}/work/runs/{merge_run}")}
+    assert composed.store.exists(digest) and workdir.exists() and merge_run in composed.store.work_runs()
     composed.run("gc")
-    assert not composed.store.exists(digest) and not workdir.exists()
+    assert not composed.store.exists(digest) and not workdir.exists() and merge_run not in composed.store.work_runs()
     assert composed.run("verify").exit_code == 0
     assert json.loads(composed.run("gc", "--dry-run", "--json").stdout)["items"] == []

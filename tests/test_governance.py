@@ -128,7 +128,7 @@ def test_rollback_to_a_tainted_version_needs_force(portfolio_dag):
     assert e.forced
 
 
-def test_revoked_data_is_never_trained_on_or_replayed(trainable):
+def test_revoked_data_is_never_trained_on_or_replayed(trainable, tmp_path):
     from portfolio.training.config import InvalidTrainConfig, TrainConfig
     from portfolio.training.train import plan_training, train_adapter
 
@@ -153,7 +153,7 @@ def test_revoked_data_is_never_trained_on_or_replayed(trainable):
     from portfolio.adapter_files import read_lora_folder
 
     with pytest.raises(DataRevoked, match="cannot be replayed on it"):
-        trainable.register_version("z", base="tiny", lora=read_lora_folder(trainable.export("n@1", trainable.store.root.parent / "n1", card=False)),
+        trainable.register_version("z", base="tiny", lora=read_lora_folder(trainable.export("n@1", tmp_path / "n1", card=False)),
                                    data=[DataSpec("numbers@1", "train"), DataSpec("words@1", "replay", [0])])
     assert [v.ref for v in trainable.list_versions() if v.adapter == "z"] == []
 

@@ -7,6 +7,7 @@ import pytest
 import sqlalchemy as sa
 
 from portfolio import DataSpec, ParentSpec, Registry
+from tests.conftest import corrupt_blob
 from portfolio.errors import (
     AdapterNotFound,
     AlreadyExists,
@@ -20,8 +21,10 @@ from portfolio.registry import db
 
 
 def blobs(store_dir):
-    root = store_dir / "blobs"
-    return sorted(p.name for p in root.rglob("*") if p.is_file()) if root.exists() else []
+    """Every blob in the store (a folder or an S3 bucket)."""
+    from portfolio.store import open_store
+
+    return sorted(open_store(store_dir).digests())
 
 
 def test_base_registration_is_idempotent_and_guarded(registry, tiny_base, other_base):
@@ -248,9 +251,7 @@ def test_verify_names_damaged_artifacts(registry_with_base, lora_dir):
     reg = registry_with_base
     v = reg.import_adapter("py", lora_dir, "tiny")
     assert reg.verify().problems == []
-    path = reg.store.path(v.artifact_digest)
-    path.chmod(0o644)
-    path.write_bytes(b"garbage")
+    corrupt_blob(reg.store, v.artifact_digest)
     report = reg.verify()
     assert [(p["state"], p["used_by"]) for p in report.problems] == [("corrupt", "py@1")]
 

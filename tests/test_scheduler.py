@@ -15,7 +15,7 @@ from portfolio.registry.models import JobRow
 from portfolio.scheduler import jobs
 from portfolio.scheduler.schedules import InvalidSchedule, add_schedule, parse_every
 from portfolio.scheduler.worker import Worker
-from tests.conftest import domain_rows
+from tests.conftest import checkpoints, domain_rows
 
 TRAIN = {"steps": 6, "batch_size": 4, "seq_len": 32, "lr": 0.02, "replay_ratio": 0.25}
 
@@ -25,8 +25,12 @@ def drop(folder, name, rows):
     (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def cli(url, store, *args, wait=True, **kw):
+def cli(url, store, *args, wait=True, host_cache=None, **kw):
+    """Run `portfolio ARGS` as its own process; ``host_cache`` gives it its own PORTFOLIO_CACHE
+    (with an S3 store: its own blob cache and work folders, as on another machine)."""
     env = {**os.environ, "PORTFOLIO_DB": url, "PORTFOLIO_STORE": str(store), "HF_HUB_OFFLINE": "1"}
+    if host_cache is not None:
+        env["PORTFOLIO_CACHE"] = str(host_cache)
     cmd = [sys.executable, "-m", "portfolio", *map(str, args)]
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -94,22 +98,26 @@ def test_two_workers_racing_over_five_schedules_run_each_cycle_once(setup):
     assert sorted(v.ref for v in reg.list_versions()) == [f"a{i}@1" for i in range(5)]
 
 
-def test_a_worker_killed_mid_job_is_taken_over(setup):
+def test_a_worker_killed_mid_job_is_taken_over_on_another_host(setup):
+    """Two workers as two hosts: separate processes, separate caches and work folders, one
+    PostgreSQL registry and one store (with S3: the checkpoint travels through the bucket)."""
     reg, url, store, tmp = setup
     drop(tmp / "watch", "d.jsonl", domain_rows("words"))
     add_schedule(reg, "w", str(tmp / "watch"), every="1h", base="tiny", promote_alias="production",
                  settings={**TRAIN, "steps": 300, "checkpoint_every": 5})
-    victim = cli(url, store, "scheduler", "run", "--lease", "2", "--worker", "victim", wait=False)
+    victim = cli(url, store, "scheduler", "run", "--lease", "2", "--worker", "victim", wait=False, host_cache=tmp / "host-a")
     deadline = time.time() + 120
-    while time.time() < deadline and not list(store.glob("work/runs/*/checkpoint.safetensors")):
+    while time.time() < deadline and not checkpoints(reg.store):
         time.sleep(0.05)
-    assert list((store / "work" / "runs").glob("*/checkpoint.safetensors")), victim.communicate(timeout=5)
+    assert checkpoints(reg.store), victim.communicate(timeout=5)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert reg.list_versions() == []
     time.sleep(2.5)  # the victim's lease runs out
-    rescuer = cli(url, store, "scheduler", "run", "--once", "--lease", "30", "--worker", "rescuer")
+    rescuer = cli(url, store, "scheduler", "run", "--once", "--lease", "30", "--worker", "rescuer", host_cache=tmp / "host-b")
     assert rescuer.returncode == 0, rescuer.stderr
+    [run] = reg.list_runs()
+    assert run.metrics["resumed_from_step"] >= 5  # from the victim's checkpoint, not from step 0
     [job] = jobs.list_jobs(reg)
     assert job["state"] == "succeeded" and job["attempts"] == 2 and job["worker"] == "rescuer"
     assert any("taken over by rescuer" in line for line in job["log"]) and any("resuming run" in line for line in job["log"])
@@ -131,7 +139,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(setup):
     assert worker.returncode == 0, err
     [job] = jobs.list_jobs(reg)
     assert job["state"] == "queued" and job["attempts"] == 0 and "released" in job["log"][-1]
-    assert list((store / "work" / "runs").glob("*/checkpoint.safetensors"))  # the current step was checkpointed
+    assert checkpoints(reg.store)  # the current step was checkpointed
     assert cli(url, store, "scheduler", "run", "--once").returncode == 0
     assert [v.ref for v in reg.list_versions()] == ["w@1"]
 

@@ -5,7 +5,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from portfolio.data.splits import split_rows
 from portfolio.errors import InvalidState
 from portfolio.training.config import InvalidTrainConfig, TrainConfig
 from portfolio.training.train import train_adapter
+from tests.conftest import checkpoints
 
 FAST = dict(batch_size=4, seq_len=32, lr=2e-2, checkpoint_every=5)
 
@@ -29,7 +32,7 @@ def train(reg, **kw):
 
 
 def weights(reg, ref):
-    return load_file(reg.store.path(reg.get_version(ref).artifact_digest))
+    return load_file(reg.store.verified_path(reg.get_version(ref).artifact_digest))
 
 
 def test_loss_falls_and_beats_the_base_on_held_out_rows(trainable):
@@ -94,7 +97,7 @@ def _heldout_loss(reg, ref, snapshot):
     version = reg.get_version(ref)
     folder = resolve_source(reg.get_base(version.base_model).source)
     tok = AutoTokenizer.from_pretrained(folder)
-    export = reg.export(ref, reg.store.root.parent / f"export-{ref.replace('@', '-')}")
+    export = reg.export(ref, Path(tempfile.mkdtemp()) / f"export-{ref.replace('@', '-')}")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), export)
     _, held = split_rows(reg.snapshot_rows(snapshot))
     return evaluate_examples(model, encode_rows(held, "text", tok, 32), tok.eos_token_id)["loss"]
@@ -163,7 +166,7 @@ def test_kill_9_mid_training_then_resume(trainable, sqlite_url, store_dir):
     checkpoint = None
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        found = list((store_dir / "work" / "runs").glob("*/checkpoint.safetensors")) if (store_dir / "work").exists() else []
+        found = checkpoints(trainable.store)  # in the store itself (for S3: in the bucket)
         if found:
             checkpoint = found[0]
             break

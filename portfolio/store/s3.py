@@ -59,8 +59,11 @@ class S3Store(ArtifactStore):
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, cache: str | os.PathLike | None = None,
                  multipart_threshold: int | None = None, part_size: int | None = None):
-        import boto3
-        from botocore.config import Config
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise StoreError("an s3:// store needs boto3: pip install 'portfolio[s3]' (or pip install boto3)") from None
 
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"

@@ -305,7 +305,8 @@ def train_adapter(
                 on_step(step, stats)
 
         checkpoint = workdir / CHECKPOINT_FILE
-        bar.update(checkpoint_step(checkpoint))
+        resumed_from = checkpoint_step(checkpoint)
+        bar.update(resumed_from)
         result = train_loop(
             model, data.fresh, data.replay, cfg, schedule, pad_id, checkpoint,
             parent_logits=parent_logits, on_step=step_hook, should_stop=should_stop,
@@ -356,6 +357,7 @@ def train_adapter(
             "final_loss": result.losses[-1], "tokens": result.tokens, "tokens_per_s": result.tokens_per_s,
             "wall_s": result.seconds, "peak_memory_mb": result.peak_memory_mb, "steps": schedule.steps,
             "replay_sequences": sum(len(r) for _, r in schedule.batches), "device": str(device),
+            "resumed_from_step": resumed_from,
         }
         version = registry.register_version(
             cfg.adapter, base=cfg.base, lora=lora_folder, run_id=run_id, run_metrics=metrics,
