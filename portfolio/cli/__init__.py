@@ -5,7 +5,7 @@ the library and formats the result; errors are turned into one line in `Portfoli
 from __future__ import annotations
 
 from portfolio.cli._base import cli
-from portfolio.cli import compose, events, governance, quality, registry, routes, scheduler, serve, suites, training, ui  # noqa: F401  (registers commands)
+from portfolio.cli import compose, events, governance, quality, registry, routes, scheduler, serve, store, suites, training, ui  # noqa: F401  (registers commands)
 
 __all__ = ["cli", "main"]
 

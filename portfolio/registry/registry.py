@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from portfolio import adapter_files, basemodel
 from portfolio.data import formats
 from portfolio.errors import AlreadyExists, IncompatibleAdapter, InvalidAdapter, InvalidState
-from portfolio.registry import db, governance, lifecycle, quality, queries, runs, suites
+from portfolio.registry import db, governance, lifecycle, quality, queries, runs, suites, transfer
 from portfolio.registry import entities as E
 from portfolio.registry.browse import BrowseMethods
 from portfolio.registry.governance import DataRevoked, GovernanceMethods
@@ -912,7 +912,15 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods, GovernanceMethods
         with self._write() as (session, _put):
             quality.record_revalidations(session, ref, alias, results)
 
-    # -- integrity ----------------------------------------------------------------------
+    # -- integrity and moving ---------------------------------------------------------------
+
+    def copy_store(self, dest: str, progress: Any = None) -> transfer.CopyReport:
+        """Copy every recorded blob (and open runs' checkpoints) to the store ``dest`` (a folder
+        or ``s3://bucket/prefix``), skipping what is there, then re-hash them all there.
+        ``progress(done, total)`` is called after each blob."""
+        with self._read() as session:
+            blobs, open_runs = transfer.inventory(session)
+        return transfer.copy_store(self.store, open_store(dest), blobs, open_runs, progress)
 
     def verify(self) -> E.VerifyReport:
         """Re-hash every recorded artifact (except those archive/gc removed on purpose); name
