@@ -129,7 +129,7 @@ def test_rollback_to_a_tainted_version_needs_force(portfolio_dag):
 
 
 def test_revoked_data_is_never_trained_on_or_replayed(trainable, tmp_path):
-    from portfolio.training.config import InvalidTrainConfig, TrainConfig
+    from portfolio.training.config import TrainConfig
     from portfolio.training.train import plan_training, train_adapter
 
     fast = dict(batch_size=4, seq_len=32, lr=2e-2, checkpoint_every=5, steps=6)

@@ -1,7 +1,6 @@
 """The dashboard: pages and /api over a real registry through the ASGI app, then the real
 `portfolio ui` process driven by a headless Chromium (Debian's, through playwright)."""
 
-import json
 import os
 import shutil
 import socket

@@ -84,6 +84,40 @@ class Staged:
     tmp: str
 
 
+def stage_into(folder: Path, source: str | os.PathLike | bytes, fsync: bool) -> Staged:
+    """Copy a file (or bytes) to a new temporary file in ``folder``, hashing on the way."""
+    hasher = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if isinstance(source, bytes):
+                hasher.update(source)
+                out.write(source)
+            else:
+                with open(source, "rb") as inp:
+                    while block := inp.read(CHUNK):
+                        hasher.update(block)
+                        out.write(block)
+            size = out.tell()
+            if fsync:
+                out.flush()
+                os.fsync(out.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Staged(hasher.hexdigest(), size, tmp)
+
+
+def files_older_than(folder: Path, min_age: float) -> list[Path]:
+    """Files in ``folder`` last written more than ``min_age`` seconds ago."""
+    import time
+
+    if not folder.is_dir():
+        return []
+    now = time.time()
+    return sorted(p for p in folder.iterdir() if p.is_file() and now - p.stat().st_mtime >= min_age)
+
+
 class LocalStore(ArtifactStore):
     """Blobs on a local (or mounted) file system, addressed by sha256."""
 
@@ -118,25 +152,7 @@ class LocalStore(ArtifactStore):
         blob appears under its digest only at `commit`. Writers stage first, lock the
         digest's record, then commit, so a blob is never deleted under a writer's feet."""
         self._ensure()
-        hasher = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                if isinstance(source, bytes):
-                    hasher.update(source)
-                    out.write(source)
-                else:
-                    with open(source, "rb") as inp:
-                        while block := inp.read(CHUNK):
-                            hasher.update(block)
-                            out.write(block)
-                size = out.tell()
-                out.flush()
-                os.fsync(out.fileno())
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return Staged(hasher.hexdigest(), size, tmp)
+        return stage_into(self.root / "tmp", source, fsync=True)
 
     def commit(self, staged: "Staged") -> bool:
         """Put a staged file in place (or drop it and freshen the blob already there);
@@ -175,13 +191,7 @@ class LocalStore(ArtifactStore):
 
     def stale_temp_files(self, min_age: float) -> list[Path]:
         """Leftovers of interrupted writes in ``tmp/`` older than ``min_age`` seconds."""
-        import time
-
-        folder = self.root / "tmp"
-        if not folder.is_dir():
-            return []
-        now = time.time()
-        return sorted(p for p in folder.iterdir() if p.is_file() and now - p.stat().st_mtime >= min_age)
+        return files_older_than(self.root / "tmp", min_age)
 
     def _missing(self, digest: str) -> NotFound:
         return NotFound(

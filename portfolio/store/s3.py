@@ -42,7 +42,7 @@ from typing import Any
 from portfolio.errors import IntegrityFailure, NotFound, StoreError
 from portfolio.store.base import ArtifactStore
 from portfolio.store.cache import cache_limit_bytes, cache_root
-from portfolio.store.local import CHUNK, DIGEST_RE, Staged, check_digest, damaged, verify_file
+from portfolio.store.local import CHUNK, DIGEST_RE, Staged, check_digest, damaged, files_older_than, stage_into, verify_file
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 PART_SIZE = 16 * 1024 * 1024
@@ -157,24 +157,9 @@ class S3Store(ArtifactStore):
 
     # -- writing ------------------------------------------------------------------------------
     def stage(self, source: str | os.PathLike | bytes) -> Staged:
-        """Copy to the cache's ``tmp/``, hashing on the way."""
-        hasher = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(dir=self._tmp())
-        try:
-            with os.fdopen(fd, "wb") as out:
-                if isinstance(source, bytes):
-                    hasher.update(source)
-                    out.write(source)
-                else:
-                    with open(source, "rb") as inp:
-                        while block := inp.read(CHUNK):
-                            hasher.update(block)
-                            out.write(block)
-                size = out.tell()
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return Staged(hasher.hexdigest(), size, tmp)
+        """Copy to the cache's ``tmp/``, hashing on the way (no fsync: the bucket, not this
+        disk, is where the blob must survive)."""
+        return stage_into(self._tmp(), source, fsync=False)
 
     def commit(self, staged: Staged) -> bool:
         """Upload unless present (see the module docstring); keep the bytes in the cache."""
@@ -379,11 +364,7 @@ class S3Store(ArtifactStore):
 
     def stale_temp_files(self, min_age: float) -> list[Path]:
         """Staging leftovers on this host older than ``min_age`` seconds."""
-        folder = self.cache / "tmp"
-        if not folder.is_dir():
-            return []
-        now = time.time()
-        return sorted(p for p in folder.iterdir() if p.is_file() and now - p.stat().st_mtime >= min_age)
+        return files_older_than(self.cache / "tmp", min_age)
 
     def stale_uploads(self, min_age: float) -> list[dict[str, Any]]:
         """Multipart uploads under this prefix begun more than ``min_age`` seconds ago and never finished."""

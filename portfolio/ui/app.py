@@ -12,7 +12,6 @@ from __future__ import annotations
 import hmac
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode
