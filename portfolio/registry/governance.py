@@ -187,18 +187,15 @@ def uses(session: Session, ref: str, deployed: bool = False) -> DataUses:
     for vid, name in session.execute(sa.select(AliasRow.version_id, AliasRow.name).join(walked, walked.c.version_id == AliasRow.version_id)
                                      .order_by(AliasRow.name)):
         aliases.setdefault(vid, []).append(name)
-    counts = dict(session.execute(
-        sa.select(DataEdgeRow.version_id, DataEdgeRow.n_rows).where(DataEdgeRow.snapshot_id == snap.id, DataEdgeRow.role == "replay")
-    ).all())
-    trained = dict(session.execute(
-        sa.select(DataEdgeRow.version_id, DataEdgeRow.n_rows).where(DataEdgeRow.snapshot_id == snap.id, DataEdgeRow.role == "train")
-    ).all())
+    n_rows = {(vid, role): n for vid, role, n in session.execute(
+        sa.select(DataEdgeRow.version_id, DataEdgeRow.role, DataEdgeRow.n_rows)
+        .where(DataEdgeRow.snapshot_id == snap.id, DataEdgeRow.role.in_(WEIGHT_ROLES))
+    )}
     edges: dict[int, list[dict[str, Any]]] = {}
     parents: dict[int, set[int]] = {}
     for vid, via, source in rows:
         if source is None:
-            n = (trained if via == "train" else counts).get(vid)
-            edges.setdefault(vid, []).append({"via": via, "source": f"{snap.name}@{snap.version}", "rows": n})
+            edges.setdefault(vid, []).append({"via": via, "source": f"{snap.name}@{snap.version}", "rows": n_rows.get((vid, via))})
         else:
             edges.setdefault(vid, []).append({"via": via, "source": label[source][0], "rows": None})
             parents.setdefault(vid, set()).add(source)
@@ -304,12 +301,13 @@ def record_purge(session: Session, snaps: list[DatasetSnapshotRow], digests: lis
     return [to_event(r, s) for r, s in out]
 
 
-def list_events(session: Session) -> list[DataEvent]:
-    """Every revocation and purge, oldest first."""
-    rows = session.execute(
-        sa.select(DataEventRow, DatasetSnapshotRow).join(DatasetSnapshotRow, DatasetSnapshotRow.id == DataEventRow.snapshot_id)
-        .order_by(DataEventRow.id)
-    ).all()
+def list_events(session: Session, ref: str | None = None) -> list[DataEvent]:
+    """Every revocation and purge (of snapshot ``ref`` only, when given), oldest first."""
+    query = (sa.select(DataEventRow, DatasetSnapshotRow).join(DatasetSnapshotRow, DatasetSnapshotRow.id == DataEventRow.snapshot_id)
+             .order_by(DataEventRow.id))
+    if ref is not None:
+        query = query.where(DataEventRow.snapshot_id == queries.snapshot_row(session, ref).id)
+    rows = session.execute(query).all()
     return [to_event(e, s) for e, s in rows]
 
 
@@ -338,10 +336,10 @@ class GovernanceMethods:
         self._rows_cache.clear()
         return events
 
-    def data_events(self) -> list[DataEvent]:
-        """Every revocation and purge, oldest first."""
+    def data_events(self, ref: str | None = None) -> list[DataEvent]:
+        """Every revocation and purge (of snapshot ``ref`` only, when given), oldest first."""
         with self._read() as session:
-            return list_events(session)
+            return list_events(session, ref)
 
     def tainted(self, ref: str) -> list[str]:
         """The revoked snapshots version ``ref`` descends from (empty: clean)."""

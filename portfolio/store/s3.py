@@ -166,8 +166,9 @@ class S3Store(ArtifactStore):
         key = self._key(staged.digest)
         self._ensure_bucket()
         try:
-            if self._head(key) is not None:
-                self._freshen(key)
+            head = self._head(key)
+            if head is not None:
+                self._freshen(key, head)
                 return False
             if staged.size > self.multipart_threshold:
                 written = self._put_multipart(key, staged)
@@ -240,13 +241,12 @@ class S3Store(ArtifactStore):
         except Exception:  # noqa: BLE001 - any failure here leaves work for gc, never a wrong record
             pass
 
-    def _freshen(self, key: str) -> None:
+    def _freshen(self, key: str, head: dict[str, Any]) -> None:
         # A reused blob is about to be recorded: renew its LastModified (a copy onto itself),
         # so `gc`, which removes only unrecorded blobs older than its grace period, leaves it.
+        if time.time() - head["LastModified"].timestamp() < 60:
+            return
         with self._errors("freshen a blob"):
-            head = self.client.head_object(Bucket=self.bucket, Key=key)
-            if time.time() - head["LastModified"].timestamp() < 60:
-                return
             self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": key},
                                     Metadata={**head.get("Metadata", {}), "touched": str(int(time.time()))}, MetadataDirective="REPLACE")
 

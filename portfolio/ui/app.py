@@ -333,7 +333,7 @@ def dataset_data(registry: Registry, ref: str, preview: int = 20) -> dict[str, A
     """Everything a dataset page shows: provenance, the first rows, reverse lineage."""
     snap = registry.get_snapshot(ref)
     rows = [] if snap.purged else [r["data"] for r in registry.snapshot_rows(snap)[:preview]]
-    events = [e for e in registry.data_events() if e.snapshot == snap.ref]
+    events = registry.data_events(snap.ref)
     return {"snapshot": snap, "preview": rows, "uses": registry.data_uses(snap.ref), "events": events}
 
 
