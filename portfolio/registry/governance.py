@@ -27,6 +27,7 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -170,7 +171,7 @@ def to_event(row: DataEventRow, snapshot: DatasetSnapshotRow) -> DataEvent:
 
 def uses(session: Session, ref: str, deployed: bool = False) -> DataUses:
     """Reverse lineage of snapshot ``ref``: every downstream version with how it got there,
-    nearest first (`deployed`: only those an alias points at)."""
+    nearest first (`deployed`: only those serving reaches, through an alias or a route)."""
     snap = queries.snapshot_row(session, ref)
     events = data_events(session, [snap.id]).get(snap.id, {})
     down = downstream_cte([snap.id])
@@ -199,16 +200,20 @@ def uses(session: Session, ref: str, deployed: bool = False) -> DataUses:
         else:
             edges.setdefault(vid, []).append({"via": via, "source": label[source][0], "rows": None})
             parents.setdefault(vid, set()).add(source)
+    # depth: parent edges from the nearest version that used the snapshot itself (a
+    # breadth-first walk from all of those at once)
+    children: dict[int, list[int]] = {}
+    for vid, ps in parents.items():
+        for p in ps:
+            children.setdefault(p, []).append(vid)
     depth = {vid: 0 for vid, via, source in rows if source is None}
-    # depths by relaxation over the (small, acyclic) downstream set
-    changed = True
-    while changed:
-        changed = False
-        for vid, ps in parents.items():
-            best = min((depth[p] + 1 for p in ps if p in depth), default=None)
-            if best is not None and (vid not in depth or best < depth[vid]):
-                depth[vid] = best
-                changed = True
+    queue = deque(depth)
+    while queue:
+        p = queue.popleft()
+        for child in children.get(p, []):
+            if child not in depth:
+                depth[child] = depth[p] + 1
+                queue.append(child)
     reached = _routed(session)
     out = []
     for vid, es in edges.items():
