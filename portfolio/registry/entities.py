@@ -11,15 +11,16 @@ from datetime import datetime, timezone
 from typing import Any
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """Entities, lists, dicts and datetimes (ISO 8601) as plain JSON values."""
     if isinstance(value, datetime):
         return value.isoformat()
     if dataclasses.is_dataclass(value):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     return value
 
 
@@ -33,7 +34,7 @@ def as_utc(value: datetime | None) -> datetime | None:
 class Entity:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
-        return _jsonable(self)
+        return jsonable(self)
 
 
 @dataclass(frozen=True)

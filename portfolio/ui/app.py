@@ -22,6 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from portfolio.errors import InvalidState, NotFound, PortfolioError
+from portfolio.registry.entities import jsonable
 from portfolio.registry.governance import actor
 from portfolio.registry.registry import Registry
 from portfolio.ui import svg
@@ -206,16 +207,14 @@ def create_app(registry: Registry, api_key: str | None = None) -> FastAPI:
     def api_matrix(name: str, metric: str = "loss") -> dict[str, Any]:
         """The versions × snapshots matrix of ``metric`` with forgetting and BWT, and the history."""
         data = matrix_data(registry, name, metric)
-        return {**data, "values": [{"model": r, "snapshot": c, "value": v} for (r, c), v in data["values"].items()],
-                "history": [h | {"created_at": str(h.get("created_at"))} for h in data["history"]]}
+        return jsonable({**data, "values": [{"model": r, "snapshot": c, "value": v} for (r, c), v in data["values"].items()]})
 
     @app.get("/api/versions/{name}/{number}", tags=["read"])
     def api_version(name: str, number: int) -> dict[str, Any]:
         """One version: metadata, run, evaluations, suite results, alias events, traffic."""
         data = version_data(registry, f"{name}@{number}")
-        data.pop("lineage")
-        return json.loads(json.dumps({k: (v.to_dict() if hasattr(v, "to_dict") else [x.to_dict() if hasattr(x, "to_dict") else x for x in v]
-                                          if isinstance(v, list) else v) for k, v in data.items()}, default=str))
+        data.pop("lineage")  # its own route below
+        return jsonable(data)
 
     @app.get("/api/versions/{name}/{number}/lineage", tags=["read"], response_model=None)
     def api_lineage(name: str, number: int, format: str = "json", depth: int | None = None) -> Response:
@@ -226,7 +225,7 @@ def create_app(registry: Registry, api_key: str | None = None) -> FastAPI:
             raise InvalidState(f"unknown format {format!r}; use json, dot or mermaid")
         lin = registry.lineage(f"{name}@{number}", depth)
         if format == "json":
-            return JSONResponse(json.loads(json.dumps(lin.to_dict(), default=str)))
+            return JSONResponse(lin.to_dict())
         return PlainTextResponse((render_dot if format == "dot" else render_mermaid)(lin))
 
     @app.get("/api/datasets", tags=["read"])
@@ -238,8 +237,7 @@ def create_app(registry: Registry, api_key: str | None = None) -> FastAPI:
     def api_dataset(name: str, number: int) -> dict[str, Any]:
         """One snapshot: provenance, a preview of its rows, reverse lineage."""
         data = dataset_data(registry, f"{name}@{number}")
-        return json.loads(json.dumps({"snapshot": data["snapshot"].to_dict(), "preview": data["preview"], "uses": data["uses"].to_dict(),
-                                      "events": [e.to_dict() for e in data["events"]]}, default=str))
+        return jsonable(data)
 
     @app.get("/api/datasets/{name}/{number}/uses", tags=["read"])
     def api_uses(name: str, number: int, deployed: bool = False) -> dict[str, Any]:
@@ -249,7 +247,7 @@ def create_app(registry: Registry, api_key: str | None = None) -> FastAPI:
     @app.get("/api/schedules", tags=["read"])
     def api_schedules() -> dict[str, Any]:
         """Schedules, the newest jobs and runs, with states and errors."""
-        return json.loads(json.dumps(schedule_data(registry), default=lambda o: o.to_dict() if hasattr(o, "to_dict") else str(o)))
+        return jsonable(schedule_data(registry))
 
     @app.get("/api/events", tags=["read"])
     def api_events(limit: int = 200) -> list[dict[str, Any]]:
