@@ -42,7 +42,7 @@ from typing import Any
 from portfolio.errors import IntegrityFailure, NotFound, StoreError
 from portfolio.store.base import ArtifactStore
 from portfolio.store.cache import cache_limit_bytes, cache_root
-from portfolio.store.local import CHUNK, DIGEST_RE, Staged, check_digest, damaged, files_older_than, stage_into, verify_file
+from portfolio.store.local import CHUNK, DIGEST_RE, Staged, check_digest, damaged, files_older_than, sha256_file, stage_into, verify_file
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 PART_SIZE = 16 * 1024 * 1024
@@ -389,16 +389,18 @@ class S3Store(ArtifactStore):
         return folder
 
     def push_work(self, run_id: int, path: Path) -> None:
-        """Upload a work file (a checkpoint), replacing the store's copy, with its sha256."""
-        data = Path(path).read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
+        """Upload a work file (a checkpoint), replacing the store's copy, with its sha256
+        (hashed, then streamed from disk: a checkpoint can be several times the adapter)."""
+        path = Path(path)
+        digest = sha256_file(path)
         self._ensure_bucket()
-        with self._errors("upload a checkpoint", digest):
-            self.client.put_object(Bucket=self.bucket, Key=self._work_key(run_id, Path(path).name), Body=data,
-                                   ChecksumSHA256=_b64(digest), Metadata={"sha256": digest, "mtime": str(Path(path).stat().st_mtime)})
+        with open(path, "rb") as body, self._errors("upload a checkpoint", digest):
+            self.client.put_object(Bucket=self.bucket, Key=self._work_key(run_id, path.name), Body=body,
+                                   ChecksumSHA256=_b64(digest), Metadata={"sha256": digest, "mtime": str(path.stat().st_mtime)})
 
     def pull_work(self, run_id: int, name: str) -> bool:
-        """Fetch the store's copy of a work file when this host has none or an older one."""
+        """Fetch the store's copy of a work file when this host has none or an older one
+        (streamed to disk and checked against the sha256 it was uploaded with)."""
         local = self.work_dir(run_id) / name
         head = self._head(self._work_key(run_id, name))
         if head is None:
@@ -406,16 +408,20 @@ class S3Store(ArtifactStore):
         remote_mtime = float(head.get("Metadata", {}).get("mtime", "0"))
         if local.is_file() and local.stat().st_mtime >= remote_mtime:
             return False
-        with self._errors("download a checkpoint"):
-            data = self.client.get_object(Bucket=self.bucket, Key=self._work_key(run_id, name))["Body"].read()
-        expected = head.get("Metadata", {}).get("sha256")
-        if expected and hashlib.sha256(data).hexdigest() != expected:
-            raise damaged(f"the stored checkpoint of run {run_id}", expected)
         fd, tmp = tempfile.mkstemp(dir=local.parent)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.utime(tmp, (remote_mtime, remote_mtime))
-        os.replace(tmp, local)
+        hasher = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as out, self._errors("download a checkpoint"):
+                for block in self.client.get_object(Bucket=self.bucket, Key=self._work_key(run_id, name))["Body"].iter_chunks(CHUNK):
+                    hasher.update(block)
+                    out.write(block)
+            expected = head.get("Metadata", {}).get("sha256")
+            if expected and hasher.hexdigest() != expected:
+                raise damaged(f"the stored checkpoint of run {run_id}", expected)
+            os.utime(tmp, (remote_mtime, remote_mtime))
+            os.replace(tmp, local)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
         return True
 
     def work_runs(self) -> list[int]:
