@@ -192,7 +192,8 @@ def store_kind(request) -> str:
     return getattr(request, "param", "local")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback nobody listens on (for servers the tests start)."""
     import socket
 
     with socket.socket() as s:
@@ -207,7 +208,7 @@ def start_moto(env: dict[str, str] | None = None):
     import time
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     endpoint = f"http://127.0.0.1:{port}"

@@ -4,7 +4,6 @@ never serving an archived version, clean 4xx answers, streaming, metrics."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,10 @@ import httpx
 import pytest
 
 from portfolio import Registry
+from tests.conftest import free_port
 
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +34,7 @@ def served(tmp_path_factory, tiny_base, lora_dir):
     reg.route_set("support", "general@production")
     reg.route_set("support", "acme@production", {"tenant": "acme"})
     reg.route_set("support", "old@1", {"tenant": "legacy"})
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PORTFOLIO_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "portfolio", "--db", db, "--store", str(store), "serve", "--port", str(port),
                              "--router", "support", "--max-tokens", "32"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -3,7 +3,6 @@
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from portfolio import DataSpec, ParentSpec, Registry
+from tests.conftest import free_port
 
 KEY = "test-key-0123456789"
 
@@ -198,12 +198,6 @@ def _browser_or_skip():
         pytest.skip(reason)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def live_ui(tmp_path, tiny_base, lora_dir, write_jsonl):
     _browser_or_skip()
@@ -212,7 +206,7 @@ def live_ui(tmp_path, tiny_base, lora_dir, write_jsonl):
     reg.add_base("tiny", tiny_base)
     build_portfolio(reg, lora_dir, write_jsonl)
     reg.close()
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PORTFOLIO_UI_KEY=KEY)
     proc = subprocess.Popen([sys.executable, "-m", "portfolio", "--db", db, "--store", str(store), "ui", "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -232,6 +232,7 @@ def _routed(session: Session) -> dict[str, list[str]]:
     """Route target (``NAME@V`` or ``NAME@alias``, as written in the rule) -> the router rules
     sending requests there, from each router's current rule set."""
     from portfolio.registry.models import RouteEventRow, RouterRow
+    from portfolio.routing import Rule
 
     latest = sa.select(RouteEventRow.router_id, sa.func.max(RouteEventRow.version).label("v")).group_by(RouteEventRow.router_id).subquery()
     out: dict[str, list[str]] = {}
@@ -240,9 +241,7 @@ def _routed(session: Session) -> dict[str, list[str]]:
         .join(latest, sa.and_(latest.c.router_id == RouteEventRow.router_id, latest.c.v == RouteEventRow.version))
     ):
         for rule in rules or []:
-            when = rule.get("when") or {}
-            label = ",".join(f"{k}={when[k]}" for k in sorted(when)) or "default"
-            out.setdefault(rule["to"], []).append(f"{name}: {label}")
+            out.setdefault(rule["to"], []).append(f"{name}: {Rule(**rule).label}")
     return out
 
 

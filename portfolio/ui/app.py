@@ -313,18 +313,7 @@ def version_data(registry: Registry, ref: str) -> dict[str, Any]:
 
 def _truncated(lineage) -> bool:
     """Whether the page's lineage stopped at `LINEAGE_DEPTH` with more above."""
-    depth = {lineage.root: 0}
-    pending = [lineage.root]
-    parents: dict[str, list[str]] = {}
-    for p in lineage.parents:
-        parents.setdefault(p.child, []).append(p.parent)
-    while pending:
-        ref = pending.pop()
-        for parent in parents.get(ref, []):
-            if depth.get(parent, -1) < depth[ref] + 1:
-                depth[parent] = depth[ref] + 1
-                pending.append(parent)
-    return max(depth.values()) >= LINEAGE_DEPTH
+    return max(svg.generations(lineage).values()) >= LINEAGE_DEPTH
 
 
 def dataset_data(registry: Registry, ref: str, preview: int = 20) -> dict[str, Any]:

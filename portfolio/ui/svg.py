@@ -35,29 +35,33 @@ def _clip(text: str, n: int = 28) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def lineage_svg(lin: Lineage, version_href: Callable[[str], str], snapshot_href: Callable[[str], str]) -> str:
-    """The lineage as an SVG graph; every version and snapshot node is a link."""
-    versions = {v.ref: v for v in lin.versions}
-    parents: dict[str, list[Any]] = defaultdict(list)
+def generations(lin: Lineage) -> dict[str, int]:
+    """Each version's generation above the root: the longest chain of parent edges from the
+    root to it (merges make a DAG, so that is the layer a drawing puts it in), in the order a
+    depth-first walk meets them."""
+    refs = {v.ref for v in lin.versions}
+    parents: dict[str, list[str]] = defaultdict(list)
     for p in lin.parents:
-        if p.parent in versions and p.child in versions:
-            parents[p.child].append(p)
+        if p.parent in refs and p.child in refs:
+            parents[p.child].append(p.parent)
     layer = {lin.root: 0}
-    order = [lin.root]
-    # longest path from the root: relax in a topological walk (the graph is a DAG)
     pending = [lin.root]
     while pending:
         ref = pending.pop()
-        for p in parents[ref]:
-            if layer.get(p.parent, -1) < layer[ref] + 1:
-                layer[p.parent] = layer[ref] + 1
-                pending.append(p.parent)
-            if p.parent not in order:
-                order.append(p.parent)
+        for parent in parents[ref]:
+            if layer.get(parent, -1) < layer[ref] + 1:
+                layer[parent] = layer[ref] + 1
+                pending.append(parent)
+    return layer
+
+
+def lineage_svg(lin: Lineage, version_href: Callable[[str], str], snapshot_href: Callable[[str], str]) -> str:
+    """The lineage as an SVG graph; every version and snapshot node is a link."""
+    versions = {v.ref: v for v in lin.versions}
+    layer = generations(lin)
     for ref in versions:  # anything the edges did not reach (should not happen) goes on top
         layer.setdefault(ref, 0)
-        if ref not in order:
-            order.append(ref)
+    order = list(layer)  # the order the walk met them
     data_users: dict[str, list[Any]] = defaultdict(list)
     for d in lin.data:
         if d.version in versions:
@@ -69,7 +73,8 @@ def lineage_svg(lin: Lineage, version_href: Callable[[str], str], snapshot_href:
     for snap, edges in data_users.items():
         nodes["d:" + snap] = {"layer": max(layer[e.version] for e in edges) + 1, "kind": "data", "obj": edges[0]}
     bottom = max((n["layer"] for n in nodes.values()), default=0) + 1
-    roots = [ref for ref in versions if not parents[ref]]
+    has_parent = {p.child for p in lin.parents if p.parent in versions}
+    roots = [ref for ref in versions if ref not in has_parent]
     nodes["b:" + lin.base_model.name] = {"layer": bottom, "kind": "base", "obj": lin.base_model}
 
     links: list[tuple[str, str, str, str]] = []  # (from, to, label, style): from = what was used
