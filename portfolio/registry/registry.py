@@ -554,10 +554,11 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods, GovernanceMethods
     # -- aliases, tags, lifecycle -------------------------------------------------------
 
     def set_alias(self, adapter: str, alias: str, version: int | str, reason: str | None = None, force: bool = False,
-                  action: str = "set") -> E.AliasEvent:
+                  action: str = "set", allow_tainted: bool | None = None) -> E.AliasEvent:
         """Point ``adapter@alias`` at a version and append the move to the alias history.
         A candidate version becomes active; a deprecated or archived one is refused unless
-        ``force``."""
+        ``force``, and one tainted by revoked data unless ``allow_tainted`` (default: ``force``)
+        with a reason."""
         check_name(alias, "alias", ALIAS_MAX)
         if VERSION_RE.fullmatch(str(alias)):
             raise InvalidState(f"alias {alias!r} is a number and would shadow version {alias}; choose a name")
@@ -576,7 +577,10 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods, GovernanceMethods
             if target.status == "archived":
                 raise InvalidState(f"{target_ref} is archived and has no artifact to serve")
             tainted_by = governance.taint(session).get(target.id)
-            if tainted_by and not force:
+            if tainted_by and not (force if allow_tainted is None else allow_tainted):
+                if action == "rollback":
+                    raise DataRevoked(f"{target_ref}, the version before, is tainted by revoked data {', '.join(tainted_by)}; "
+                                      f"point {alias!r} at a clean version with `portfolio alias set`, or pass --force --reason TEXT")
                 raise DataRevoked(
                     f"{target_ref} is tainted: it descends from revoked data {', '.join(tainted_by)}; retrain without it, or "
                     f"pass --force --reason TEXT to point {alias!r} at it anyway (recorded as an override)"
@@ -901,11 +905,8 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods, GovernanceMethods
         version tainted by revoked data since is refused unless ``force`` (with a reason)."""
         with self._read() as session:
             target = quality.rollback_target(session, adapter, alias)
-            tainted_by = governance.taint(session).get(queries.version_row(session, f"{adapter}@{target}").id)
-        if tainted_by and not force:
-            raise DataRevoked(f"{adapter}@{target}, the version before, is tainted by revoked data {', '.join(tainted_by)}; "
-                              f"point {alias!r} at a clean version with `portfolio alias set`, or pass --force --reason TEXT")
-        return self.set_alias(adapter, alias, target, reason=reason or "rollback", force=True, action="rollback")
+        # force: a rollback may return to a deprecated version; taint still needs its own force
+        return self.set_alias(adapter, alias, target, reason=reason or "rollback", force=True, action="rollback", allow_tainted=force)
 
     def record_revalidations(self, ref: str, alias: str | None, results: list[dict[str, Any]]) -> None:
         """Store revalidation results of a version; its drifted flag becomes whether any drifted."""
