@@ -255,3 +255,94 @@ def test_governance_cli(portfolio_dag, db_url, store_dir):
     events = invoke("data", "events").output
     assert "revoke" in events and "purge" in events and "licence withdrawn" in events
     assert "PURGED" in invoke("lineage", "a@1").output
+
+
+# -- reliability round 3: purge never deletes bytes another record uses ---------------------
+
+
+def test_purge_refuses_bytes_a_suite_holds_and_verify_names_a_lost_reference(registry_with_base, tmp_path):
+    """A file that is both a valid suite and a valid dataset, added as both: purging the
+    dataset must not take the suite's bytes; and if the bytes go anyway, verify says so."""
+    reg = registry_with_base
+    both = tmp_path / "both.jsonl"
+    turns = [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "again"}]
+    both.write_text(json.dumps({"id": "c1", "messages": turns, "checks": [{"kind": "contains", "value": "hi"}]}) + "\n")
+    snap, _ = reg.add_dataset("chat", [both], "chat")
+    suite, _ = reg.add_suite("greet", both)
+    assert suite.sha256 == snap.sha256
+    reg.revoke_data("chat@1", "withdrawn")
+    with pytest.raises(InvalidState, match="suite greet@1 holds identical bytes .*suites are never retired"):
+        reg.purge_data(["chat@1"])
+    assert reg.store.exists(suite.sha256) and len(reg.suite_cases("greet@1").cases) == 1
+    assert reg.verify().problems == []
+    # the bytes lost behind the registry's back (as the old purge did): verify names the suite,
+    # even though the blob's artifacts row says it was removed on purpose
+    with reg._write() as (session, _put):
+        from portfolio.registry.models import ArtifactRow
+        from portfolio.registry.models import utcnow
+
+        session.get(ArtifactRow, suite.sha256).removed_at = utcnow()
+    reg.store.delete(suite.sha256)
+    problems = reg.verify().problems
+    assert [(p["digest"], p["state"]) for p in problems] == [(suite.sha256, "missing")]
+    assert "suite greet@1" in problems[0]["used_by"]
+
+
+def test_purge_refuses_bytes_of_a_versions_config_until_it_is_archived(registry_with_base, lora_dir, tmp_path):
+    """A .txt dataset whose bytes equal a version's stored config blob."""
+    reg = registry_with_base
+    version = reg.import_adapter("a", lora_dir, "tiny")
+    with reg._read() as session:
+        from portfolio.registry.models import AdapterVersionRow
+
+        config_digest = session.scalar(sa.select(AdapterVersionRow.config_digest).where(
+            AdapterVersionRow.artifact_digest == version.artifact_digest))
+    config_bytes = reg.store.read_bytes(config_digest)
+    txt = tmp_path / "config.txt"
+    txt.write_bytes(config_bytes)
+    snap, _ = reg.add_dataset("cfg", [txt], "misc")
+    assert snap.files[0]["sha256"] == config_digest
+    reg.revoke_data("cfg@1", "withdrawn")
+    with pytest.raises(InvalidState, match="a@1 holds identical bytes .*archive it first"):
+        reg.purge_data(["cfg@1"])
+    assert reg.store.exists(config_digest)
+    reg.export("a@1", tmp_path / "out", card=False)  # the version still reads its config
+    reg.deprecate("a@1", reason="retired")
+    reg.archive("a@1")
+    reg.purge_data(["cfg@1"])
+    assert not reg.store.exists(config_digest) and reg.verify().problems == []
+
+
+def test_purge_racing_a_writer_of_the_same_bytes_keeps_them(registry_with_base, db_url, store_dir, write_jsonl, monkeypatch):
+    """`data add` of the same bytes (another name) committing while purge deletes: the new
+    snapshot keeps its blobs. The delete is slowed and the writer given time to commit in the
+    window; under the row-lock protocol it waits instead, then writes the bytes back."""
+    import threading
+
+    from portfolio import Registry
+
+    reg = registry_with_base
+    path = write_jsonl("same.jsonl", [{"text": f"row {i}"} for i in range(5)])
+    snap, _ = reg.add_dataset("old", [path], "x")
+    reg.revoke_data("old@1", "withdrawn")
+    other = Registry.open(db_url, store_dir)
+    done: list = []
+    writer = threading.Thread(target=lambda: done.append(other.add_dataset("new", [path], "x")[0]))
+    real_delete = reg.store.delete
+
+    def slow_delete(digest):
+        if not writer.is_alive() and not done:
+            writer.start()
+            writer.join(timeout=2.0)  # the old purge held no lock here: the writer committed
+        return real_delete(digest)
+
+    monkeypatch.setattr(reg.store, "delete", slow_delete)
+    reg.purge_data(["old@1"])
+    writer.join(timeout=60)
+    assert done, "the concurrent data add did not finish"
+    new = done[0]
+    other.close()
+    assert new.sha256 == snap.sha256
+    assert reg.store.exists(new.rows_digest) and reg.store.exists(new.files[0]["sha256"])
+    assert len(reg.snapshot_rows("new@1")) == 5
+    assert reg.verify().problems == []

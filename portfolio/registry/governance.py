@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from portfolio.errors import InvalidState
 from portfolio.registry import entities as E
-from portfolio.registry import queries
+from portfolio.registry import lifecycle, queries
 from portfolio.registry.models import (
     AdapterRow,
     AdapterVersionRow,
@@ -273,13 +273,22 @@ def plan_purge(session: Session, refs: list[str]) -> tuple[list[DatasetSnapshotR
             raise InvalidState(f"{label} was already purged on {E.as_utc(events[s.id]['purge'].created_at):%Y-%m-%d %H:%M} UTC")
     ids = {s.id for s in snaps}
     digests = list(dict.fromkeys(d for s in snaps for d in [f["sha256"] for f in s.files] + [s.rows_digest]))
-    purged = {sid for sid, ev in data_events(session).items() if "purge" in ev}
-    for other in session.scalars(sa.select(DatasetSnapshotRow).where(DatasetSnapshotRow.id.notin_(ids | purged | {0}))):
-        shared = set(digests) & ({f["sha256"] for f in other.files} | {other.rows_digest})
-        if shared:
-            label = f"{other.name}@{other.version}"
-            raise InvalidState(f"{label} holds identical bytes (blob {sorted(shared)[0][:12]}); revoke it and purge both together: "
-                               f"`portfolio data purge {' '.join(refs)} {label}`")
+    # every live record of any kind (another snapshot, a version's weights or config, a suite)
+    # that names one of these blobs keeps it: purging would take bytes it still reads
+    others = lifecycle.live_references(session, exclude_snapshots=ids)
+    for digest in digests:
+        holders = others.get(digest)
+        if not holders:
+            continue
+        holder = holders[0]
+        kind, _, label = holder.rpartition(" ")
+        if kind == "dataset":
+            hint = f"revoke it and purge both together: `portfolio data purge {' '.join(refs)} {label}`"
+        elif kind == "suite":
+            hint = f"suite {label} stores the same bytes and still reads them (suites are never retired), so they cannot be purged"
+        else:
+            hint = f"version {label} stores the same bytes; archive it first (`portfolio deprecate {label}`, then `portfolio archive {label}`)"
+        raise InvalidState(f"{holder} holds identical bytes (blob {digest[:12]}); {hint}")
     return snaps, digests
 
 
@@ -335,8 +344,11 @@ class GovernanceMethods:
         with self._write() as (session, _put):
             snaps, digests = plan_purge(session, list(refs))
             events = record_purge(session, snaps, digests, reason, who)
-        for digest in digests:
-            self.store.delete(digest)
+        # the record is committed first (a purge killed here leaves bytes `gc` removes); the
+        # bytes then go under their row locks, re-checked there, like archive and gc, so a
+        # writer that recorded the same bytes in between keeps them
+        with self._write() as (session, _put):
+            lifecycle.delete_unless_live(session, self.store, digests)
         self._rows_cache.clear()
         return events
 

@@ -112,22 +112,67 @@ def _live_stacks(session: Session) -> list[tuple[str, set[str]]]:
     return [(f"{n}@{v}", {c["ref"] for c in (cfg or {}).get("components", [])}) for n, v, cfg in rows]
 
 
-def live_digests(session: Session) -> set[str]:
-    """Blobs something live still needs (see the module docstring)."""
-    live: set[str] = set()
-    for weights, config in session.execute(
-        sa.select(AdapterVersionRow.artifact_digest, AdapterVersionRow.config_digest).where(AdapterVersionRow.status != "archived")
+def live_references(session: Session, exclude_snapshots: set[int] | frozenset[int] = frozenset()) -> dict[str, list[str]]:
+    """digest -> every live record that needs its bytes (``NAME@V`` of a version that is not
+    archived, weights or config; ``dataset NAME@V`` of a snapshot not purged, files or rows;
+    ``suite NAME@V``), leaving out the snapshots in ``exclude_snapshots``. Every kind of
+    record that names a blob is read here, so purge, archive, gc and verify agree on what
+    must stay."""
+    refs: dict[str, list[str]] = {}
+    for name, ver, weights, config in session.execute(
+        sa.select(AdapterRow.name, AdapterVersionRow.version, AdapterVersionRow.artifact_digest, AdapterVersionRow.config_digest)
+        .join(AdapterRow, AdapterRow.id == AdapterVersionRow.adapter_id).where(AdapterVersionRow.status != "archived")
     ):
-        live.update(d for d in (weights, config) if d)
+        for digest in dict.fromkeys(d for d in (weights, config) if d):
+            refs.setdefault(digest, []).append(f"{name}@{ver}")
     # snapshots are never retired, except by purge (`registry.governance`), which gives their bytes up
     purged = sa.select(DataEventRow.snapshot_id).where(DataEventRow.action == "purge")
-    for files, rows_digest in session.execute(
-        sa.select(DatasetSnapshotRow.files, DatasetSnapshotRow.rows_digest).where(DatasetSnapshotRow.id.notin_(purged))
+    for sid, name, ver, files, rows_digest in session.execute(
+        sa.select(DatasetSnapshotRow.id, DatasetSnapshotRow.name, DatasetSnapshotRow.version, DatasetSnapshotRow.files,
+                  DatasetSnapshotRow.rows_digest).where(DatasetSnapshotRow.id.notin_(purged))
     ):
-        live.update(f["sha256"] for f in files)
-        live.add(rows_digest)
-    live.update(session.scalars(sa.select(SuiteSnapshotRow.sha256)))  # suites are never retired either
-    return live
+        if sid in exclude_snapshots:
+            continue
+        for digest in dict.fromkeys([f["sha256"] for f in files] + [rows_digest]):
+            refs.setdefault(digest, []).append(f"dataset {name}@{ver}")
+    for name, ver, digest in session.execute(sa.select(SuiteSnapshotRow.name, SuiteSnapshotRow.version, SuiteSnapshotRow.sha256)):
+        refs.setdefault(digest, []).append(f"suite {name}@{ver}")  # suites are never retired either
+    return refs
+
+
+def live_digests(session: Session) -> set[str]:
+    """Blobs something live still needs (see `live_references`)."""
+    return set(live_references(session))
+
+
+def delete_unless_live(session: Session, store: ArtifactStore, digests: list[str]) -> tuple[list[dict], list[dict]]:
+    """Delete the bytes of each digest that nothing live needs, under its ``artifacts`` row
+    lock, marking the row removed; return (removed, kept), kept ones with who needs them.
+
+    Every row is locked first (in digest order, so two deleters never deadlock), and only
+    then is liveness read: a writer that records one of these digests locks its row before
+    it commits, so it has either committed (and is seen here) or waits until these deletes
+    are committed and then writes the bytes back. Reading liveness before the locks would
+    miss a writer that committed in between."""
+    arts = {}
+    for digest in sorted(set(digests)):
+        art = session.get(ArtifactRow, digest, with_for_update=True, populate_existing=True)
+        if art is not None:
+            arts[digest] = art
+    live = live_references(session)
+    removed, kept = [], []
+    for digest in dict.fromkeys(digests):
+        art = arts.get(digest)
+        if art is None:
+            continue
+        if digest in live:
+            kept.append({"digest": digest, "kind": art.kind, "size": art.size, "needed_by": ", ".join(live[digest])})
+            continue
+        store.delete(digest)
+        art.removed_at = art.removed_at or utcnow()
+        removed.append({"digest": digest, "kind": art.kind, "size": art.size, "reason": "no live record uses it"})
+    session.flush()
+    return removed, kept
 
 
 def version_digests(row: AdapterVersionRow) -> list[str]:
@@ -138,22 +183,8 @@ def version_digests(row: AdapterVersionRow) -> list[str]:
 def remove_unreferenced(session: Session, store: ArtifactStore, digests: list[str]) -> tuple[list[dict], list[dict]]:
     """Delete the bytes of each digest nothing live needs, marking its row removed;
     return (removed, kept) with sizes and, for kept ones, who still needs them."""
-    live = live_digests(session)
-    removed, kept = [], []
-    users: dict[str, list[str]] | None = None  # a scan of every version and snapshot: only when needed
-    for digest in digests:
-        art = session.get(ArtifactRow, digest, with_for_update=True)
-        if art is None or art.removed_at is not None:
-            continue
-        if digest in live:
-            users = artifact_users(session) if users is None else users
-            kept.append({"digest": digest, "kind": art.kind, "size": art.size, "needed_by": ", ".join(users.get(digest, []))})
-            continue
-        store.delete(digest)
-        art.removed_at = utcnow()
-        removed.append({"digest": digest, "kind": art.kind, "size": art.size, "reason": "no live version uses it"})
-    session.flush()
-    return removed, kept
+    todo = [d for d in digests if (a := session.get(ArtifactRow, d)) is not None and a.removed_at is None]
+    return delete_unless_live(session, store, todo)
 
 
 def find_garbage(session: Session, store: ArtifactStore, min_age: float) -> list[dict[str, Any]]:
@@ -192,14 +223,10 @@ def find_garbage(session: Session, store: ArtifactStore, min_age: float) -> list
 def collect(session: Session, store: ArtifactStore, items: list[dict[str, Any]], min_age: float) -> None:
     """Remove what `find_garbage` listed, re-checking each item first: a recorded artifact
     under its row lock, an unrecorded blob by its age (a writer reusing it freshens it)."""
-    live = live_digests(session)
+    delete_unless_live(session, store, [i["digest"] for i in items if i["type"] == "artifact"])
     for item in items:
         if item["type"] == "artifact":
-            art = session.get(ArtifactRow, item["digest"], with_for_update=True)
-            if art is None or item["digest"] in live:
-                continue
-            store.delete(item["digest"])
-            art.removed_at = art.removed_at or utcnow()
+            continue
         elif item["type"] == "unrecorded":
             # Claim the digest by inserting its row (it waits for a writer recording the same
             # bytes and then finds the row taken); the claim goes again before the commit.
@@ -222,16 +249,22 @@ def verify(session: Session, store: ArtifactStore):
     with what uses them."""
     from portfolio.registry.entities import VerifyReport
 
-    artifacts = session.execute(
-        sa.select(ArtifactRow.digest, ArtifactRow.kind).where(ArtifactRow.removed_at.is_(None)).order_by(ArtifactRow.digest)
-    ).all()
+    # every blob still recorded as present, and every blob a live record names, whatever its
+    # artifacts row says (a row marked removed, or none at all, under a live reference is a loss)
+    recorded = dict(session.execute(sa.select(ArtifactRow.digest, ArtifactRow.kind)).all())
+    kinds = dict(session.execute(
+        sa.select(ArtifactRow.digest, ArtifactRow.kind).where(ArtifactRow.removed_at.is_(None))).all())
+    live = live_references(session)
+    for digest in live:
+        kinds.setdefault(digest, recorded.get(digest, "unrecorded"))
     users = artifact_users(session)
     problems = []
-    for digest, kind in artifacts:
+    for digest in sorted(kinds):
         state = store.check(digest)
         if state != "ok":
-            problems.append({"digest": digest, "kind": kind, "state": state, "used_by": ", ".join(users.get(digest, [])) or "-"})
-    checked = len(artifacts)
+            problems.append({"digest": digest, "kind": kinds[digest], "state": state,
+                             "used_by": ", ".join(live.get(digest) or users.get(digest, [])) or "-"})
+    checked = len(kinds)
     for base in session.scalars(sa.select(BaseModelRow).order_by(BaseModelRow.name)):
         for f in base.files:
             checked += 1
