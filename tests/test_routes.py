@@ -112,3 +112,71 @@ def test_cli(versions, db_url, store_dir):
     assert "no router 'nope'" in missing.stderr
     assert "rolled back" in run("route", "rollback", "r").output
     assert json.loads(run("route", "show", "r", "--json").stdout)["rules"][0]["label"] == "default"
+
+
+def test_a_change_committed_late_still_moves_the_serving_marker(registry_with_base, lora_dir, db_url, store_dir):
+    """The forced interleaving that lost a promotion on PostgreSQL with a ``max(id)`` marker:
+    A draws the lower event id and commits last; a reader that refreshed in between saw B's
+    higher id, so A's commit never moved the marker and the server kept the old version."""
+    import threading
+
+    from portfolio import Registry
+
+    reg = registry_with_base
+    for name in ("a", "b"):
+        reg.import_adapter(name, lora_dir, "tiny")
+        reg.import_adapter(name, lora_dir, "tiny")
+        reg.set_alias(name, "production", 1)
+    ra, rb = Registry.open(db_url, store_dir), Registry.open(db_url, store_dir)
+    paused, go = threading.Event(), threading.Event()
+    real = ra._alias_event
+
+    def held(session, event, adapter):  # A, inside its transaction after its flush: id drawn, not committed
+        paused.set()
+        go.wait(timeout=30)
+        return real(session, event, adapter)
+
+    ra._alias_event = held
+
+    def state():
+        return tuple(reg.get_version(f"{n}@production").version for n in ("a", "b"))
+
+    # a server's cache: refresh only when the marker moved
+    cached_marker, cached = reg.serving_marker(), state()
+    try:
+        a = threading.Thread(target=ra.set_alias, args=("a", "production", 2))
+        a.start()
+        assert paused.wait(timeout=30)
+        b = threading.Thread(target=rb.set_alias, args=("b", "production", 2))
+        b.start()
+        b.join(timeout=1.5)  # the old marker let B commit here; the counter makes it wait for A
+        marker = reg.serving_marker()
+        if marker != cached_marker:
+            cached_marker, cached = marker, state()
+        go.set()
+        a.join(timeout=30)
+        b.join(timeout=30)
+        marker = reg.serving_marker()
+        if marker != cached_marker:
+            cached_marker, cached = marker, state()
+        assert state() == (2, 2)
+        assert cached == (2, 2), f"the server's cache kept {cached}: a committed promotion never moved the marker"
+    finally:
+        go.set()
+        ra.close()
+        rb.close()
+
+
+def test_every_change_that_decides_serving_moves_the_marker(registry_with_base, lora_dir):
+    reg = registry_with_base
+    reg.import_adapter("a", lora_dir, "tiny")
+    reg.import_adapter("a", lora_dir, "tiny")
+    steps = [lambda: reg.set_alias("a", "production", 1), lambda: reg.set_alias("a", "production", 2),
+             lambda: reg.rollback("a"), lambda: reg.route_set("main", "a@production"),
+             lambda: reg.remove_alias("a", "production"), lambda: reg.deprecate("a@2", reason="old"),
+             lambda: reg.archive("a@2")]
+    seen = [reg.serving_marker()]
+    for step in steps:
+        step()
+        seen.append(reg.serving_marker())
+    assert all(later > earlier for earlier, later in zip(seen, seen[1:])), seen

@@ -491,3 +491,16 @@ class DataEventRow(Base):
     reason: Mapped[Optional[str]] = mapped_column(Text)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON)  # purge: the blobs deleted and their sizes
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ServingChangeRow(Base):
+    """One row: a counter bumped, inside the same transaction, by every change that can alter
+    what a server answers with (an alias or a route moved, a version's status changed). A
+    server re-reads its caches when the counter moves. ``max(id)`` of the event tables cannot
+    do this on PostgreSQL: a transaction that drew a lower id may commit after one that drew
+    a higher id, and would never be seen; the counter's row lock orders the bumps by commit."""
+
+    __tablename__ = "serving_changes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    counter: Mapped[int] = mapped_column(BigInteger)

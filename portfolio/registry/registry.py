@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from portfolio import adapter_files, basemodel
 from portfolio.data import formats
 from portfolio.errors import AlreadyExists, IncompatibleAdapter, InvalidAdapter, InvalidState
-from portfolio.registry import db, governance, lifecycle, quality, queries, runs, suites, transfer
+from portfolio.registry import changes, db, governance, lifecycle, quality, queries, runs, suites, transfer
 from portfolio.registry import entities as E
 from portfolio.registry.browse import BrowseMethods
 from portfolio.registry.governance import DataRevoked, GovernanceMethods
@@ -96,6 +96,7 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods, GovernanceMethods
         self.store = store
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._write_sessions = sessionmaker(db.writer(engine), expire_on_commit=False)
+        changes.watch(self._write_sessions)
         self._rows_cache: dict[str, list[dict[str, Any]]] = {}
 
     @classmethod

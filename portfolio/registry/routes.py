@@ -11,9 +11,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from portfolio.errors import InvalidState, NotFound
-from portfolio.registry import db
+from portfolio.registry import changes, db
 from portfolio.registry import entities as E
-from portfolio.registry.models import AdapterVersionRow, AliasEventRow, RequestCountRow, RouteEventRow, RouterRow
+from portfolio.registry.models import RequestCountRow, RouteEventRow, RouterRow
 from portfolio.registry.refs import check_name
 from portfolio.routing import Rule
 
@@ -232,13 +232,8 @@ class RouteMethods:
         return [{"router": r or None, "rule": rule, "requests": int(n), "tokens": int(t), "first_hour": E.as_utc(a), "last_hour": E.as_utc(b)}
                 for r, rule, n, t, a, b in rows]
 
-    def serving_marker(self) -> tuple:
-        """What changes whenever routing could: the newest alias event, the newest route
-        event, and how many versions are archived or deprecated (one cheap query; a server
-        polls it to know when to drop its caches)."""
+    def serving_marker(self) -> int:
+        """A counter that moves with every committed change of an alias, a route or a
+        version's status (`registry.changes`; one cheap query: a server reads it per request)."""
         with self._read() as session:
-            return tuple(session.execute(sa.select(
-                sa.select(sa.func.max(AliasEventRow.id)).scalar_subquery(),
-                sa.select(sa.func.max(RouteEventRow.id)).scalar_subquery(),
-                sa.select(sa.func.count()).where(AdapterVersionRow.status.in_(("archived", "deprecated"))).scalar_subquery(),
-            )).one())
+            return changes.marker(session)

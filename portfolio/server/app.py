@@ -3,8 +3,8 @@ versions, traceability, the request log, metrics and the safety limits.
 
 Every answer names the exact version that produced it (``X-Portfolio-Version: NAME@7`` and
 ``portfolio.version`` in the body). Aliases and routes are resolved in memory and the caches
-are dropped whenever the registry's alias, route or status history moves (checked every
-``poll_s``), so a promotion or a rollback reaches the next request within seconds, without a
+are dropped whenever the registry's serving change counter moves (`registry.changes`, read on
+every request), so a promotion, a rollback or an archive reaches the next request, without a
 restart, and requests in flight finish on the version they started with. An archived version is
 never served.
 """
@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from portfolio.errors import NotFound, PortfolioError
+from portfolio.errors import InvalidState, NotFound, PortfolioError
 from portfolio.server.engine import Completion, Engine
 from portfolio.server.engine import Request as EngineRequest
 
@@ -43,7 +43,7 @@ class ServerSettings:
     max_tokens: int = 512
     max_prompt_tokens: int = 4096
     max_concurrency: int = 64
-    poll_s: float = 2.0
+    poll_s: float = 0.0  # how stale routing may be; 0: the change counter is read on every request (one cheap query)
     flush_s: float = 2.0
     request_timeout_s: float = 300.0
 
@@ -351,7 +351,12 @@ def create_app(registry, engine: Engine, settings: ServerSettings, log=print) ->
                            "rate_limit_error")
         try:
             future = engine.submit(EngineRequest(target.version, prompt_ids, max_tokens, temperature, seed))
-            return future.result(timeout=settings.request_timeout_s)
+            try:
+                return future.result(timeout=settings.request_timeout_s)
+            except InvalidState as exc:  # archived since it was resolved: its bytes are gone
+                raise ApiError(409, str(exc), "conflict_error") from None
+            except PortfolioError as exc:  # e.g. a damaged blob: this request fails, the server goes on
+                raise ApiError(503, str(exc), "server_error") from None
         finally:
             slots.release()
 

@@ -11,11 +11,13 @@ must be active together — and a sampled request run in batches of their own.
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import shutil
 import tempfile
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
 from concurrent.futures import Future
@@ -141,7 +143,7 @@ class Engine:
         the base."""
         if version is None:
             return []
-        from portfolio.serving import attach, serving_key
+        from portfolio.serving import serving_key
 
         key = serving_key(self.registry, version)
         in_use.add(key)
@@ -149,13 +151,54 @@ class Engine:
             self.loaded.move_to_end(key)
             return self.loaded[key]
         for old in [k for k in self.loaded if k not in in_use][: max(0, len(self.loaded) + 1 - self.max_adapters)]:
-            for name in self.loaded.pop(old):
-                self.model.delete_adapter(name)
-        prefix = f"s{abs(hash(key)) % 10**10}_"
-        self.model, names = attach(self.model, self.registry, version.ref, self.workdir / prefix, prefix=prefix)
-        self.model.to(self.device).eval()
+            self._unload(self.loaded.pop(old))
+        names = self._load(version, key)
         self.loaded[key] = names
         return names
+
+    def _load(self, version, key: str) -> list[str]:
+        """Attach a version's parts as PEFT adapters. The folder they are read from goes as
+        soon as they are in memory (a version evicted and asked for again is written afresh),
+        and a load that fails midway (bytes gone, a damaged blob) takes back the parts it had
+        attached, so the model holds only what `loaded` lists."""
+        from peft import PeftModel
+
+        from portfolio.serving import attach
+
+        prefix = f"s{hashlib.sha256(key.encode()).hexdigest()[:12]}_"
+        folder = self.workdir / prefix
+        shutil.rmtree(folder, ignore_errors=True)
+        before = set(self.model.peft_config) if isinstance(self.model, PeftModel) else set()
+        try:
+            self.model, names = attach(self.model, self.registry, version.ref, folder, prefix=prefix)
+        except BaseException:
+            if isinstance(self.model, PeftModel):
+                self._unload([n for n in self.model.peft_config if n not in before])
+            raise
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self.model.to(self.device).eval()
+        return names
+
+    def _unload(self, names: list[str]) -> None:
+        """Delete adapters from the model. PEFT leaves a deleted adapter named active, so
+        the active one is reset to a survivor; with none left the model is unwrapped back to
+        the bare base, which a PeftModel without adapters cannot stand in for."""
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel):
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name in names:
+                if name in self.model.peft_config:
+                    self.model.delete_adapter(name)
+            remaining = list(self.model.peft_config)
+            if not remaining:
+                self.model = self.model.unload()
+            elif not set(self.model.active_adapters) <= set(remaining):
+                self.model.set_adapter(remaining[0])
+        self.model.eval()
 
     def _generate(self, items: list[tuple[Request, list[str]]], mixed: bool) -> list[Completion]:
         import torch

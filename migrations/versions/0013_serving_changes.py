@@ -1,0 +1,28 @@
+"""serving change counter: a row bumped in every transaction that changes what is served
+
+Revision ID: 0013
+Revises: 0012
+Create Date: 2026-12-01
+"""
+
+from alembic import op
+import sqlalchemy as sa
+
+revision = "0013"
+down_revision = "0012"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    table = op.create_table(
+        "serving_changes",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("counter", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_serving_changes")),
+    )
+    op.bulk_insert(table, [{"id": 1, "counter": 0}])
+
+
+def downgrade() -> None:
+    op.drop_table("serving_changes")
