@@ -122,3 +122,149 @@ def test_a_receiver_that_keeps_failing_ends_failed_and_new_hooks_skip_the_past(h
         history.add_webhook("ftp://x", ["promote"])
     with pytest.raises(InvalidState, match="choose from"):
         history.add_webhook("http://127.0.0.1:9/x", ["promot"])
+
+
+# -- reliability round 3: redirects, blocked addresses, bounded deliveries, redaction ----------
+
+
+class RawReceiver:
+    """A loopback TCP server answering each connection with ``script(conn)``; counts every
+    connection, and every POST body it received."""
+
+    def __init__(self, script):
+        import socket
+
+        self.connections, self.bodies = 0, []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.closed = threading.Event()
+
+        def serve():
+            while not self.closed.is_set():
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError:
+                    return
+                self.connections += 1
+                threading.Thread(target=self._one, args=(conn, script), daemon=True).start()
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def _one(self, conn, script):
+        try:
+            conn.settimeout(30)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            self.bodies.append(data)
+            script(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.closed.set()
+        self.sock.close()
+
+
+def test_a_redirect_is_never_followed_and_is_recorded_with_its_location(history):
+    target = RawReceiver(lambda c: c.sendall(b"HTTP/1.1 204 No Content\r\n\r\n"))  # where a redirect would lead
+    redirects = [f"ftp://127.0.0.1:{target.port}/x", f"http://127.0.0.1:{target.port}/elsewhere"]
+    hooks = []
+    for location in redirects:
+        receiver = RawReceiver(lambda c, loc=location: c.sendall(
+            f"HTTP/1.1 302 Found\r\nLocation: {loc}\r\nContent-Length: 0\r\n\r\n".encode()))
+        hook, _ = history.add_webhook(receiver.url, ["drift"], secret="s", past=True)
+        hooks.append((hook, receiver, location))
+    try:
+        counts = history.deliver()
+        assert counts["delivered"] == 0 and counts["retrying"] == 2
+        assert target.connections == 0, "a redirect was followed"
+        for hook, _, location in hooks:
+            [d] = history.deliveries(hook.id)
+            assert d.status == "pending" and d.response_code == 302 and location in d.last_error and "not followed" in d.last_error
+    finally:
+        target.close()
+        for _, receiver, _ in hooks:
+            receiver.close()
+
+
+def test_link_local_and_metadata_addresses_are_refused_unless_allowed(history):
+    from portfolio import webhook_http
+
+    for url in ("http://169.254.169.254/latest/meta-data", "http://[fd00:ec2::254]/", "http://[fe80::1]:8080/x"):
+        with pytest.raises(InvalidState, match="link-local or metadata address.*--allow-link-local"):
+            history.add_webhook(url, ["drift"])
+    hook, _ = history.add_webhook("http://169.254.169.254/hook", ["drift"], allow_link_local=True)
+    assert hook.allow_link_local
+    assert webhook_http.blocked("::ffff:169.254.1.1") and not webhook_http.blocked("127.0.0.1")
+    # a name resolving to a blocked address is refused at delivery, whatever it resolved to at add
+    import socket
+
+    real = socket.getaddrinfo
+    try:
+        socket.getaddrinfo = lambda host, *a, **k: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", 80))]
+        answer = webhook_http.post("http://metadata.example/x", b"{}", {}, deadline_s=2)
+    finally:
+        socket.getaddrinfo = real
+    assert answer.code is None and "refused" in answer.error and "--allow-link-local" in answer.error
+
+
+def test_a_silent_or_trickling_receiver_costs_one_bounded_delivery(history):
+    import time
+
+    def trickle(conn):
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100:
+            conn.sendall(bytes([byte]))
+            time.sleep(0.2)
+
+    silent = RawReceiver(lambda c: time.sleep(20))
+    slow = RawReceiver(trickle)
+    try:
+        for receiver in (silent, slow):
+            history.add_webhook(receiver.url, ["drift"], secret="s", past=True)
+        started = time.monotonic()
+        counts = history.deliver(timeout=1.5)
+        elapsed = time.monotonic() - started
+        assert counts["retrying"] == 2 and elapsed < 6, elapsed  # the trickle used to hold a delivery for minutes
+        assert all("within 1.5 s" in d.last_error for d in history.deliveries())
+    finally:
+        silent.close()
+        slow.close()
+
+
+def test_credentials_inside_a_webhook_url_are_never_shown(history, db_url, store_dir):
+    receiver = Receiver("s")
+    try:
+        url = receiver.url.replace("http://", "http://alice:hunter2@")
+        hook, _ = history.add_webhook(url, ["drift"], secret="s", past=True)
+        assert "hunter2" not in hook.url and hook.url.startswith("http://***@127.0.0.1:")
+        assert history.deliver()["delivered"] == 1  # delivery still uses them
+        out = cli_invoker(db_url, store_dir)("webhook", "list").output
+        assert "hunter2" not in out and "alice" not in out and "***@127.0.0.1" in out
+    finally:
+        receiver.close()
+
+
+def test_a_worker_delivers_off_its_critical_path(history):
+    import time
+
+    from portfolio.scheduler.worker import Worker
+
+    silent = RawReceiver(lambda c: time.sleep(20))
+    try:
+        history.add_webhook(silent.url, ["drift"], secret="s", past=True)
+        worker = Worker(history, "w", poll_s=0.01, log=lambda m: None)
+        started = time.monotonic()
+        worker.deliver_webhooks()  # returns at once; the delivery runs on its own thread
+        assert time.monotonic() - started < 1.0
+        worker._delivery.join(timeout=30)
+    finally:
+        silent.close()

@@ -1,4 +1,5 @@
-"""serving change counter: a row bumped in every transaction that changes what is served
+"""serving change counter (a row bumped in every transaction that changes what is served);
+webhooks.allow_link_local
 
 Revision ID: 0013
 Revises: 0012
@@ -22,7 +23,11 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_serving_changes")),
     )
     op.bulk_insert(table, [{"id": 1, "counter": 0}])
+    with op.batch_alter_table("webhooks", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("allow_link_local", sa.Boolean(), server_default=sa.false(), nullable=False))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("webhooks", schema=None) as batch_op:
+        batch_op.drop_column("allow_link_local")
     op.drop_table("serving_changes")

@@ -52,10 +52,11 @@ def webhook_group() -> None:
               help="Event kinds to send, comma-separated, or all.")
 @click.option("--secret", default=None, help="Signing secret [generated and printed once].")
 @click.option("--past", is_flag=True, help="Also send the events recorded before now.")
+@click.option("--allow-link-local", is_flag=True, help="Allow delivery to link-local and cloud metadata addresses (169.254.0.0/16, fe80::/10).")
 @click.pass_context
-def webhook_add(ctx: click.Context, url: str, kinds: str, secret: str | None, past: bool) -> None:
-    """Send events of these kinds to URL."""
-    hook, key = _registry(ctx).add_webhook(url, [kinds], secret, past)
+def webhook_add(ctx: click.Context, url: str, kinds: str, secret: str | None, past: bool, allow_link_local: bool) -> None:
+    """Send events of these kinds to URL (redirects are never followed)."""
+    hook, key = _registry(ctx).add_webhook(url, [kinds], secret, past, allow_link_local=allow_link_local)
     click.echo(f"webhook {hook.id}: {hook.url} on {', '.join(hook.kinds)}")
     if not secret:
         click.echo(f"signing secret (shown once; verify X-Portfolio-Signature = sha256=HMAC-SHA256(secret, body)): {key}")

@@ -453,6 +453,8 @@ class WebhookRow(Base):
     # the last event row id queued for delivery, per source (alias, route, drift)
     cursor: Mapped[dict[str, Any]] = mapped_column(JSON)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # delivery to link-local and metadata addresses is refused unless the webhook was added so
+    allow_link_local: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

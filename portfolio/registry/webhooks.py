@@ -14,10 +14,12 @@ queue an event twice), then POSTs every due delivery:
 
     {"id": "alias:12", "kind": "promote", "subject": ..., "summary": ..., "reason": ..., "at": ..., "data": {...}}
 
-A 2xx answer marks it delivered; anything else (or no answer within the timeout) is retried
-with exponential back-off (`BACKOFF_S` · 2^(attempt−1), at most `MAX_BACKOFF_S`) until
-`MAX_ATTEMPTS`, then marked failed. Who runs it: `portfolio webhook deliver`, and every
-scheduler worker between cycles.
+A 2xx answer marks it delivered; anything else (a 3xx too: redirects are never followed, and
+the Location is recorded; or no complete answer within `TIMEOUT_S` for the whole delivery) is
+retried with exponential back-off (`BACKOFF_S` · 2^(attempt−1), at most `MAX_BACKOFF_S`) until
+`MAX_ATTEMPTS`, then marked failed. Link-local and metadata addresses are refused unless the
+webhook allows them (`portfolio.webhook_http`). Who runs it: `portfolio webhook deliver`, and
+every scheduler worker, on a thread of its own so a slow receiver never delays a job.
 """
 
 from __future__ import annotations
@@ -26,14 +28,13 @@ import hashlib
 import hmac
 import json
 import secrets
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from portfolio import webhook_http
 from portfolio.errors import InvalidState, NotFound
 from portfolio.registry import db
 from portfolio.registry import entities as E
@@ -43,7 +44,7 @@ from portfolio.registry.models import WebhookDeliveryRow, WebhookRow, utcnow
 MAX_ATTEMPTS = 8
 BACKOFF_S = 5.0
 MAX_BACKOFF_S = 3600.0
-TIMEOUT_S = 10.0
+TIMEOUT_S = 10.0  # for the whole of one delivery: connect, send, and the complete answer
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Webhook(E.Entity):
     pending: int
     delivered: int
     failed: int
+    allow_link_local: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,16 +94,22 @@ def parse_kinds(text: str) -> list[str]:
     return kinds
 
 
-def _check_url(url: str) -> None:
+def _check_url(url: str, allow_link_local: bool = False) -> None:
     if not url.startswith(("http://", "https://")) or len(url) > 2000 or any(c.isspace() for c in url):
-        raise InvalidState(f"webhook URL {url[:80]!r} must be an http:// or https:// URL without spaces, up to 2000 characters")
+        raise InvalidState(f"webhook URL {webhook_http.redact(url)[:80]!r} must be an http:// or https:// URL without spaces, "
+                           "up to 2000 characters")
+    try:
+        webhook_http.check_url(url, allow_link_local)
+    except (webhook_http.DeliveryRefused, ValueError) as exc:
+        raise InvalidState(f"webhook URL: {exc}") from None
 
 
 def _to_webhook(session: Session, row: WebhookRow) -> Webhook:
     counts = dict(session.execute(sa.select(WebhookDeliveryRow.status, sa.func.count()).where(WebhookDeliveryRow.webhook_id == row.id)
                                   .group_by(WebhookDeliveryRow.status)).all())
-    return Webhook(row.id, row.url, list(row.kinds), bool(row.active), E.as_utc(row.created_at), counts.get("pending", 0),
-                   counts.get("delivered", 0), counts.get("failed", 0))
+    # credentials inside the URL are for delivery only, never shown
+    return Webhook(row.id, webhook_http.redact(row.url), list(row.kinds), bool(row.active), E.as_utc(row.created_at),
+                   counts.get("pending", 0), counts.get("delivered", 0), counts.get("failed", 0), bool(row.allow_link_local))
 
 
 def _to_delivery(r: WebhookDeliveryRow) -> Delivery:
@@ -123,15 +131,17 @@ class WebhookMethods:
             after = {s: max(0, n - limit) for s, n in latest_cursor(session).items()}
             return list(reversed(read_events(session, after, limit)[0]))
 
-    def add_webhook(self, url: str, kinds: list[str], secret: str | None = None, past: bool = False) -> tuple[Webhook, str]:
+    def add_webhook(self, url: str, kinds: list[str], secret: str | None = None, past: bool = False,
+                    allow_link_local: bool = False) -> tuple[Webhook, str]:
         """Register a URL for these event kinds; returns it and its signing secret (generated
-        when not given). Only events from now on are sent, unless ``past``."""
-        _check_url(url)
+        when not given). Only events from now on are sent, unless ``past``; link-local and
+        metadata addresses only with ``allow_link_local``."""
+        _check_url(url, allow_link_local)
         kinds = parse_kinds(",".join(kinds))
         secret = secret or secrets.token_hex(32)
         with self._write() as (session, _put):
             cursor = {s: 0 for s in SOURCES} if past else latest_cursor(session)
-            row = WebhookRow(url=url, kinds=kinds, secret=secret, cursor=cursor, active=True)
+            row = WebhookRow(url=url, kinds=kinds, secret=secret, cursor=cursor, active=True, allow_link_local=allow_link_local)
             session.add(row)
             session.flush()
             return _to_webhook(session, row), secret
@@ -181,31 +191,25 @@ class WebhookMethods:
         now = now or utcnow()
         with self._read() as session:
             due = session.execute(
-                sa.select(WebhookDeliveryRow.id, WebhookRow.url, WebhookRow.secret)
+                sa.select(WebhookDeliveryRow.id, WebhookRow.url, WebhookRow.secret, WebhookRow.allow_link_local)
                 .join(WebhookRow, WebhookRow.id == WebhookDeliveryRow.webhook_id)
                 .where(WebhookDeliveryRow.status == "pending", WebhookDeliveryRow.next_attempt_at <= now, WebhookRow.active.is_(True))
                 .order_by(WebhookDeliveryRow.id)
             ).all()
-        for delivery_id, url, secret in due:
-            out[self._post(delivery_id, url, secret, timeout)] += 1
+        for delivery_id, url, secret, allow_link_local in due:
+            out[self._post(delivery_id, url, secret, timeout, bool(allow_link_local))] += 1
         return out
 
-    def _post(self, delivery_id: int, url: str, secret: str, timeout: float) -> str:
+    def _post(self, delivery_id: int, url: str, secret: str, timeout: float, allow_link_local: bool = False) -> str:
         with self._read() as session:
             row = session.get(WebhookDeliveryRow, delivery_id)
             body = json.dumps(row.payload, sort_keys=True).encode()
             kind = row.kind
-        request = urllib.request.Request(url, data=body, method="POST", headers={
+        answer = webhook_http.post(url, body, {
             "Content-Type": "application/json", "User-Agent": "portfolio-webhook", "X-Portfolio-Event": kind,
-            "X-Portfolio-Delivery": str(delivery_id), "X-Portfolio-Signature": signature(secret, body)})
-        code, error = None, None
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                code = response.status
-        except urllib.error.HTTPError as exc:
-            code, error = exc.code, f"HTTP {exc.code}"
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            error = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+            "X-Portfolio-Delivery": str(delivery_id), "X-Portfolio-Signature": signature(secret, body)},
+            deadline_s=timeout, allow_link_local=allow_link_local)
+        code, error = answer.code, answer.error
         with self._write() as (session, _put):
             row = session.get(WebhookDeliveryRow, delivery_id)
             row.attempts += 1

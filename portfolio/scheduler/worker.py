@@ -61,6 +61,7 @@ class Worker:
         self.poll_s = poll_s
         self.log = log
         self.stop_requested = False
+        self._delivery: threading.Thread | None = None
 
     def request_stop(self, *_: Any) -> None:
         """Finish (or checkpoint) the current step, then exit."""
@@ -87,6 +88,9 @@ class Worker:
                     continue
                 self.run_job(job_id)
                 done += 1
+            if once:  # what this pass recorded goes out before a one-shot worker exits
+                self.deliver_webhooks(wait=True)
+                self.deliver_webhooks(wait=True)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -94,9 +98,18 @@ class Worker:
                 lock.close()
         return done
 
-    def deliver_webhooks(self) -> None:
-        """Send pending events to webhooks between cycles; a failing receiver never stops the
-        worker (deliveries are retried with back-off and recorded)."""
+    def deliver_webhooks(self, wait: bool = False) -> None:
+        """Send pending events to webhooks, on a thread of its own so that a slow or silent
+        receiver never delays the next claim (one delivery pass at a time; ``wait`` joins
+        it). A failing receiver never stops the worker: deliveries are retried with
+        back-off and recorded."""
+        if self._delivery is None or not self._delivery.is_alive():
+            self._delivery = threading.Thread(target=self._deliver_once, name=f"{self.name}-webhooks", daemon=True)
+            self._delivery.start()
+        if wait:
+            self._delivery.join()
+
+    def _deliver_once(self) -> None:
         try:
             counts = self.registry.deliver()
         except Exception as exc:
