@@ -230,3 +230,22 @@ def test_soak_eight_clients_while_another_process_promotes_and_archives(portfoli
     assert all(a[2] in (404, 409) for a in refused), refused[:5]  # asked for a version not yet made, or archived
     # memory flat: after warm-up, the last samples are within a bound of the first
     assert max(memory[-3:]) - memory[0] < 300, f"server memory grew: {[round(m) for m in memory]} MB"
+
+
+def test_a_keyless_server_answers_only_loopback_host_names(portfolio_of_versions, tmp_path):
+    """DNS rebinding: a page on evil.example that resolves to 127.0.0.1 sends Host: evil.example."""
+    reg, db, store = portfolio_of_versions
+    proc, client = start_server(db, store, 2, tmp_path)
+    try:
+        port = client.base_url.port
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", ""):
+            for path in ("/health", "/v1/models", "/openapi.json"):
+                r = client.get(path, headers={"Host": host})
+                assert r.status_code == 421 and "loopback" in r.json()["error"]["message"], (host, path, r.text)
+        r = client.post("/v1/chat/completions", headers={"Host": "evil.example"},
+                        json={"model": "t@1", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 421
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", "127.0.0.1", f"[::1]:{port}"):
+            assert client.get("/v1/models", headers={"Host": host}).status_code == 200, host
+    finally:
+        stop_server(proc, client)

@@ -216,7 +216,7 @@ MESSAGES = st.one_of(JSON, st.lists(st.fixed_dictionaries({"role": st.sampled_fr
 
 
 def _schema_paths(client) -> set[str]:
-    return set(client.get("/openapi.json").json()["paths"])
+    return set(client.get("/openapi.json", headers=AUTH).json()["paths"])
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -236,3 +236,40 @@ def test_any_request_gets_an_answer_or_a_clean_4xx(served, path, body, raw):
         assert error["code"] == r.status_code and isinstance(error["message"], str) and error["message"]
     elif not body.get("stream"):
         assert r.headers["X-Portfolio-Version"] == r.json()["portfolio"]["version"]
+
+
+# -- reliability round 3: bounded bodies, deep JSON, the schema behind the key --------------
+
+
+def test_a_chunked_body_over_the_limit_is_refused_without_reading_it_whole(served):
+    client = served["client"]
+    sent = []
+
+    def chunks():
+        for i in range(200):  # 200 MB if it were read whole
+            sent.append(i)
+            yield b"x" * (1 << 20)
+
+    try:
+        r = client.post("/v1/chat/completions", content=chunks(), headers=AUTH | {"content-type": "application/json"})
+        assert r.status_code == 413 and "over 1,000,000 bytes" in r.json()["error"]["message"]
+    except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
+        pass  # the server answered and closed while the client was still sending: also a refusal
+    assert len(sent) < 50, f"the server read {len(sent)} MB before refusing"
+    assert client.get("/health").status_code == 200
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(served):
+    client = served["client"]
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"):
+        r = client.post("/v1/chat/completions", content=body, headers=AUTH | {"content-type": "application/json"})
+        assert r.status_code == 400 and "nests deeper" in r.json()["error"]["message"], r.text
+    assert served_version(client) == "general@1" or client.get("/health").status_code == 200
+
+
+def test_with_a_key_the_schema_and_docs_need_it_too(served):
+    client = served["client"]
+    for path in ("/openapi.json", "/docs", "/metrics", "/v1/models"):
+        assert client.get(path).status_code == 401, path
+        assert client.get(path, headers=AUTH).status_code == 200, path
+    assert client.get("/health").status_code == 200  # the liveness probe stays open

@@ -57,7 +57,7 @@ def dashboard(registry_with_base, lora_dir, write_jsonl):
     from portfolio.ui.app import create_app
 
     reg = build_portfolio(registry_with_base, lora_dir, write_jsonl)
-    return reg, TestClient(create_app(reg, KEY)), TestClient(create_app(reg, None))
+    return reg, TestClient(create_app(reg, KEY), base_url="http://127.0.0.1"), TestClient(create_app(reg, None), base_url="http://127.0.0.1")
 
 
 def test_pages_show_the_portfolio(dashboard):
@@ -314,3 +314,40 @@ def test_browser_writes_are_refused_without_the_key_and_recorded_with_it(browser
         reg.close()
     # the refused post shows as the browser's own 401 line; nothing else may fail
     assert [e for e in errors if "status of 401" not in e] == []
+
+
+def test_huge_numbers_security_headers_origin_and_host(dashboard, registry_with_base):
+    """Round 3: 2**63 in a page number or depth was a 500; no CSP or framing headers; a write
+    from another site's page was accepted; every Host header was answered."""
+    from fastapi.testclient import TestClient
+
+    from portfolio.ui.app import create_app
+
+    reg, keyed, readonly = dashboard
+    for path in (f"/?page_no={2**63}", f"/api/adapters?page_no={2**63}", f"/api/versions/py/1/lineage?depth={2**63}",
+                 f"/versions/py/{2**63}", f"/adapters/py?page_no={10**30}"):
+        r = readonly.get(path)
+        assert r.status_code == 400 and "out of range" in r.text, (path, r.status_code, r.text[:200])
+    r = readonly.get("/")
+    assert r.status_code == 200
+    assert "default-src 'self'" in r.headers["content-security-policy"] and "frame-ancestors 'none'" in r.headers["content-security-policy"]
+    assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"
+    assert readonly.get("/api/adapters").headers["x-frame-options"] == "DENY"
+    # a cross-site write, with the right key even: refused by Origin
+    r = keyed.post("/api/adapters/py/rollback", json={"reason": "x"}, headers={"Authorization": f"Bearer {KEY}", "Origin": "http://evil.example"})
+    assert r.status_code == 403 and "cross-site" in r.text
+    r = keyed.post("/actions/rollback", data={"adapter": "py", "reason": "x", "api_key": KEY}, headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403
+    assert reg.get_version("py@production").version == 2
+    # Host: without a key only loopback names (or --allow-host ones)
+    assert TestClient(create_app(reg, None)).get("/").status_code == 421  # Host: testserver
+    assert TestClient(create_app(reg, None), base_url="http://localhost:8080").get("/").status_code == 200
+    assert TestClient(create_app(reg, None, ("dash.internal",)), base_url="http://dash.internal").get("/").status_code == 200
+    assert TestClient(create_app(reg, KEY)).get("/").status_code == 200  # with a key, the key is the guard
+
+
+def test_ui_beyond_loopback_without_a_key_is_refused(db_url, store_dir):
+    from tests.conftest import cli_invoker
+
+    result = cli_invoker(db_url, store_dir)("ui", "--host", "0.0.0.0", ok=False)
+    assert result.exit_code == 2 and "--api-key" in result.output

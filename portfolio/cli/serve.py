@@ -30,9 +30,11 @@ def _loopback(host: str) -> bool:
 @click.option("--max-tokens", type=click.IntRange(1, 32768), default=512, show_default=True, help="Largest max_tokens a request may ask.")
 @click.option("--max-concurrency", type=click.IntRange(1, 10000), default=64, show_default=True, help="Requests in flight before 429.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--allow-host", "allowed_hosts", multiple=True,
+              help="A Host name to answer beside loopback ones when there is no API key (repeatable).")
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int, router: str | None, base_name: str | None, api_key: str | None, max_adapters: int,
-          batch_size: int, max_tokens: int, max_concurrency: int, device: str) -> None:
+          batch_size: int, max_tokens: int, max_concurrency: int, device: str, allowed_hosts: tuple[str, ...]) -> None:
     """Serve the portfolio over HTTP with OpenAI-style endpoints, routed by tenant, task and risk."""
     from portfolio.server.run import serve as run_server
 
@@ -40,4 +42,4 @@ def serve(ctx: click.Context, host: str, port: int, router: str | None, base_nam
         raise click.UsageError(f"--host {host} is reachable from other machines: set --api-key (or PORTFOLIO_API_KEY)")
     run_server(_registry(ctx), host, port, router=router, base_name=base_name, api_key=api_key, max_adapters=max_adapters,
                batch_size=batch_size, max_tokens=max_tokens, max_concurrency=max_concurrency, device=device,
-               log=lambda m: click.echo(m, err=True))
+               allowed_hosts=allowed_hosts, log=lambda m: click.echo(m, err=True))

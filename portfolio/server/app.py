@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from portfolio import web_guard
 from portfolio.errors import InvalidState, NotFound, PortfolioError
 from portfolio.server.engine import Completion, Engine
 from portfolio.server.engine import Request as EngineRequest
@@ -46,6 +47,7 @@ class ServerSettings:
     poll_s: float = 0.0  # how stale routing may be; 0: the change counter is read on every request (one cheap query)
     flush_s: float = 2.0
     request_timeout_s: float = 300.0
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted beside loopback ones when there is no key
 
 
 class ApiError(Exception):
@@ -309,28 +311,34 @@ def create_app(registry, engine: Engine, settings: ServerSettings, log=print) ->
     @app.middleware("http")
     async def guard(request: Request, call_next):
         started = time.perf_counter()
+
+        def refuse(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+            stats.failed(status, time.perf_counter() - started)
+            return _error(status, message, kind)
+
+        if not web_guard.host_allowed(request.headers.get("host"), settings.api_key is not None, settings.allowed_hosts):
+            return refuse(421, web_guard.host_refusal(request.headers.get("host")), "misdirected_request_error")
+        # with a key, everything but the liveness probe needs it (the schema and /docs included)
+        if settings.api_key is not None and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+                return refuse(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error")
         if request.url.path.startswith("/v1/") or request.url.path == "/metrics":
-            if settings.api_key is not None:
-                given = request.headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                    stats.failed(401, time.perf_counter() - started)
-                    return _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error")
             length = request.headers.get("content-length")
             if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-                stats.failed(413, time.perf_counter() - started)
-                return _error(413, f"request body over {settings.max_body_bytes:,} bytes")
+                return refuse(413, f"request body over {settings.max_body_bytes:,} bytes")
             if request.method == "POST":
-                body = await request.body()
-                if len(body) > settings.max_body_bytes:
-                    stats.failed(413, time.perf_counter() - started)
-                    return _error(413, f"request body over {settings.max_body_bytes:,} bytes")
+                body = await web_guard.read_limited(request, settings.max_body_bytes)
+                if body is None:  # the rest is never read: the connection closes after the answer
+                    response = refuse(413, f"request body over {settings.max_body_bytes:,} bytes")
+                    response.headers["Connection"] = "close"
+                    return response
                 # checked here, not left to FastAPI: some undecodable bodies (raw bytes) get its own
-                # error shape instead of the OpenAI one (tests/test_server.py's property test)
-                try:
-                    json.loads(body or b"null")
-                except ValueError:
-                    stats.failed(400, time.perf_counter() - started)
-                    return _error(400, "the body is not valid JSON")
+                # error shape instead of the OpenAI one (tests/test_server.py's property test), and a
+                # deeply nested one would exhaust the parser's recursion
+                problem = web_guard.parse_json_body(body)
+                if problem:
+                    return refuse(400, problem)
         response = await call_next(request)
         if response.status_code >= 400 and request.url.path.startswith("/v1/"):
             stats.failed(response.status_code, time.perf_counter() - started)

@@ -22,7 +22,7 @@ def pick_base(registry, router: str | None, base_name: str | None):
 
 def serve(registry, host: str, port: int, *, router: str | None = None, base_name: str | None = None, api_key: str | None = None,
           max_adapters: int = 8, batch_size: int = 8, max_tokens: int = 512, max_concurrency: int = 64, device: str = "auto",
-          log=print) -> None:
+          allowed_hosts: tuple[str, ...] = (), log=print) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM finish the requests in flight, then flush the
     request log)."""
     import uvicorn
@@ -34,7 +34,8 @@ def serve(registry, host: str, port: int, *, router: str | None = None, base_nam
     if router:
         registry.route_rules(router)  # fails now, not on the first request, if it does not exist
     engine = Engine(registry, base, max_adapters=max_adapters, batch_size=batch_size, device=device, log=log)
-    settings = ServerSettings(router=router, api_key=api_key, max_tokens=max_tokens, max_concurrency=max_concurrency)
+    settings = ServerSettings(router=router, api_key=api_key, max_tokens=max_tokens, max_concurrency=max_concurrency,
+                              allowed_hosts=tuple(allowed_hosts))
     app = create_app(registry, engine, settings, log=log)
     log(f"serving base {base.name} on http://{host}:{port}" + (f" (router {router})" if router else "")
         + ("; API key required" if api_key else ""))

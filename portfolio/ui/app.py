@@ -14,13 +14,15 @@ import json
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, urlencode
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from portfolio import web_guard
 from portfolio.errors import InvalidState, NotFound, PortfolioError
 from portfolio.registry.entities import jsonable
 from portfolio.registry.governance import actor
@@ -62,8 +64,22 @@ def snapshot_href(ref: str) -> str:
     return f"/datasets/{quote(name, safe='')}/{number}"
 
 
-def create_app(registry: Registry, api_key: str | None = None) -> FastAPI:
-    """The dashboard app over ``registry``; writes enabled only when ``api_key`` is set."""
+MAX_INT_PARAM = 2**31 - 1  # page numbers, depths, version numbers: anything larger is a mistake or a probe
+
+
+def _out_of_range(request: Request) -> str | None:
+    """The first integer in the path or query too large for any page, version or depth."""
+    values = [("path", seg) for seg in request.url.path.split("/")] + list(request.query_params.multi_items())
+    for name, value in values:
+        text = value.strip().lstrip("+-")
+        if text.isascii() and text.isdigit() and (len(text) > 12 or int(text) > MAX_INT_PARAM):
+            return f"{name} {value[:30]}{'...' if len(value) > 30 else ''} is out of range (at most {MAX_INT_PARAM:,})"
+    return None
+
+
+def create_app(registry: Registry, api_key: str | None = None, allowed_hosts: tuple[str, ...] = ()) -> FastAPI:
+    """The dashboard app over ``registry``; writes enabled only when ``api_key`` is set.
+    Without a key only loopback ``Host`` names (and ``allowed_hosts``) are answered."""
     app = FastAPI(title="portfolio dashboard", version="1", docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     env = _environment()
@@ -93,12 +109,39 @@ def create_app(registry: Registry, api_key: str | None = None) -> FastAPI:
         return page("message.html", status=status, title="Refused" if status in (401, 403, 409) else "Not found" if status == 404 else "Error",
                     message=message, ok=False)
 
+    def refusal(request: Request, status: int, message: str) -> Response:
+        if request.url.path.startswith("/api/"):
+            response: Response = JSONResponse({"error": message, "kind": "Refused"}, status_code=status)
+        else:
+            response = PlainTextResponse(f"error: {message}\n", status_code=status)
+        response.headers.update(web_guard.SECURITY_HEADERS)
+        return response
+
     @app.middleware("http")
-    async def timing(request: Request, call_next):
+    async def guard(request: Request, call_next):
         started = time.perf_counter()
+        host = request.headers.get("host")
+        if not web_guard.host_allowed(host, api_key is not None, allowed_hosts):
+            return refusal(request, 421, web_guard.host_refusal(host))
+        problem = _out_of_range(request)
+        if problem:
+            return refusal(request, 400, problem)
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            # a write from another site's page: the browser names that site in Origin
+            origin = request.headers.get("origin")
+            if origin is not None and urlsplit(origin).netloc.lower() != (host or "").lower():
+                return refusal(request, 403, f"cross-site write refused (Origin {origin[:100]} is not this dashboard)")
         response = await call_next(request)
         response.headers["X-Response-Ms"] = f"{(time.perf_counter() - started) * 1000:.1f}"
+        for key, value in web_guard.SECURITY_HEADERS.items():
+            response.headers.setdefault(key, value)
         return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return refusal(request, 400, f"{where or 'request'}: {first.get('msg', 'invalid')}")
 
     # -- pages ----------------------------------------------------------------------------
 
