@@ -123,7 +123,11 @@ def read_lora_folder(path: str | os.PathLike) -> LoraFolder:
                 module, half = split_key(key, keep_prefix=True)
                 halves.setdefault(module, {})[half] = tuple(fh.get_slice(key).get_shape())
             for key in fh.keys():
-                if not torch.isfinite(fh.get_tensor(key)).all():
+                tensor = fh.get_tensor(key)
+                if not tensor.is_floating_point():  # int8 factors would be read as weights of that value
+                    raise InvalidAdapter(f"{path}: tensor {key} is {str(tensor.dtype).removeprefix('torch.')}; LoRA factors "
+                                         "must be floating point (float32, float16 or bfloat16): dequantise them first")
+                if not torch.isfinite(tensor).all():
                     raise InvalidAdapter(f"{path}: tensor {key} holds NaN or inf values")
     except InvalidAdapter:
         raise

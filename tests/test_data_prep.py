@@ -75,7 +75,7 @@ def test_reservoir_is_seeded_and_uniformish():
 
 @pytest.mark.parametrize("ratio, batch, steps", [(0.05, 8, 100), (0.25, 4, 10), (0.5, 8, 7), (0.0, 8, 5)])
 def test_replay_counts_hit_the_ratio_exactly(ratio, batch, steps):
-    counts = replay_counts(steps, batch, ratio)
+    counts = list(replay_counts(steps, batch, ratio))
     assert sum(counts) == int(ratio * batch * steps + 1e-9)
     assert all(0 <= c < batch for c in counts)
 

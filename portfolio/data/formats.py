@@ -102,11 +102,19 @@ def _decode(raw: bytes, where: str) -> str:
         raise InvalidDataset(f"{where}: not UTF-8 text; re-encode the file as UTF-8") from None
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _parse_line(line: str, where: str) -> Any:
     try:
-        record = json.loads(line)
+        # Python's json reads NaN and Infinity, which no other JSON reader (nor PostgreSQL's
+        # JSON columns) accepts: refused anywhere in a row
+        record = json.loads(line, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise InvalidDataset(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except ValueError as exc:  # from _no_constant
+        raise InvalidDataset(f"{where}: {exc} (NaN and Infinity are not JSON); write null or a finite number") from None
     except RecursionError:
         raise InvalidDataset(f"{where}: JSON nested too deeply; flatten the record") from None
     try:

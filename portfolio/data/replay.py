@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -24,13 +24,14 @@ def reservoir_sample(items: Iterable[T], k: int, seed: int) -> list[T]:
     return [item for _, item in sorted(reservoir, key=lambda pair: pair[0])]
 
 
-def replay_counts(steps: int, batch_size: int, ratio: float) -> list[int]:
+def replay_counts(steps: int, batch_size: int, ratio: float) -> Iterator[int]:
     """How many replay sequences go into each batch so that, over the run, exactly
     ``floor(ratio · batch_size · steps)`` of the sequences are replay — spread evenly, so a
-    ratio of 5% with batches of 8 still replays (one sequence every 2–3 steps)."""
-    counts, done = [], 0
+    ratio of 5% with batches of 8 still replays (one sequence every 2–3 steps). Yielded one
+    step at a time (a run of many steps never holds the list)."""
+    done = 0
     for step in range(steps):
         target = int(ratio * batch_size * (step + 1) + 1e-9)
-        counts.append(min(target - done, batch_size - 1) if ratio > 0 else 0)
-        done += counts[-1]
-    return counts
+        count = min(target - done, batch_size - 1) if ratio > 0 else 0
+        done += count
+        yield count

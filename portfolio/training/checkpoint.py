@@ -24,9 +24,9 @@ FILENAME = "checkpoint.safetensors"
 
 
 def save_checkpoint(path: Path, step: int, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    result: Any) -> None:
+                    result: Any, run_id: int | None = None) -> None:
     """Write all resume state atomically: a reader (or a resume after kill -9) sees the old
-    file or the new one."""
+    file or the new one. ``run_id`` is recorded, so another run's checkpoint is refused."""
     from safetensors.torch import save_file
 
     opt = optimizer.state_dict()
@@ -43,37 +43,49 @@ def save_checkpoint(path: Path, step: int, params: dict[str, torch.Tensor], opti
     for key, value in result_state.items():
         if isinstance(value, set):
             result_state[key] = sorted(value)
-    meta = {"format": FORMAT, "step": step, "param_groups": opt["param_groups"], "optim_scalars": optim_scalars,
+    meta = {"format": FORMAT, "step": step, "run": run_id, "param_groups": opt["param_groups"], "optim_scalars": optim_scalars,
             "result": result_state}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, tmp, metadata={"portfolio": json.dumps(meta)})
     os.replace(tmp, path)
 
 
-def _read(path: Path) -> tuple[dict[str, Any], Any]:
+def _read(path: Path, run_id: int | None = None, max_step: int | None = None) -> tuple[dict[str, Any], Any]:
     from safetensors import SafetensorError, safe_open
 
     try:
         handle = safe_open(str(path), framework="pt")
         meta = json.loads((handle.metadata() or {})["portfolio"])
-        if meta.get("format") != FORMAT or not isinstance(meta.get("step"), int):
+        if meta.get("format") != FORMAT or not isinstance(meta.get("step"), int) or isinstance(meta.get("step"), bool):
             raise ValueError("unknown format")
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise InvalidState(
             f"{path} is not a portfolio checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
             "it was damaged or put there by hand; delete it to restart the run from step 0"
         ) from None
+    # well-formed is not enough: it must be this run's, at a step this run has
+    owner = meta.get("run")
+    if run_id is not None and owner is not None and owner != run_id:
+        raise InvalidState(f"{path} is a checkpoint of run {owner}, not of run {run_id}; "
+                           "delete it to restart the run from step 0")
+    step = meta["step"]
+    if step < 0 or (max_step is not None and step > max_step):
+        raise InvalidState(f"{path} resumes at step {step}, outside this run's 0..{max_step if max_step is not None else 'N'}; "
+                           "delete it to restart the run from step 0")
     return meta, handle
 
 
-def checkpoint_step(path: Path) -> int:
-    """The step a checkpoint resumes from (0 when there is none)."""
-    return _read(path)[0]["step"] if path.is_file() else 0
+def checkpoint_step(path: Path, run_id: int | None = None, max_step: int | None = None) -> int:
+    """The step a checkpoint resumes from (0 when there is none), after checking that it is
+    this run's (``run_id``) and within its ``max_step`` steps."""
+    return _read(path, run_id, max_step)[0]["step"] if path.is_file() else 0
 
 
-def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, Any]]:
-    """Restore parameters, optimizer and RNG state in place; return (step, result fields)."""
-    meta, handle = _read(path)
+def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                    run_id: int | None = None, max_step: int | None = None) -> tuple[int, dict[str, Any]]:
+    """Restore parameters, optimizer and RNG state in place; return (step, result fields).
+    A checkpoint of another run, or at a step outside ``0..max_step``, is refused."""
+    meta, handle = _read(path, run_id, max_step)
     keys = set(handle.keys())
     expected = {f"param/{n}" for n in params}
     if not expected <= keys:

@@ -21,6 +21,11 @@ DEFAULT_KL_WEIGHT = 1.0
 DEVICES = ("auto", "cpu", "cuda")
 
 
+# More steps than any run on one adapter needs (10M steps of batch 8 is 80M sequences): a
+# larger number is a typo, refused before any work rather than found hours into a run
+MAX_STEPS = 10_000_000
+
+
 class InvalidTrainConfig(PortfolioError, ValueError):
     """A training setting is out of range or inconsistent with another."""
 
@@ -82,6 +87,8 @@ class TrainConfig:
             problems.append("give --steps or --epochs, not both")
         if self.steps is not None and self.steps < 1:
             problems.append(f"--steps must be at least 1 (got {self.steps})")
+        if self.steps is not None and self.steps > MAX_STEPS:
+            problems.append(f"--steps {self.steps:,} is over the limit of {MAX_STEPS:,} steps")
         if self.epochs is not None and not self.epochs > 0:
             problems.append(f"--epochs must be positive (got {self.epochs})")
         if not self.lr > 0:

@@ -12,7 +12,7 @@ import math
 import random
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,40 +22,58 @@ import torch.nn.functional as F
 from portfolio.data.replay import replay_counts
 from portfolio.data.tokenize import IGNORE, Example, collate, shifted_labels
 from portfolio.training.checkpoint import load_checkpoint, save_checkpoint
-from portfolio.training.config import TrainConfig, get_lr
+from portfolio.training.config import MAX_STEPS, InvalidTrainConfig, TrainConfig, get_lr
 
 
-@dataclass
+@dataclass(frozen=True)
 class Schedule:
-    """Which examples go into every step's batch: (fresh indices, replay indices)."""
+    """Which examples go into every step's batch: iterating yields (fresh indices, replay
+    indices) per step. Fresh examples go epoch by epoch in seeded permutations; replay
+    examples cycle through their own seeded permutation. The order is fixed by the seed
+    alone, so a resumed run sees exactly what an uninterrupted one would; it is drawn as it
+    is consumed, so memory stays O(batch + examples) however many steps there are."""
 
-    batches: list[tuple[list[int], list[int]]]
+    steps: int
+    n_fresh: int
+    n_replay: int
+    batch_size: int
+    ratio: float
+    seed: int
+
+    def __iter__(self) -> Iterator[tuple[list[int], list[int]]]:
+        rng = random.Random(self.seed)
+        fresh_order: list[int] = []
+        replay_order: list[int] = []
+        for n_rep in replay_counts(self.steps, self.batch_size, self.ratio):
+            n_new = self.batch_size - n_rep
+            while len(fresh_order) < n_new:
+                fresh_order += rng.sample(range(self.n_fresh), self.n_fresh)
+            while len(replay_order) < n_rep:
+                replay_order += rng.sample(range(self.n_replay), self.n_replay)
+            yield fresh_order[:n_new], replay_order[:n_rep]
+            fresh_order, replay_order = fresh_order[n_new:], replay_order[n_rep:]
 
     @property
-    def steps(self) -> int:
-        return len(self.batches)
+    def batches(self) -> list[tuple[list[int], list[int]]]:
+        """Every step's batch at once (for tests and small runs: O(steps) memory)."""
+        return list(self)
+
+    @property
+    def replay_sequences(self) -> int:
+        """How many replay sequences the run trains on."""
+        return sum(replay_counts(self.steps, self.batch_size, self.ratio))
 
 
 def make_schedule(n_fresh: int, n_replay: int, cfg: TrainConfig) -> Schedule:
-    """A data order fixed by the seed alone, so a resumed run sees exactly what an
-    uninterrupted one would. Fresh examples go epoch by epoch in seeded permutations;
-    replay examples cycle through their own seeded permutation."""
+    """The run's data order (`Schedule`); an epoch count that would need more than
+    `MAX_STEPS` steps is refused before any work."""
     ratio = cfg.replay_ratio if n_replay else 0.0
     fresh_per_step = cfg.batch_size - cfg.batch_size * ratio
     steps = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * n_fresh / fresh_per_step))
-    rng = random.Random(cfg.seed)
-    fresh_order: list[int] = []
-    replay_order: list[int] = []
-    batches = []
-    for n_rep in replay_counts(steps, cfg.batch_size, ratio):
-        n_new = cfg.batch_size - n_rep
-        while len(fresh_order) < n_new:
-            fresh_order += rng.sample(range(n_fresh), n_fresh)
-        while len(replay_order) < n_rep:
-            replay_order += rng.sample(range(n_replay), n_replay)
-        batches.append((fresh_order[:n_new], replay_order[:n_rep]))
-        fresh_order, replay_order = fresh_order[n_new:], replay_order[n_rep:]
-    return Schedule(batches)
+    if steps > MAX_STEPS:
+        raise InvalidTrainConfig(f"--epochs {cfg.epochs:g} over {n_fresh} examples is {steps:,} steps, over the limit of "
+                                 f"{MAX_STEPS:,}; lower --epochs or raise --batch-size")
+    return Schedule(steps, n_fresh, n_replay, cfg.batch_size, ratio, cfg.seed)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,6 +139,7 @@ def train_loop(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    run_id: int | None = None,
 ) -> LoopResult:
     """Train ``model``'s active adapter along ``schedule``; resume from ``checkpoint_path``
     when it exists. ``parent_logits(batch)`` gives the frozen parent's logits for the KL term."""
@@ -135,16 +154,17 @@ def train_loop(
 
     # Resume: every piece of state that affects the result is in the checkpoint.
     if checkpoint_path.is_file():
-        start, fields = load_checkpoint(checkpoint_path, params, optimizer)
+        start, fields = load_checkpoint(checkpoint_path, params, optimizer, run_id, schedule.steps)
         result = LoopResult(**fields)
 
-    for step in range(start, schedule.steps):
+    for step, (fresh_idx, replay_idx) in enumerate(schedule):
+        if step < start:
+            continue  # the data order is replayed from the seed up to the checkpoint
         t0 = time.perf_counter()
         lr = get_lr(step, schedule.steps, cfg.lr, warmup, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        fresh_idx, replay_idx = schedule.batches[step]
         examples = [fresh[i] for i in fresh_idx] + [replay[i] for i in replay_idx]
         batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
 
@@ -184,7 +204,7 @@ def train_loop(
         stopping = should_stop is not None and should_stop() and step + 1 < schedule.steps
         if stopping or ((step + 1) % cfg.checkpoint_every == 0 and step + 1 < schedule.steps):
             result.peak_memory_mb = max(result.peak_memory_mb, peak_memory_mb(device))
-            save_checkpoint(checkpoint_path, step + 1, params, optimizer, result)
+            save_checkpoint(checkpoint_path, step + 1, params, optimizer, result, run_id)
             if on_checkpoint is not None:
                 on_checkpoint(step + 1)
             if stopping:  # asked to stop (SIGTERM): the step is checkpointed, nothing is lost

@@ -66,17 +66,16 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
         existing = registry.list_versions(adapter=cfg.adapter)
     except AdapterNotFound:
         existing = []
-    base = cfg.base or (existing[0].base_model if existing else None)
+    parent = registry.get_version(cfg.from_ref) if cfg.from_ref else None
+    # the base comes from the adapter's versions, else from the parent it warm-starts from
+    base = cfg.base or (existing[0].base_model if existing else parent.base_model if parent else None)
     if base is None:
         raise InvalidTrainConfig(f"adapter {cfg.adapter!r} is new: name its base model with --base")
     if existing and existing[0].base_model != base:
         raise InvalidTrainConfig(f"adapter {cfg.adapter!r} is built on {existing[0].base_model!r}, not {base!r}")
     base_modules = registry.base_modules(base)
 
-    parent = None
-    if cfg.from_ref:
-        parent = registry.get_version(cfg.from_ref)
-    elif existing:
+    if parent is None and existing:
         active = [v for v in existing if v.status == "active"]
         parent = (active or existing)[-1]
         which = "latest active" if active else "latest (none is active)"
@@ -167,7 +166,10 @@ def prepare_data(registry: Registry, plan: Plan, tokenizer: Any) -> Prepared:
     cfg = plan.cfg
     snapshots = [plan.snapshot] + plan.replay_sources
     splits = {s.ref: split_rows(registry.snapshot_rows(s)) for s in snapshots}
-    train_rows, _ = splits[plan.snapshot.ref]
+    train_rows, heldout_rows = splits[plan.snapshot.ref]
+    if not heldout_rows:  # nothing to judge the new version on: refused before a run is recorded
+        raise InvalidDataset(f"{plan.snapshot.ref} has no held-out rows to score ({len(train_rows)} row); a snapshot to train "
+                             "on needs at least 2 rows, one of which is held out")
     fresh = encode_rows(train_rows, plan.snapshot.format, tokenizer, cfg.seq_len, source=0)
     if not fresh:
         raise InvalidDataset(f"{plan.snapshot.ref} yields no training tokens with this base's tokenizer (--data)")
@@ -305,11 +307,11 @@ def train_adapter(
                 on_step(step, stats)
 
         checkpoint = workdir / CHECKPOINT_FILE
-        resumed_from = checkpoint_step(checkpoint)
+        resumed_from = checkpoint_step(checkpoint, run_id, schedule.steps)
         bar.update(resumed_from)
         result = train_loop(
             model, data.fresh, data.replay, cfg, schedule, pad_id, checkpoint,
-            parent_logits=parent_logits, on_step=step_hook, should_stop=should_stop,
+            parent_logits=parent_logits, on_step=step_hook, should_stop=should_stop, run_id=run_id,
             on_checkpoint=lambda step: (registry.store.push_work(run_id, checkpoint),
                                         registry.update_run(run_id, heartbeat=True, metrics={"checkpoint_step": step})),
         )
@@ -356,7 +358,7 @@ def train_adapter(
             "loss_curve": result.losses, "kl_curve": result.kl if cfg.kl_weight else [],
             "final_loss": result.losses[-1], "tokens": result.tokens, "tokens_per_s": result.tokens_per_s,
             "wall_s": result.seconds, "peak_memory_mb": result.peak_memory_mb, "steps": schedule.steps,
-            "replay_sequences": sum(len(r) for _, r in schedule.batches), "device": str(device),
+            "replay_sequences": schedule.replay_sequences, "device": str(device),
             "resumed_from_step": resumed_from,
         }
         version = registry.register_version(
