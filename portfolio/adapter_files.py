@@ -74,7 +74,6 @@ def split_key(key: str, keep_prefix: bool = False) -> tuple[str, str]:
 
 def read_lora_folder(path: str | os.PathLike) -> LoraFolder:
     """Read and validate a PEFT LoRA folder without loading a model."""
-    import torch
     from safetensors import safe_open
 
     path = Path(path)
@@ -123,12 +122,7 @@ def read_lora_folder(path: str | os.PathLike) -> LoraFolder:
                 module, half = split_key(key, keep_prefix=True)
                 halves.setdefault(module, {})[half] = tuple(fh.get_slice(key).get_shape())
             for key in fh.keys():
-                tensor = fh.get_tensor(key)
-                if not tensor.is_floating_point():  # int8 factors would be read as weights of that value
-                    raise InvalidAdapter(f"{path}: tensor {key} is {str(tensor.dtype).removeprefix('torch.')}; LoRA factors "
-                                         "must be floating point (float32, float16 or bfloat16): dequantise them first")
-                if not torch.isfinite(tensor).all():
-                    raise InvalidAdapter(f"{path}: tensor {key} holds NaN or inf values")
+                _check_tensor(path, key, fh.get_tensor(key))
     except InvalidAdapter:
         raise
     except Exception as exc:  # safetensors raises its own error types for damaged files
@@ -156,6 +150,16 @@ def read_lora_folder(path: str | os.PathLike) -> LoraFolder:
         modules[module] = (a[0], a[1], b[0])
     _check_config_matches(cfg_path, config, modules)
     return LoraFolder(path=path, config=config, modules=modules)
+
+
+def _check_tensor(path: Path, key: str, tensor: Any) -> None:
+    import torch
+
+    if not tensor.is_floating_point():  # int8 factors would be read as weights of that value
+        raise InvalidAdapter(f"{path}: tensor {key} is {str(tensor.dtype).removeprefix('torch.')}; LoRA factors "
+                             "must be floating point (float32, float16 or bfloat16): dequantise them first")
+    if not torch.isfinite(tensor).all():
+        raise InvalidAdapter(f"{path}: tensor {key} holds NaN or inf values")
 
 
 def _is_int(value: Any) -> bool:

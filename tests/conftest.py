@@ -379,3 +379,23 @@ def cli_invoker(db_url: str, store_dir: Path):
 
     return invoke
 
+
+
+def wait_until_healthy(proc, client, describe) -> None:
+    """Wait (up to 2 minutes) for a started `portfolio serve` to answer /health; fail the test
+    with ``describe()`` (its log) if it exits or never answers."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            if client.get("/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start: {describe()}")
+        time.sleep(0.3)

@@ -253,11 +253,13 @@ def test_credentials_inside_a_webhook_url_are_never_shown(history, db_url, store
         receiver.close()
 
 
-def test_a_worker_delivers_off_its_critical_path(history):
+def test_a_worker_delivers_off_its_critical_path(history, monkeypatch):
     import time
 
+    from portfolio.registry import webhooks
     from portfolio.scheduler.worker import Worker
 
+    monkeypatch.setattr(webhooks, "TIMEOUT_S", 2.0)
     silent = RawReceiver(lambda c: time.sleep(20))
     try:
         history.add_webhook(silent.url, ["drift"], secret="s", past=True)

@@ -5,7 +5,6 @@ base from the parent."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest

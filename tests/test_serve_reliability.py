@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from portfolio import Registry
-from tests.conftest import free_port, make_lora
+from tests.conftest import free_port, make_lora, wait_until_healthy
 
 N_LORAS = 5
 
@@ -36,17 +36,8 @@ def start_server(db: str, store: Path, max_adapters: int, tmp: Path):
                              "--max-adapters", str(max_adapters), "--max-tokens", "8", "--batch-size", "4"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    deadline = time.time() + 120
-    while True:
-        try:
-            if client.get("/health").status_code == 200:
-                return proc, client
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start: {(tmp / f'serve-{port}.log').read_text()}")
-        time.sleep(0.3)
+    wait_until_healthy(proc, client, lambda: (tmp / f"serve-{port}.log").read_text())
+    return proc, client
 
 
 def stop_server(proc, client) -> None:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from portfolio import Registry
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until_healthy
 
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -39,17 +39,7 @@ def served(tmp_path_factory, tiny_base, lora_dir):
     proc = subprocess.Popen([sys.executable, "-m", "portfolio", "--db", db, "--store", str(store), "serve", "--port", str(port),
                              "--router", "support", "--max-tokens", "32"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-    deadline = time.time() + 120
-    while True:
-        try:
-            if client.get("/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start: {proc.stderr.read()}")
-        time.sleep(0.3)
+    wait_until_healthy(proc, client, lambda: proc.stderr.read())
     yield {"client": client, "registry": reg, "proc": proc}
     proc.terminate()
     proc.wait(timeout=30)

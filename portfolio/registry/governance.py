@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from portfolio.errors import InvalidState
 from portfolio.registry import entities as E
-from portfolio.registry import lifecycle, queries
+from portfolio.registry import queries, references
 from portfolio.registry.models import (
     AdapterRow,
     AdapterVersionRow,
@@ -275,7 +275,7 @@ def plan_purge(session: Session, refs: list[str]) -> tuple[list[DatasetSnapshotR
     digests = list(dict.fromkeys(d for s in snaps for d in [f["sha256"] for f in s.files] + [s.rows_digest]))
     # every live record of any kind (another snapshot, a version's weights or config, a suite)
     # that names one of these blobs keeps it: purging would take bytes it still reads
-    others = lifecycle.live_references(session, exclude_snapshots=ids)
+    others = references.live_references(session, exclude_snapshots=ids)
     for digest in digests:
         holders = others.get(digest)
         if not holders:
@@ -348,7 +348,7 @@ class GovernanceMethods:
         # bytes then go under their row locks, re-checked there, like archive and gc, so a
         # writer that recorded the same bytes in between keeps them
         with self._write() as (session, _put):
-            lifecycle.delete_unless_live(session, self.store, digests)
+            references.delete_unless_live(session, self.store, digests)
         self._rows_cache.clear()
         return events
 

@@ -10,19 +10,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Boolean,
-    DateTime,
-    Float,
-    ForeignKey,
-    Integer,
-    MetaData,
-    String,
-    Text,
-    UniqueConstraint,
-)
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, MetaData, String, Text,
+                        UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.expression import false as sa_false
 
@@ -453,7 +442,6 @@ class WebhookRow(Base):
     # the last event row id queued for delivery, per source (alias, route, drift)
     cursor: Mapped[dict[str, Any]] = mapped_column(JSON)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
-    # delivery to link-local and metadata addresses is refused unless the webhook was added so
     allow_link_local: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -496,11 +484,8 @@ class DataEventRow(Base):
 
 
 class ServingChangeRow(Base):
-    """One row: a counter bumped, inside the same transaction, by every change that can alter
-    what a server answers with (an alias or a route moved, a version's status changed). A
-    server re-reads its caches when the counter moves. ``max(id)`` of the event tables cannot
-    do this on PostgreSQL: a transaction that drew a lower id may commit after one that drew
-    a higher id, and would never be seen; the counter's row lock orders the bumps by commit."""
+    """One row: a counter bumped in the same transaction as every change of an alias, a route
+    or a version's status; a server re-reads its caches when it moves (`registry.changes`)."""
 
     __tablename__ = "serving_changes"
 

@@ -169,9 +169,11 @@ class WebhookMethods:
         with self._read() as session:
             return [_to_delivery(r) for r in session.scalars(query)]
 
-    def deliver(self, now: datetime | None = None, timeout: float = TIMEOUT_S) -> dict[str, int]:
-        """Queue new events for every active webhook, then POST every due delivery once.
-        Returns counts: queued, delivered, retrying, failed."""
+    def deliver(self, now: datetime | None = None, timeout: float | None = None) -> dict[str, int]:
+        """Queue new events for every active webhook, then POST every due delivery once, each
+        within ``timeout`` seconds in all (default `TIMEOUT_S`). Returns counts: queued,
+        delivered, retrying, failed."""
+        timeout = TIMEOUT_S if timeout is None else timeout
         out = {"queued": 0, "delivered": 0, "retrying": 0, "failed": 0}
         with self._read() as session:
             hooks = [r.id for r in session.scalars(sa.select(WebhookRow).where(WebhookRow.active.is_(True)))]

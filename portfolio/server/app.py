@@ -254,6 +254,47 @@ def _error(status: int, message: str, kind: str = "invalid_request_error") -> JS
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
+def _guard(app: FastAPI, settings: ServerSettings, stats: Stats) -> None:
+    """What every request passes before a handler: the Host rule and the key
+    (`web_guard`), then, on the API, the body's size (counted as it arrives) and JSON shape."""
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        started = time.perf_counter()
+
+        def refuse(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+            stats.failed(status, time.perf_counter() - started)
+            return _error(status, message, kind)
+
+        if not web_guard.host_allowed(request.headers.get("host"), settings.api_key is not None, settings.allowed_hosts):
+            return refuse(421, web_guard.host_refusal(request.headers.get("host")), "misdirected_request_error")
+        # with a key, everything but the liveness probe needs it (the schema and /docs included)
+        if settings.api_key is not None and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+                return refuse(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error")
+        if request.url.path.startswith("/v1/") or request.url.path == "/metrics":
+            length = request.headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+                return refuse(413, f"request body over {settings.max_body_bytes:,} bytes")
+            if request.method == "POST":
+                body = await web_guard.read_limited(request, settings.max_body_bytes)
+                if body is None:  # the rest is never read: the connection closes after the answer
+                    response = refuse(413, f"request body over {settings.max_body_bytes:,} bytes")
+                    response.headers["Connection"] = "close"
+                    return response
+                # checked here, not left to FastAPI: some undecodable bodies (raw bytes) get its own
+                # error shape instead of the OpenAI one (tests/test_server.py's property test), and a
+                # deeply nested one would exhaust the parser's recursion
+                problem = web_guard.parse_json_body(body)
+                if problem:
+                    return refuse(400, problem)
+        response = await call_next(request)
+        if response.status_code >= 400 and request.url.path.startswith("/v1/"):
+            stats.failed(response.status_code, time.perf_counter() - started)
+        return response
+
+
 def create_app(registry, engine: Engine, settings: ServerSettings, log=print) -> FastAPI:
     """The FastAPI application over one engine."""
     resolver = Resolver(registry, engine.base, settings)
@@ -308,41 +349,7 @@ def create_app(registry, engine: Engine, settings: ServerSettings, log=print) ->
         log(f"error: {type(exc).__name__}: {exc}")
         return _error(500, "internal error; see the server's log", "server_error")
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        started = time.perf_counter()
-
-        def refuse(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-            stats.failed(status, time.perf_counter() - started)
-            return _error(status, message, kind)
-
-        if not web_guard.host_allowed(request.headers.get("host"), settings.api_key is not None, settings.allowed_hosts):
-            return refuse(421, web_guard.host_refusal(request.headers.get("host")), "misdirected_request_error")
-        # with a key, everything but the liveness probe needs it (the schema and /docs included)
-        if settings.api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                return refuse(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error")
-        if request.url.path.startswith("/v1/") or request.url.path == "/metrics":
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-                return refuse(413, f"request body over {settings.max_body_bytes:,} bytes")
-            if request.method == "POST":
-                body = await web_guard.read_limited(request, settings.max_body_bytes)
-                if body is None:  # the rest is never read: the connection closes after the answer
-                    response = refuse(413, f"request body over {settings.max_body_bytes:,} bytes")
-                    response.headers["Connection"] = "close"
-                    return response
-                # checked here, not left to FastAPI: some undecodable bodies (raw bytes) get its own
-                # error shape instead of the OpenAI one (tests/test_server.py's property test), and a
-                # deeply nested one would exhaust the parser's recursion
-                problem = web_guard.parse_json_body(body)
-                if problem:
-                    return refuse(400, problem)
-        response = await call_next(request)
-        if response.status_code >= 400 and request.url.path.startswith("/v1/"):
-            stats.failed(response.status_code, time.perf_counter() - started)
-        return response
+    _guard(app, settings, stats)
 
     def attributes(request: Request, body: Attributes) -> dict[str, str | None]:
         return {key: getattr(body, key) or request.headers.get(f"x-portfolio-{key}") for key in ("tenant", "task", "risk")}

@@ -77,6 +77,47 @@ def _out_of_range(request: Request) -> str | None:
     return None
 
 
+def _refusal(request: Request, status: int, message: str) -> Response:
+    """A refusal before any handler ran: JSON under /api, one plain line elsewhere."""
+    if request.url.path.startswith("/api/"):
+        response: Response = JSONResponse({"error": message, "kind": "Refused"}, status_code=status)
+    else:
+        response = PlainTextResponse(f"error: {message}\n", status_code=status)
+    response.headers.update(web_guard.SECURITY_HEADERS)
+    return response
+
+
+def _guard(app: FastAPI, api_key: str | None, allowed_hosts: tuple[str, ...]) -> None:
+    """What every request passes before a handler (the Host rule, numbers in range, a write's
+    Origin), and the security headers every answer carries."""
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        started = time.perf_counter()
+        host = request.headers.get("host")
+        if not web_guard.host_allowed(host, api_key is not None, allowed_hosts):
+            return _refusal(request, 421, web_guard.host_refusal(host))
+        problem = _out_of_range(request)
+        if problem:
+            return _refusal(request, 400, problem)
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            # a write from another site's page: the browser names that site in Origin
+            origin = request.headers.get("origin")
+            if origin is not None and urlsplit(origin).netloc.lower() != (host or "").lower():
+                return _refusal(request, 403, f"cross-site write refused (Origin {origin[:100]} is not this dashboard)")
+        response = await call_next(request)
+        response.headers["X-Response-Ms"] = f"{(time.perf_counter() - started) * 1000:.1f}"
+        for key, value in web_guard.SECURITY_HEADERS.items():
+            response.headers.setdefault(key, value)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _refusal(request, 400, f"{where or 'request'}: {first.get('msg', 'invalid')}")
+
+
 def create_app(registry: Registry, api_key: str | None = None, allowed_hosts: tuple[str, ...] = ()) -> FastAPI:
     """The dashboard app over ``registry``; writes enabled only when ``api_key`` is set.
     Without a key only loopback ``Host`` names (and ``allowed_hosts``) are answered."""
@@ -109,39 +150,7 @@ def create_app(registry: Registry, api_key: str | None = None, allowed_hosts: tu
         return page("message.html", status=status, title="Refused" if status in (401, 403, 409) else "Not found" if status == 404 else "Error",
                     message=message, ok=False)
 
-    def refusal(request: Request, status: int, message: str) -> Response:
-        if request.url.path.startswith("/api/"):
-            response: Response = JSONResponse({"error": message, "kind": "Refused"}, status_code=status)
-        else:
-            response = PlainTextResponse(f"error: {message}\n", status_code=status)
-        response.headers.update(web_guard.SECURITY_HEADERS)
-        return response
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        started = time.perf_counter()
-        host = request.headers.get("host")
-        if not web_guard.host_allowed(host, api_key is not None, allowed_hosts):
-            return refusal(request, 421, web_guard.host_refusal(host))
-        problem = _out_of_range(request)
-        if problem:
-            return refusal(request, 400, problem)
-        if request.method not in ("GET", "HEAD", "OPTIONS"):
-            # a write from another site's page: the browser names that site in Origin
-            origin = request.headers.get("origin")
-            if origin is not None and urlsplit(origin).netloc.lower() != (host or "").lower():
-                return refusal(request, 403, f"cross-site write refused (Origin {origin[:100]} is not this dashboard)")
-        response = await call_next(request)
-        response.headers["X-Response-Ms"] = f"{(time.perf_counter() - started) * 1000:.1f}"
-        for key, value in web_guard.SECURITY_HEADERS.items():
-            response.headers.setdefault(key, value)
-        return response
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return refusal(request, 400, f"{where or 'request'}: {first.get('msg', 'invalid')}")
+    _guard(app, api_key, allowed_hosts)
 
     # -- pages ----------------------------------------------------------------------------
 
