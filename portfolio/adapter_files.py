@@ -238,7 +238,7 @@ def write_peft_folder(
     rename), with ``base_model_name_or_path`` set so servers know the base. With ``digest``,
     the written weights are read back and compared with it before the folder appears."""
     from portfolio.errors import IntegrityFailure, StoreError
-    from portfolio.store.local import sha256_file
+    from portfolio.store.digests import sha256_file
 
     dest = Path(dest)
     if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):

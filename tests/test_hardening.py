@@ -216,7 +216,7 @@ def test_damaged_dequantised_cache_is_rebuilt(tmp_path, monkeypatch):
     cached = tmp_path / "cache"
     cached.mkdir()
     (cached / "model.safetensors").write_bytes(b"weights")
-    from portfolio.store.local import sha256_file
+    from portfolio.store.digests import sha256_file
 
     (cached / modeling.CACHE_MANIFEST).write_text(json.dumps({"files": {"model.safetensors": sha256_file(cached / "model.safetensors")}}))
     assert modeling._cache_intact(cached)

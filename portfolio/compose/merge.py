@@ -36,6 +36,7 @@ from portfolio.compose.lora_files import (
     write_lora,
 )
 from portfolio.errors import IncompatibleAdapter, InvalidAdapter, InvalidState
+from portfolio.registry.specs import ParentSpec
 
 AVERAGING = ("linear", "svd", "dare_linear", "magnitude_prune")  # default weights 1/n
 DEFAULT_DENSITY = 0.5
@@ -235,7 +236,6 @@ def merge_adapters(
     recipe), then merges from the stored safetensors without loading the base, records a
     ``merge`` run and registers the result with a ``merge`` edge to each parent whose recipe
     holds the method, weights, density, rank, seed and reconstruction error."""
-    from portfolio.registry.registry import ParentSpec
 
     versions = [registry.get_version(r) for r in refs]
     seen: dict[str, str] = {}

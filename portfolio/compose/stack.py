@@ -17,6 +17,7 @@ from portfolio import adapter_files
 from portfolio.compose.lora_files import module_shapes, union_modules
 from portfolio.compose.merge import MergeRecipe, check_same_base, merge_sources, source_of, weight_problems
 from portfolio.errors import InvalidState
+from portfolio.registry.specs import ParentSpec
 
 
 def flatten(registry, refs: list[str], weights: list[float] | None) -> list[tuple[Any, float]]:
@@ -39,7 +40,6 @@ def stack_adapters(registry, name: str, refs: list[str], weights: list[float] | 
     """Record a stack version of ``name`` whose forward pass adds every component's update
     (times its weight). Components must share a base; they may adapt different modules,
     but where two adapt the same module the shapes must agree."""
-    from portfolio.registry.registry import ParentSpec
 
     if not refs:
         raise InvalidState("nothing to stack; give at least one --from REF")

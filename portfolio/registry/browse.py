@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from portfolio.errors import InvalidState
 from portfolio.registry import entities as E
-from portfolio.registry.governance import taint
+from portfolio.registry.taint import taint
 from portfolio.registry.models import (
     AdapterRow,
     AdapterVersionRow,

@@ -38,7 +38,7 @@ from portfolio.registry.models import (
 )
 from portfolio.registry.references import delete_unless_live, live_digests, live_references
 from portfolio.store.base import ArtifactStore
-from portfolio.store.local import sha256_file
+from portfolio.store.digests import sha256_file
 
 GC_GRACE_SECONDS = 3600.0  # unrecorded blobs younger than this may belong to a write in flight
 

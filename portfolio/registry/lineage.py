@@ -174,7 +174,7 @@ def _lineage(session: Session, root: AdapterVersionRow, max_depth: int | None = 
         }
     successors.update(label)
 
-    from portfolio.registry.governance import data_events, taint
+    from portfolio.registry.taint import data_events, taint
 
     tainted = taint(session)
     new, Version, no_tags = object.__new__, E.AdapterVersion, {}

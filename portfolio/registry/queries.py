@@ -127,12 +127,12 @@ def to_base(row: BaseModelRow) -> E.BaseModel:
 
 
 def to_snapshot(row: DatasetSnapshotRow, events: dict[str, Any] | None = None) -> E.DatasetSnapshot:
-    """Row -> entity. ``events`` are its data events by action (`governance.data_events`);
+    """Row -> entity. ``events`` are its data events by action (`taint.data_events`);
     when None they are read from the row's session."""
     if events is None:
         from sqlalchemy.orm import object_session
 
-        from portfolio.registry.governance import data_events
+        from portfolio.registry.taint import data_events
 
         session = object_session(row)
         events = data_events(session, [row.id]).get(row.id, {}) if session is not None else {}
@@ -253,7 +253,7 @@ def to_versions(session: Session, rows: Iterable[AdapterVersionRow]) -> list[E.A
                 .where(AdapterVersionRow.id.in_(successor_ids))
             )
         }
-    from portfolio.registry.governance import taint
+    from portfolio.registry.taint import taint
 
     tainted = taint(session)
     out = []

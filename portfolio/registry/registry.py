@@ -11,7 +11,6 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from portfolio import adapter_files, basemodel
 from portfolio.data import formats
 from portfolio.errors import AlreadyExists, IncompatibleAdapter, InvalidAdapter, InvalidState
-from portfolio.registry import changes, db, governance, lifecycle, quality, queries, runs, suites, transfer
+from portfolio.registry import changes, db, lifecycle, quality, queries, runs, suites, taint, transfer
 from portfolio.registry import entities as E
 from portfolio.registry.browse import BrowseMethods
 from portfolio.registry.governance import DataRevoked, GovernanceMethods
@@ -44,45 +43,15 @@ from portfolio.registry.models import (
     utcnow,
 )
 from portfolio.registry.refs import ALIAS_MAX, VERSION_RE, check_length, check_name, parse_ref
-from portfolio.store.base import ArtifactStore, open_store
+from portfolio.registry.specs import DataSpec, EvalSpec, ParentSpec
+from portfolio.store.backends import open_store
+from portfolio.store.base import ArtifactStore
 
 DEFAULT_DB = "sqlite:///.portfolio/registry.db"
 DEFAULT_STORE = ".portfolio/store"
 STATUSES = ("candidate", "active", "deprecated", "archived")
 RELATIONS = ("finetune", "merge", "stack", "import")
 ROLES = ("train", "replay", "eval")
-
-
-@dataclass(frozen=True)
-class ParentSpec:
-    """A parent of a version being registered."""
-
-    ref: str
-    relation: str
-    recipe: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """A dataset snapshot used by a version being registered; ``row_ids=None`` means all."""
-
-    ref: str
-    role: str
-    row_ids: list[int] | None = None
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    """Metrics to store with a new version: of the new version itself (``model=None``), of
-    another version (a ref) or of a base alone (``base:NAME``), on a snapshot's rows."""
-
-    model: str | None
-    snapshot: str
-    metrics: dict[str, float]
-    n_tokens: int | None = None
-    row_ids: list[int] | None = None
-    eval_key: str | None = None
-    per_example: list[list[float]] | None = None
 
 
 ROWS_CACHE_LIMIT = 500_000  # parsed snapshot rows kept in memory per process
@@ -411,9 +380,9 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods, GovernanceMethods
             db.lock_name(session, "adapter", name)
             base_row = queries.base_row(session, base)
             snapshots = [(queries.snapshot_row(session, d.ref), d) for d in data]
-            withdrawn = governance.data_events(session, [s.id for s, d in snapshots if d.role in governance.WEIGHT_ROLES])
+            withdrawn = taint.data_events(session, [s.id for s, d in snapshots if d.role in taint.WEIGHT_ROLES])
             for snap, spec in snapshots:
-                if "revoke" in withdrawn.get(snap.id, {}) and spec.role in governance.WEIGHT_ROLES:
+                if "revoke" in withdrawn.get(snap.id, {}) and spec.role in taint.WEIGHT_ROLES:
                     raise DataRevoked(f"{snap.name}@{snap.version} is revoked; a new version cannot be {spec.role}ed on it "
                                       "(see `portfolio data events`)")
             for snap, d in snapshots:
@@ -577,7 +546,7 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods, GovernanceMethods
                 )
             if target.status == "archived":
                 raise InvalidState(f"{target_ref} is archived and has no artifact to serve")
-            tainted_by = governance.taint(session).get(target.id)
+            tainted_by = taint.taint(session).get(target.id)
             if tainted_by and not (force if allow_tainted is None else allow_tainted):
                 if action == "rollback":
                     raise DataRevoked(f"{target_ref}, the version before, is tainted by revoked data {', '.join(tainted_by)}; "
@@ -932,7 +901,7 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods, GovernanceMethods
 
 def _snapshots(session: Session, rows: list[DatasetSnapshotRow]) -> list[E.DatasetSnapshot]:
     """Rows -> entities, their data events read in one query."""
-    events = governance.data_events(session, [r.id for r in rows])
+    events = taint.data_events(session, [r.id for r in rows])
     return [queries.to_snapshot(r, events.get(r.id, {})) for r in rows]
 
 

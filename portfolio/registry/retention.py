@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from portfolio.errors import AdapterNotFound, NotFound
 from portfolio.evaluation import retention as sampling
 from portfolio.registry import db, queries
-from portfolio.registry.governance import revoked_snapshot_ids
+from portfolio.registry.taint import revoked_snapshot_ids
 from portfolio.registry import entities as E
 from portfolio.registry.models import DatasetSnapshotRow, ExampleScoreRow, RetentionSetRow, utcnow
 

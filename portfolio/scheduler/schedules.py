@@ -15,7 +15,7 @@ from portfolio.registry.entities import as_utc
 from portfolio.registry.models import JobRow, ScheduleRow, utcnow
 from portfolio.registry.refs import check_length, check_name
 from portfolio.registry.registry import Registry
-from portfolio.store.local import sha256_file
+from portfolio.store.digests import sha256_file
 
 EVERY_RE = re.compile(r"([0-9]+) *([smhd])")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -171,7 +171,7 @@ class Worker:
             self.log(f"[{self.name}] job {job_id} {s['adapter']}: {line}")
 
         # 1. the fresh files, exactly as hashed when queued
-        from portfolio.store.local import sha256_file
+        from portfolio.store.digests import sha256_file
 
         for path in files:
             rel = path.relative_to(s["watch_dir"]).as_posix()

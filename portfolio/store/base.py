@@ -125,19 +125,3 @@ class ArtifactStore(ABC):
     @abstractmethod
     def remove_work(self, run_id: int) -> int:
         """Delete a run's work folder everywhere; return the bytes freed."""
-
-
-def open_store(spec: str | os.PathLike) -> ArtifactStore:
-    """The store named by ``spec``: ``s3://bucket/prefix`` or a folder."""
-    text = str(spec)
-    if text.startswith("s3://"):
-        from portfolio.store.s3 import S3Store
-
-        return S3Store.from_url(text)
-    if "://" in text:
-        from portfolio.errors import StoreError
-
-        raise StoreError(f"unknown store {text!r}: use a folder or s3://bucket/prefix")
-    from portfolio.store.local import LocalStore
-
-    return LocalStore(text)

@@ -42,7 +42,7 @@ from typing import Any
 from portfolio.errors import IntegrityFailure, NotFound, StoreError
 from portfolio.store.base import ArtifactStore
 from portfolio.store.cache import cache_limit_bytes, cache_root
-from portfolio.store.local import CHUNK, DIGEST_RE, Staged, check_digest, damaged, files_older_than, sha256_file, stage_into, verify_file
+from portfolio.store.digests import CHUNK, DIGEST_RE, Staged, check_digest, damaged, files_older_than, sha256_file, stage_into, verify_file
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 PART_SIZE = 16 * 1024 * 1024

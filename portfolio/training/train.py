@@ -326,7 +326,7 @@ def train_adapter(
         # keys let a later `portfolio eval` or `promote` of the same inputs reuse these numbers.
         from portfolio.evaluation.evaluate import Scorer, eval_key, model_key
         from portfolio.evaluation.metrics import metrics_from_rows
-        from portfolio.store.local import sha256_file
+        from portfolio.store.digests import sha256_file
 
         parent_name = plan.parent.ref if plan.parent else f"base:{base.name}"
         digests = {None: sha256_file(lora_folder.weights), parent_name: plan.parent.artifact_digest if plan.parent else None}
