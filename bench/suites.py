@@ -80,7 +80,7 @@ def baseline(registry, refs: list[str], suite: str, max_new_tokens: int) -> tupl
 
     from portfolio.modeling import load_base
     from portfolio.serving import attach
-    from portfolio.suites.run import Engine
+    from portfolio.suites.run import SuiteGenerator
 
     start = time.perf_counter()
     model, tokenizer = load_base(registry.get_base("smollm2-135m"), log=lambda *_: None)
@@ -89,7 +89,7 @@ def baseline(registry, refs: list[str], suite: str, max_new_tokens: int) -> tupl
     for i, ref in enumerate(refs):
         model, [names[ref]] = attach(model, registry, ref, work, prefix=f"b{i}_")
     model.eval()
-    engine = Engine(model, tokenizer, torch.device("cpu"), batch_size=1)
+    engine = SuiteGenerator(model, tokenizer, torch.device("cpu"), batch_size=1)
     cases = registry.suite_cases(suite).cases
     outputs = {}
     with torch.no_grad():

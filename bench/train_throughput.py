@@ -32,7 +32,7 @@ def plain_loop(base, examples, args) -> tuple[float, int]:
 
     from portfolio.data.tokenize import collate
     from portfolio.modeling import load_base
-    from portfolio.training.loop import resolve_device
+    from portfolio.runtime import resolve_device
 
     torch.manual_seed(0)
     device = resolve_device(args.device)
@@ -93,7 +93,7 @@ def main() -> None:
     from portfolio import Registry
     from portfolio.data.tokenize import encode_rows
     from portfolio.modeling import model_folder
-    from portfolio.training.loop import resolve_device
+    from portfolio.runtime import resolve_device
     from python_docs import python_reference_rows, write_jsonl
 
     device = resolve_device(args.device)

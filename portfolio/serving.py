@@ -1,5 +1,6 @@
-"""Putting versions on a model: single, merged and stacked versions as PEFT adapters, and
-`generate`.
+"""Putting versions on a model: single, merged and stacked versions as PEFT adapters; a base
+loaded with a set of versions (`loaded`, the one way generate, evaluation and suites get a
+model); and `generate`.
 
 A stack is served the way PEFT serves several adapters at once: each component is loaded
 as its own named adapter and all of them are made active (`LoraModel.set_adapter([...])`),
@@ -15,10 +16,13 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from portfolio import runtime
 from portfolio.errors import InvalidState
 
 
@@ -74,6 +78,42 @@ def attach(model, registry, ref: str, workdir: Path, prefix: str = "a"):
     return model, names
 
 
+@dataclass
+class Loaded:
+    """A base model on its device with versions attached: ``adapters`` maps each attached
+    ref to its PEFT adapter names (several for a stack, active together)."""
+
+    model: Any
+    tokenizer: Any
+    device: Any
+    adapters: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def pad_id(self) -> int:
+        """The batch padding id (`runtime.pad_id`)."""
+        return runtime.pad_id(self.tokenizer)
+
+
+@contextmanager
+def loaded(registry, base, refs: list[str], device: str = "auto", log=print, prefix: str = "v") -> Iterator[Loaded]:
+    """Load ``base`` once, attach each version of ``refs`` (a version, merge or stack; each
+    once) as PEFT adapters named ``{prefix}{i}_{part}``, and put the model on ``device`` in
+    eval mode. The folders the adapters are read from are gone before the body runs."""
+    from portfolio.modeling import load_base
+
+    model, tokenizer = load_base(base, log=log)
+    adapters: dict[str, list[str]] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="portfolio-runtime-"))
+    try:
+        for ref in dict.fromkeys(refs):
+            model, adapters[ref] = attach(model, registry, ref, workdir / str(len(adapters)), prefix=f"{prefix}{len(adapters)}_")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    target = runtime.resolve_device(device)
+    model.to(target).eval()
+    yield Loaded(model, tokenizer, target, adapters)
+
+
 def activate(model, names: list[str]) -> None:
     """Make exactly these adapters active (several at once: their updates add up)."""
     model.base_model.set_adapter(names if len(names) > 1 else names[0], inference_mode=True)
@@ -111,36 +151,27 @@ def generate(
     tokenizer that has a chat template, the prompt is sent as one user message."""
     import torch
 
-    from portfolio.modeling import load_base
-    from portfolio.training.loop import resolve_device
-
     if max_new_tokens < 1:
         raise InvalidState("--max-new-tokens must be at least 1")
     if temperature < 0:
         raise InvalidState("--temperature must be >= 0 (0 is greedy)")
     base_name = ref[5:] if ref.startswith("base:") else registry.get_version(ref).base_model
-    model, tokenizer = load_base(registry.get_base(base_name), log=log)
-    workdir = Path(tempfile.mkdtemp(prefix="portfolio-generate-"))
-    try:
-        if not ref.startswith("base:"):
-            model, names = attach(model, registry, ref, workdir)
-            activate(model, names)
-        dev = resolve_device(device)
-        model.to(dev).eval()
+    refs = [] if ref.startswith("base:") else [ref]
+    with loaded(registry, registry.get_base(base_name), refs, device, log, prefix="a") as rt:
+        model, tokenizer = rt.model, rt.tokenizer
+        if refs:
+            activate(model, rt.adapters[ref])
         if chat and tokenizer.chat_template:
             inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                    return_tensors="pt", return_dict=True)
         else:
             inputs = tokenizer(prompt, return_tensors="pt")
-        inputs = {k: v.to(dev) for k, v in inputs.items()}
+        inputs = {k: v.to(rt.device) for k, v in inputs.items()}
         torch.manual_seed(seed)
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=rt.pad_id, **sampling)
         new = out[0, inputs["input_ids"].shape[1]:]
         text = tokenizer.decode(new, skip_special_tokens=True).strip()
         return Generation(ref, prompt, text, int(new.numel()), time.perf_counter() - start)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)

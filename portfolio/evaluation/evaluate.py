@@ -21,22 +21,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from portfolio import runtime
 from portfolio.data.splits import split_rows
 from portfolio.data.tokenize import Example, encode_rows
 from portfolio.errors import InvalidState
 from portfolio.registry.registry import Registry
+from portfolio.serving import loaded
 
 METRICS_VERSION = 2  # bump when the metric code changes, so stored results are not reused (2: per-example scores)
 DEFAULT_SEQ_LEN = 256
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 
 
 @dataclass(frozen=True)
@@ -143,7 +141,7 @@ class Scorer:
                     names = None
                 else:
                     names = [_single(todo[it][0]) for it in items] if peft else None
-                if peft and group == "mixed" and all(n == BASE_ADAPTER for n in names):
+                if peft and group == "mixed" and all(n == runtime.BASE_ADAPTER for n in names):
                     with self.model.disable_adapter():
                         out = evaluate_examples(self.model, examples, self.pad_id, self.batch_size, self.device)
                 else:
@@ -167,7 +165,7 @@ def cached_scores(registry: Registry, jobs: list[tuple[str, Any, list[Example]]]
 
 def _single(route: Any) -> str:
     if route is None:
-        return BASE_ADAPTER
+        return runtime.BASE_ADAPTER
     return route[0] if isinstance(route, list) else route
 
 
@@ -286,21 +284,6 @@ def _loaded(registry, base, models, tokenizer, batch_size, device_name, log):
     if not models:
         yield None, {}
         return
-    from portfolio.modeling import load_base
-    from portfolio.serving import attach
-    from portfolio.training.loop import resolve_device
-
-    device = resolve_device(device_name)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model, _ = load_base(base, log=log)
-    tmp = Path(tempfile.mkdtemp(prefix="portfolio-eval-"))
-    try:
-        routes: dict[str, Any] = {}
-        for label, serving in models:
-            if serving is not None and label not in routes:
-                model, names = attach(model, registry, label, tmp, prefix=f"v{len(routes)}_")
-                routes[label] = names
-        model.to(device).eval()
-        yield Scorer(registry, model, pad_id, batch_size or (32 if device.type == "cuda" else 8), device), routes
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with loaded(registry, base, [label for label, serving in models if serving is not None], device_name, log) as rt:
+        yield (Scorer(registry, rt.model, runtime.pad_id(tokenizer), batch_size or (32 if rt.device.type == "cuda" else 8), rt.device),
+               rt.adapters)

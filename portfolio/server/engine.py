@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BASE_ADAPTER = "__base__"
+from portfolio import runtime
+
 
 
 @dataclass
@@ -56,14 +57,13 @@ class Engine:
     def __init__(self, registry, base, *, max_adapters: int = 8, batch_size: int = 8, max_wait_s: float = 0.005,
                  device: str = "auto", log=print):
         from portfolio.modeling import load_base
-        from portfolio.training.loop import resolve_device
 
         self.registry, self.base = registry, base
         self.max_adapters, self.batch_size, self.max_wait_s = max_adapters, batch_size, max_wait_s
-        self.device = resolve_device(device)
+        self.device = runtime.resolve_device(device)
         self.model, self.tokenizer = load_base(base, log=log)
         self.model.to(self.device).eval()
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = runtime.pad_id(self.tokenizer)
         self.loaded: OrderedDict[str, list[str]] = OrderedDict()  # serving key -> PEFT adapter names, LRU last
         self.workdir = Path(tempfile.mkdtemp(prefix="portfolio-serve-"))
         self.queue: queue.Queue[Request | None] = queue.Queue()
@@ -210,7 +210,7 @@ class Engine:
         peft = isinstance(self.model, PeftModel)
         extra: dict[str, Any] = {}
         if mixed and peft:
-            extra["adapter_names"] = [(names or [BASE_ADAPTER])[0] for _, names in items]
+            extra["adapter_names"] = [(names or [runtime.BASE_ADAPTER])[0] for _, names in items]
         elif not mixed and items[0][1]:
             from portfolio.serving import activate
 

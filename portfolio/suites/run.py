@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from portfolio import runtime
+from portfolio.serving import activate, loaded
 from portfolio.suites.cases import Case, Suite
 from portfolio.suites.checks import FORMAT_KINDS, is_refusal, judge, parse_json_output, words
 from portfolio.suites.scoring import softmax, summarize_by_slice
 
 SUITES_VERSION = 1  # bump when generation, checks or scoring change, so stored results are not reused
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 
 
 @dataclass(frozen=True)
@@ -82,28 +80,16 @@ def run_suites(registry, models: list[str], suites: list[str], *, batch_size: in
 def _compute(registry, base, pending, parsed: dict[str, Suite], batch_size, device_name, scores, log, progress) -> None:
     import torch
 
-    from portfolio.modeling import load_base
-    from portfolio.serving import attach
-    from portfolio.training.loop import resolve_device
-
-    device = resolve_device(device_name)
-    batch_size = batch_size or (32 if device.type == "cuda" else 16)
-    model, tokenizer = load_base(base, log=log)
-    tmp = Path(tempfile.mkdtemp(prefix="portfolio-suite-"))
-    try:
-        adapters: dict[str, list[str]] = {}
-        for label, serving, *_ in pending:
-            if serving is not None and label not in adapters:
-                model, adapters[label] = attach(model, registry, label, tmp, prefix=f"s{len(adapters)}_")
-        model.to(device).eval()
-        engine = Engine(model, tokenizer, device, batch_size, progress)
+    with loaded(registry, base, [label for label, serving, *_ in pending if serving is not None], device_name, log, prefix="s") as rt:
+        model, tokenizer, adapters = rt.model, rt.tokenizer, rt.adapters
+        engine = SuiteGenerator(model, tokenizer, rt.device, batch_size or (32 if rt.device.type == "cuda" else 16), progress)
         # one request per (model, case): a model runs as one adapter name in a mixed batch, or
         # (a stack) as several names active together, in batches of its own
         groups: dict[str, list[str] | None] = {}
         for label, serving, *_ in pending:
             names = adapters.get(label)
             groups[label] = names if names and len(names) > 1 else None
-        route = {label: (adapters[label][0] if label in adapters else BASE_ADAPTER) for label in groups}
+        route = {label: (adapters[label][0] if label in adapters else runtime.BASE_ADAPTER) for label in groups}
         outputs: dict[tuple[str, str, str], str] = {}
         choices: dict[tuple[str, str, str], list[float]] = {}
         with torch.no_grad():
@@ -113,8 +99,6 @@ def _compute(registry, base, pending, parsed: dict[str, Suite], batch_size, devi
                 if not work:
                     continue
                 if stack_names is not None:
-                    from portfolio.serving import activate
-
                     activate(model, stack_names)
                 peft_names = None if stack_names is not None or not adapters else [route[lbl] for lbl, _, _ in work]
                 gen = [(i, w) for i, w in enumerate(work) if w[2].generates]
@@ -139,8 +123,6 @@ def _compute(registry, base, pending, parsed: dict[str, Suite], batch_size, devi
             metrics = summarize_by_slice(results)
             registry.record_suite_result(label, ref, key, settings, metrics, results, code_version=str(SUITES_VERSION))
             scores[(label, ref)] = SuiteScore(label, ref, metrics, results, False)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _choice(case: Case) -> dict[str, Any]:
@@ -171,12 +153,12 @@ def judge_case(case: Case, output: str | None, option_logps: list[float] | None,
     }
 
 
-class Engine:
+class SuiteGenerator:
     """Batched greedy generation and option scoring on one loaded (PEFT) model."""
 
     def __init__(self, model, tokenizer, device, batch_size: int, progress: bool = False):
         self.model, self.tokenizer, self.device, self.batch_size, self.progress = model, tokenizer, device, batch_size, progress
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = runtime.pad_id(tokenizer)
 
     def encode(self, chat: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation with the assistant's turn opened."""

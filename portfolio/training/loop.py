@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from portfolio.data.replay import replay_counts
+from portfolio.runtime import resolve_device
 from portfolio.data.tokenize import IGNORE, Example, collate, shifted_labels
 from portfolio.training.checkpoint import load_checkpoint, save_checkpoint
 from portfolio.training.config import MAX_STEPS, InvalidTrainConfig, TrainConfig, get_lr
@@ -74,13 +75,6 @@ def make_schedule(n_fresh: int, n_replay: int, cfg: TrainConfig) -> Schedule:
         raise InvalidTrainConfig(f"--epochs {cfg.epochs:g} over {n_fresh} examples is {steps:,} steps, over the limit of "
                                  f"{MAX_STEPS:,}; lower --epochs or raise --batch-size")
     return Schedule(steps, n_fresh, n_replay, cfg.batch_size, ratio, cfg.seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from portfolio import adapter_files
+from portfolio import adapter_files, runtime
 from portfolio.data.replay import replay_counts, reservoir_sample
 from portfolio.data.splits import split_rows
 from portfolio.data.tokenize import Example, encode_rows
@@ -227,7 +227,7 @@ def train_adapter(
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from portfolio.modeling import load_base, load_tokenizer, model_folder
-    from portfolio.training.loop import make_schedule, resolve_device, train_loop
+    from portfolio.training.loop import make_schedule, train_loop
 
     if resume is not None:
         run = registry.get_run(resume)
@@ -255,7 +255,7 @@ def train_adapter(
     base = registry.get_base(cfg.base)
     folder, _ = model_folder(base, log)
     tokenizer = load_tokenizer(folder)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = runtime.pad_id(tokenizer)
     data = prepare_data(registry, plan, tokenizer)
     schedule = make_schedule(len(data.fresh), len(data.replay), cfg)
 
@@ -275,7 +275,7 @@ def train_adapter(
     try:
         torch.manual_seed(cfg.seed)
         model, _ = load_base(base, log=log)
-        device = resolve_device(cfg.device)
+        device = runtime.resolve_device(cfg.device)
         parent_dir = None
         if plan.parent is not None:
             parent_dir = registry.export(plan.parent.ref, Path(tempfile.mkdtemp(dir=workdir)) / "parent", card=False)
