@@ -222,32 +222,14 @@ def train_adapter(
     on_run: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainOutcome:
-    """Train (or, with ``resume=RUN``, finish) one run and register its version."""
+    """Train (or, with ``resume=RUN``, finish) one run and register its version:
+    plan → data → run → model → loop → save → score → register."""
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
 
-    from portfolio.modeling import load_base, load_tokenizer, model_folder
-    from portfolio.training.loop import make_schedule, train_loop
+    from portfolio.modeling import load_tokenizer, model_folder
+    from portfolio.training.loop import make_schedule
 
-    if resume is not None:
-        run = registry.get_run(resume)
-        if run.kind != "train":
-            raise InvalidState(f"run {resume} is a {run.kind} run, not a training run")
-        if run.status == "succeeded":
-            raise InvalidState(f"run {resume} already finished and made {run.metrics.get('version')}; nothing to resume")
-        if run.status == "running":
-            raise InvalidState(f"run {resume} is still running; stop it first, or wait")
-        cfg = TrainConfig.from_dict(run.config)
-        plan = plan_training(registry, cfg)
-        if plan.cfg.to_dict() != cfg.to_dict():
-            raise InvalidState(f"run {resume} can no longer be resumed: its inputs changed in the registry")
-        registry.claim_run(resume)
-        run_id = resume
-        log(f"resuming run {run_id}")
-    else:
-        if cfg is None:
-            raise InvalidTrainConfig("give a TrainConfig, or resume=RUN")
-        plan = plan_training(registry, cfg)
+    plan = _resumable_plan(registry, resume, log) if resume is not None else _new_plan(registry, cfg)
     for note in plan.notes:
         log(note)
     cfg = plan.cfg
@@ -255,7 +237,6 @@ def train_adapter(
     base = registry.get_base(cfg.base)
     folder, _ = model_folder(base, log)
     tokenizer = load_tokenizer(folder)
-    pad_id = runtime.pad_id(tokenizer)
     data = prepare_data(registry, plan, tokenizer)
     schedule = make_schedule(len(data.fresh), len(data.replay), cfg)
 
@@ -264,6 +245,8 @@ def train_adapter(
         log(f"run {run_id}: {schedule.steps} steps of {cfg.batch_size}×{cfg.seq_len} on {cfg.data}"
             + (f", replay {cfg.replay_ratio:.0%} from {', '.join(cfg.replay_from)}" if cfg.replay_ratio else "")
             + (f", KL weight {cfg.kl_weight:g}" if cfg.kl_weight else ""))
+    else:
+        run_id = resume
     if on_run is not None:
         on_run(run_id)
     # checkpoints live in the run's work folder; a store elsewhere (S3) keeps a copy of each,
@@ -274,86 +257,12 @@ def train_adapter(
 
     try:
         torch.manual_seed(cfg.seed)
-        model, _ = load_base(base, log=log)
         device = runtime.resolve_device(cfg.device)
-        parent_dir = None
-        if plan.parent is not None:
-            parent_dir = registry.export(plan.parent.ref, Path(tempfile.mkdtemp(dir=workdir)) / "parent", card=False)
-            model = PeftModel.from_pretrained(model, parent_dir, adapter_name="default", is_trainable=True)
-            model.load_adapter(parent_dir, adapter_name="parent", is_trainable=False)
-            model.set_adapter("default")
-        else:
-            lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.targets, lora_dropout=cfg.dropout, task_type="CAUSAL_LM")
-            model = get_peft_model(model, lora)
-        model.to(device)
-
-        def parent_logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            if plan.parent is None:
-                with model.disable_adapter():
-                    return model(**inputs).logits
-            model.set_adapter("parent", inference_mode=True)
-            try:
-                return model(**inputs).logits
-            finally:
-                model.set_adapter("default")
-
-        bar = _progress(schedule.steps, progress)
-
-        def step_hook(step: int, stats: dict[str, float]) -> None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{stats['tokens_per_s']:.0f}")
-            if on_step:
-                on_step(step, stats)
-
-        checkpoint = workdir / CHECKPOINT_FILE
-        resumed_from = checkpoint_step(checkpoint, run_id, schedule.steps)
-        bar.update(resumed_from)
-        result = train_loop(
-            model, data.fresh, data.replay, cfg, schedule, pad_id, checkpoint,
-            parent_logits=parent_logits, on_step=step_hook, should_stop=should_stop, run_id=run_id,
-            on_checkpoint=lambda step: (registry.store.push_work(run_id, checkpoint),
-                                        registry.update_run(run_id, heartbeat=True, metrics={"checkpoint_step": step})),
-        )
-        bar.close()
-
-        out_dir = workdir / "adapter"
-        shutil.rmtree(out_dir, ignore_errors=True)
-        model.save_pretrained(out_dir, selected_adapters=["default"], safe_serialization=True)
-        lora_folder = adapter_files.read_lora_folder(out_dir)
-
-        # Evaluate new and parent, in the same batches, before anything is registered; the
-        # keys let a later `portfolio eval` or `promote` of the same inputs reuse these numbers.
-        from portfolio.evaluation.evaluate import Scorer, eval_key, model_key
-        from portfolio.evaluation.metrics import metrics_from_rows
-        from portfolio.store.digests import sha256_file
-
-        parent_name = plan.parent.ref if plan.parent else f"base:{base.name}"
-        digests = {None: sha256_file(lora_folder.weights), parent_name: plan.parent.artifact_digest if plan.parent else None}
-        keys = {who: model_key(base.weights_sha256, digest, cfg.seq_len) for who, digest in digests.items()}
-        snapshot_sha = {s.ref: s.sha256 for s in [plan.snapshot] + plan.replay_sources}
-        targets = [(ref, examples, row_ids) for ref, (examples, row_ids) in data.heldout.items() if examples]
-        if data.retention is not None and data.retention[1]:
-            targets.append((data.retention[0], data.retention[1], None))
-        scorer = Scorer(registry, model, pad_id, cfg.eval_batch_size, device)
-        routes = {None: "default", parent_name: "parent" if plan.parent else None}
-        scored = scorer.score([(keys[who], routes[who], examples) for _, examples, _ in targets for who in (None, parent_name)])
-        evals: list[EvalSpec] = []
-        report = []
-        for i, (ref, _, row_ids) in enumerate(targets):
-            new, old = (metrics_from_rows(scored[2 * i]), metrics_from_rows(scored[2 * i + 1]))
-            if row_ids is not None:  # a whole held-out split: recorded as evaluations of the snapshot
-                for j, who in enumerate((None, parent_name)):
-                    key = eval_key(base.weights_sha256, digests[who], snapshot_sha[ref], row_ids, cfg.seq_len)
-                    if who is not None and registry.find_evaluation(key) is not None:
-                        continue  # the parent's own run (or a revalidation) already stored it
-                    m = (new, old)[j]
-                    evals.append(EvalSpec(who, ref, {k: v for k, v in m.items() if k != "n_tokens"}, int(m["n_tokens"]),
-                                          row_ids, key, scored[2 * i + j]))
-            report.append({"snapshot": ref, "new_loss": new["loss"], "parent_loss": old["loss"], "n_tokens": new["n_tokens"]})
-
-        train_rows = _used_rows(data.fresh, result.fresh_used, [plan.snapshot], 0)
-        replay_rows = _used_rows(data.replay, result.replay_used, plan.replay_sources, 1)
+        model = _build_model(registry, plan, base, workdir, device, log)
+        result, resumed_from = _run_loop(registry, model, plan, data, schedule, runtime.pad_id(tokenizer), workdir, run_id,
+                                         progress, on_step, should_stop)
+        lora_folder = _save_adapter(model, workdir)
+        evals, report, parent_name = _score(registry, model, plan, data, base, lora_folder, runtime.pad_id(tokenizer), device)
         metrics = {
             "loss_curve": result.losses, "kl_curve": result.kl if cfg.kl_weight else [],
             "final_loss": result.losses[-1], "tokens": result.tokens, "tokens_per_s": result.tokens_per_s,
@@ -361,14 +270,7 @@ def train_adapter(
             "replay_sequences": schedule.replay_sequences, "device": str(device),
             "resumed_from_step": resumed_from,
         }
-        version = registry.register_version(
-            cfg.adapter, base=cfg.base, lora=lora_folder, run_id=run_id, run_metrics=metrics,
-            parents=[ParentSpec(plan.parent.ref, "finetune", {"method": "lora", "replay_ratio": cfg.replay_ratio, "kl_weight": cfg.kl_weight, "steps": schedule.steps, "lr": cfg.lr})] if plan.parent else [],
-            data=[DataSpec(plan.snapshot.ref, "train", train_rows.get(plan.snapshot.ref, []))]
-            + [DataSpec(ref, "replay", ids) for ref, ids in replay_rows.items()],
-            description=f"trained on {cfg.data}" + (f" from {plan.parent.ref}" if plan.parent else ""),
-            evaluations=evals,
-        )
+        version = _register(registry, plan, data, result, lora_folder, run_id, metrics, evals, schedule.steps)
     except KeyboardInterrupt:
         registry.update_run(run_id, status="interrupted", error="interrupted (Ctrl-C)")
         raise InvalidState(f"run {run_id} interrupted; continue it with `portfolio train --resume {run_id}`") from None
@@ -377,6 +279,151 @@ def train_adapter(
         raise
     shutil.rmtree(workdir, ignore_errors=True)
     return TrainOutcome(version, run_id, parent_name, report, metrics)
+
+
+def _new_plan(registry: Registry, cfg: TrainConfig | None) -> Plan:
+    if cfg is None:
+        raise InvalidTrainConfig("give a TrainConfig, or resume=RUN")
+    return plan_training(registry, cfg)
+
+
+def _resumable_plan(registry: Registry, resume: int, log: Callable[[str], None]) -> Plan:
+    """The plan of an interrupted run, re-derived from its stored config and checked to be
+    unchanged; the run is claimed for this process."""
+    run = registry.get_run(resume)
+    if run.kind != "train":
+        raise InvalidState(f"run {resume} is a {run.kind} run, not a training run")
+    if run.status == "succeeded":
+        raise InvalidState(f"run {resume} already finished and made {run.metrics.get('version')}; nothing to resume")
+    if run.status == "running":
+        raise InvalidState(f"run {resume} is still running; stop it first, or wait")
+    cfg = TrainConfig.from_dict(run.config)
+    plan = plan_training(registry, cfg)
+    if plan.cfg.to_dict() != cfg.to_dict():
+        raise InvalidState(f"run {resume} can no longer be resumed: its inputs changed in the registry")
+    registry.claim_run(resume)
+    log(f"resuming run {resume}")
+    return plan
+
+
+def _build_model(registry: Registry, plan: Plan, base, workdir: Path, device, log):
+    """The base with the adapter being trained (``default``): a fresh LoRA, or a copy of the
+    parent, with the parent itself beside it (``parent``, frozen) for the KL term."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from portfolio.modeling import load_base
+
+    cfg = plan.cfg
+    model, _ = load_base(base, log=log)
+    if plan.parent is not None:
+        parent_dir = registry.export(plan.parent.ref, Path(tempfile.mkdtemp(dir=workdir)) / "parent", card=False)
+        model = PeftModel.from_pretrained(model, parent_dir, adapter_name="default", is_trainable=True)
+        model.load_adapter(parent_dir, adapter_name="parent", is_trainable=False)
+        model.set_adapter("default")
+    else:
+        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.targets, lora_dropout=cfg.dropout, task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    return model.to(device)
+
+
+def _run_loop(registry: Registry, model, plan: Plan, data: Prepared, schedule, pad_id: int, workdir: Path, run_id: int,
+              progress: bool, on_step, should_stop):
+    """`train_loop` with the progress bar, the KL teacher and checkpoints copied to the store;
+    returns (result, the step it resumed from)."""
+    import torch
+
+    from portfolio.training.loop import train_loop
+
+    def parent_logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if plan.parent is None:
+            with model.disable_adapter():
+                return model(**inputs).logits
+        model.set_adapter("parent", inference_mode=True)
+        try:
+            return model(**inputs).logits
+        finally:
+            model.set_adapter("default")
+
+    bar = _progress(schedule.steps, progress)
+
+    def step_hook(step: int, stats: dict[str, float]) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{stats['tokens_per_s']:.0f}")
+        if on_step:
+            on_step(step, stats)
+
+    checkpoint = workdir / CHECKPOINT_FILE
+    resumed_from = checkpoint_step(checkpoint, run_id, schedule.steps)
+    bar.update(resumed_from)
+    result = train_loop(
+        model, data.fresh, data.replay, plan.cfg, schedule, pad_id, checkpoint,
+        parent_logits=parent_logits, on_step=step_hook, should_stop=should_stop, run_id=run_id,
+        on_checkpoint=lambda step: (registry.store.push_work(run_id, checkpoint),
+                                    registry.update_run(run_id, heartbeat=True, metrics={"checkpoint_step": step})),
+    )
+    bar.close()
+    return result, resumed_from
+
+
+def _save_adapter(model, workdir: Path) -> adapter_files.LoraFolder:
+    out_dir = workdir / "adapter"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    model.save_pretrained(out_dir, selected_adapters=["default"], safe_serialization=True)
+    return adapter_files.read_lora_folder(out_dir)
+
+
+def _score(registry: Registry, model, plan: Plan, data: Prepared, base, lora_folder, pad_id: int, device):
+    """Evaluate new and parent, in the same batches, before anything is registered; the keys
+    let a later `portfolio eval` or `promote` of the same inputs reuse these numbers. Returns
+    (evaluations to store, the per-snapshot report, the parent's label)."""
+    from portfolio.evaluation.evaluate import Scorer, eval_key, model_key
+    from portfolio.evaluation.metrics import metrics_from_rows
+    from portfolio.store.digests import sha256_file
+
+    cfg = plan.cfg
+    parent_name = plan.parent.ref if plan.parent else f"base:{base.name}"
+    digests = {None: sha256_file(lora_folder.weights), parent_name: plan.parent.artifact_digest if plan.parent else None}
+    keys = {who: model_key(base.weights_sha256, digest, cfg.seq_len) for who, digest in digests.items()}
+    snapshot_sha = {s.ref: s.sha256 for s in [plan.snapshot] + plan.replay_sources}
+    targets = [(ref, examples, row_ids) for ref, (examples, row_ids) in data.heldout.items() if examples]
+    if data.retention is not None and data.retention[1]:
+        targets.append((data.retention[0], data.retention[1], None))
+    scorer = Scorer(registry, model, pad_id, cfg.eval_batch_size, device)
+    routes = {None: "default", parent_name: "parent" if plan.parent else None}
+    scored = scorer.score([(keys[who], routes[who], examples) for _, examples, _ in targets for who in (None, parent_name)])
+    evals: list[EvalSpec] = []
+    report = []
+    for i, (ref, _, row_ids) in enumerate(targets):
+        new, old = (metrics_from_rows(scored[2 * i]), metrics_from_rows(scored[2 * i + 1]))
+        if row_ids is not None:  # a whole held-out split: recorded as evaluations of the snapshot
+            for j, who in enumerate((None, parent_name)):
+                key = eval_key(base.weights_sha256, digests[who], snapshot_sha[ref], row_ids, cfg.seq_len)
+                if who is not None and registry.find_evaluation(key) is not None:
+                    continue  # the parent's own run (or a revalidation) already stored it
+                m = (new, old)[j]
+                evals.append(EvalSpec(who, ref, {k: v for k, v in m.items() if k != "n_tokens"}, int(m["n_tokens"]),
+                                      row_ids, key, scored[2 * i + j]))
+        report.append({"snapshot": ref, "new_loss": new["loss"], "parent_loss": old["loss"], "n_tokens": new["n_tokens"]})
+    return evals, report, parent_name
+
+
+def _register(registry: Registry, plan: Plan, data: Prepared, result, lora_folder, run_id: int, metrics: dict[str, Any],
+              evals: list[EvalSpec], steps: int) -> AdapterVersion:
+    """The new version with its parent edge, the exact rows trained on and replayed, its
+    evaluations and the run's metrics, in one transaction (`Registry.register_version`)."""
+    cfg = plan.cfg
+    train_rows = _used_rows(data.fresh, result.fresh_used, [plan.snapshot], 0)
+    replay_rows = _used_rows(data.replay, result.replay_used, plan.replay_sources, 1)
+    recipe = {"method": "lora", "replay_ratio": cfg.replay_ratio, "kl_weight": cfg.kl_weight, "steps": steps, "lr": cfg.lr}
+    return registry.register_version(
+        cfg.adapter, base=cfg.base, lora=lora_folder, run_id=run_id, run_metrics=metrics,
+        parents=[ParentSpec(plan.parent.ref, "finetune", recipe)] if plan.parent else [],
+        data=[DataSpec(plan.snapshot.ref, "train", train_rows.get(plan.snapshot.ref, []))]
+        + [DataSpec(ref, "replay", ids) for ref, ids in replay_rows.items()],
+        description=f"trained on {cfg.data}" + (f" from {plan.parent.ref}" if plan.parent else ""),
+        evaluations=evals,
+    )
 
 
 def _progress(total: int, enabled: bool):
