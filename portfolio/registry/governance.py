@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from portfolio.errors import InvalidState
 from portfolio.registry import entities as E
 from portfolio.registry import queries, references
-from portfolio.registry.taint import WEIGHT_ROLES, data_events, downstream_cte, taint
+from portfolio.registry.taint import WEIGHT_ROLES, DataRevoked, data_events, downstream_cte, taint
 from portfolio.registry.models import (
     AdapterRow,
     AdapterVersionRow,
@@ -49,10 +49,6 @@ from portfolio.registry.models import (
     DatasetSnapshotRow,
     utcnow,
 )
-
-class DataRevoked(InvalidState):
-    """A revoked (or purged) snapshot was asked to give its rows or to be used again."""
-
 
 @dataclass(frozen=True)
 class DataEvent(E.Entity):

@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from portfolio import adapter_files, basemodel
 from portfolio.data import formats
-from portfolio.errors import AlreadyExists, IncompatibleAdapter, InvalidAdapter, InvalidState
-from portfolio.registry import changes, db, lifecycle, quality, queries, runs, suites, taint, transfer
+from portfolio.errors import AlreadyExists, InvalidAdapter, InvalidState
+from portfolio.registry import changes, db, lifecycle, quality, queries, runs, suites, taint, transfer, versions
 from portfolio.registry import entities as E
 from portfolio.registry.browse import BrowseMethods
 from portfolio.registry.governance import DataRevoked, GovernanceMethods
@@ -36,9 +36,7 @@ from portfolio.registry.models import (
     ArtifactRow,
     EvaluationRow,
     BaseModelRow,
-    DataEdgeRow,
     DatasetSnapshotRow,
-    LineageEdgeRow,
     VersionTagRow,
     utcnow,
 )
@@ -50,8 +48,6 @@ from portfolio.store.base import ArtifactStore
 DEFAULT_DB = "sqlite:///.portfolio/registry.db"
 DEFAULT_STORE = ".portfolio/store"
 STATUSES = ("candidate", "active", "deprecated", "archived")
-RELATIONS = ("finetune", "merge", "stack", "import")
-ROLES = ("train", "replay", "eval")
 
 
 ROWS_CACHE_LIMIT = 500_000  # parsed snapshot rows kept in memory per process
@@ -368,90 +364,23 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods, GovernanceMethods
         check_name(name, "adapter name")
         if (lora is None) != (kind == "stack"):
             raise InvalidState(f"a {kind} version needs {'no' if kind == 'stack' else 'a'} LoRA artifact")
-        parents = parents or []
-        data = data or []
-        for p in parents:
-            if p.relation not in RELATIONS:
-                raise InvalidState(f"unknown lineage relation {p.relation!r}; use one of {', '.join(RELATIONS)}")
-        for d in data:
-            if d.role not in ROLES:
-                raise InvalidState(f"unknown data role {d.role!r}; use one of {', '.join(ROLES)}")
+        parents, data = parents or [], data or []
+        versions.check_specs(parents, data)
         with self._write() as (session, put):
             db.lock_name(session, "adapter", name)
             base_row = queries.base_row(session, base)
-            snapshots = [(queries.snapshot_row(session, d.ref), d) for d in data]
-            withdrawn = taint.data_events(session, [s.id for s, d in snapshots if d.role in taint.WEIGHT_ROLES])
-            for snap, spec in snapshots:
-                if "revoke" in withdrawn.get(snap.id, {}) and spec.role in taint.WEIGHT_ROLES:
-                    raise DataRevoked(f"{snap.name}@{snap.version} is revoked; a new version cannot be {spec.role}ed on it "
-                                      "(see `portfolio data events`)")
-            for snap, d in snapshots:
-                bad = [i for i in d.row_ids or [] if not 0 <= i < snap.row_count]
-                if bad:
-                    raise InvalidState(f"row ids {bad[:5]} are outside {snap.name}@{snap.version} (0..{snap.row_count - 1})")
+            snapshots = versions.checked_snapshots(session, data)
             parent_rows = [(queries.version_row(session, p.ref), p) for p in parents]
-            adapter = session.scalar(sa.select(AdapterRow).where(AdapterRow.name == name).with_for_update())
-            if adapter is None:
-                adapter = AdapterRow(
-                    name=name,
-                    domain=domain or (snapshots[0][0].domain if snapshots else name),
-                    base_model_id=base_row.id,
-                )
-                session.add(adapter)
-                session.flush()
-            elif adapter.base_model_id != base_row.id:
-                other = session.get(BaseModelRow, adapter.base_model_id)
-                raise IncompatibleAdapter(
-                    f"adapter {name!r} is built on base {other.name!r}, not {base!r}; "
-                    "use another adapter name or the same base"
-                )
+            adapter = versions.adapter_for(session, name, base_row, domain, snapshots)
             artifact = config_digest = None
             if lora is not None:
                 artifact = put(lora.weights, "adapter_weights")
                 config_digest = put(formats.canonical_json(lora.config).encode(), "adapter_config")
-            latest = session.scalar(sa.select(sa.func.max(AdapterVersionRow.version)).where(AdapterVersionRow.adapter_id == adapter.id))
-            version = AdapterVersionRow(
-                adapter_id=adapter.id,
-                version=(latest or 0) + 1,
-                status="candidate",
-                kind=kind,
-                artifact_digest=artifact,
-                config_digest=config_digest,
-                rank=lora.rank if lora else int((composite or {}).get("rank", 0)),
-                alpha=lora.alpha if lora else float((composite or {}).get("alpha", 0)),
-                target_modules=lora.target_modules if lora else list((composite or {}).get("target_modules", [])),
-                lora_config=lora.config if lora else dict(composite or {}),
-                n_params=lora.n_params if lora else int((composite or {}).get("n_params", 0)),
-                run_id=run_id,
-                description=description,
-            )
-            session.add(version)
-            session.flush()
-            for position, (parent, spec) in enumerate(parent_rows):
-                session.add(LineageEdgeRow(child_id=version.id, parent_id=parent.id, relation=spec.relation, recipe=spec.recipe, position=position))
-            for snap, spec in snapshots:
-                session.add(
-                    DataEdgeRow(
-                        version_id=version.id,
-                        snapshot_id=snap.id,
-                        role=spec.role,
-                        row_ids=sorted(spec.row_ids) if spec.row_ids is not None else None,
-                        n_rows=len(spec.row_ids) if spec.row_ids is not None else snap.row_count,
-                    )
-                )
-            for spec in evaluations or []:
-                target_version, target_base = (version.id, None) if spec.model is None else _eval_target(session, spec.model)
-                snap = queries.snapshot_row(session, spec.snapshot)
-                for metric, value in spec.metrics.items():
-                    runs.add_evaluation(session, version_id=target_version, base_model_id=target_base, snapshot_id=snap.id,
-                                        metric=metric, value=value, n_tokens=spec.n_tokens, row_ids=spec.row_ids, run_id=run_id,
-                                        eval_key=spec.eval_key, per_example=spec.per_example)
+            version = versions.new_version_row(session, adapter, lora, kind, composite, artifact, config_digest, run_id, description)
+            versions.write_edges(session, version, parent_rows, snapshots)
+            versions.write_evaluations(session, version, evaluations or [], run_id)
             if run_id is not None:
-                run = runs.run_row(session, run_id)
-                run.adapter_id = adapter.id
-                run.status = "succeeded"
-                run.finished_at = run.heartbeat_at = utcnow()
-                run.metrics = {**run.metrics, **(run_metrics or {}), "version": f"{name}@{version.version}"}
+                versions.finish_run(session, run_id, adapter, version, run_metrics)
             session.flush()
             return queries.to_version(version, adapter, base_row.name)  # new: no aliases, tags or successor yet
 
@@ -744,7 +673,7 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods, GovernanceMethods
         its per-example scores (for paired gate decisions)."""
         with self._write() as (session, _put):
             snap = queries.snapshot_row(session, snapshot)
-            version_id, base_id = _eval_target(session, model)
+            version_id, base_id = versions.eval_target(session, model)
             rows = [
                 runs.add_evaluation(session, version_id=version_id, base_model_id=base_id, snapshot_id=snap.id, metric=m,
                                     value=v, n_tokens=n_tokens, row_ids=row_ids, run_id=run_id, eval_key=eval_key, per_example=per_example)
@@ -826,7 +755,7 @@ class Registry(RetentionMethods, RouteMethods, WebhookMethods, GovernanceMethods
                             cases: list[dict[str, Any]], code_version: str | None = None) -> suites.SuiteResult:
         """Store a model's (version ref or ``base:NAME``) run of a suite."""
         with self._write() as (session, _put):
-            version_id, base_id = _eval_target(session, model)
+            version_id, base_id = versions.eval_target(session, model)
             return suites.record_result(session, version_id, base_id, suite, eval_key, settings, metrics, cases, code_version)
 
     def suite_results(self, suite: str | None = None, model: str | None = None) -> list[suites.SuiteResult]:
@@ -909,13 +838,6 @@ def _default_source(parsed: list[formats.ParsedFile]) -> str:
     """Where the files came from when no --source is given: the file, or their folder."""
     where = Path(parsed[0].path).resolve()
     return str(where if len(parsed) == 1 else where.parent)[:2000]
-
-
-def _eval_target(session: Session, model: str) -> tuple[int | None, int | None]:
-    """(version id, base id) of what an evaluation scores: a version ref or ``base:NAME``."""
-    if model.startswith("base:"):
-        return None, queries.base_row(session, model[5:]).id
-    return queries.version_row(session, model).id, None
 
 
 def model_label(session: Session, version_id: int) -> str:

@@ -10,7 +10,12 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from portfolio.errors import InvalidState
 from portfolio.registry.models import DataEdgeRow, DataEventRow, DatasetSnapshotRow, LineageEdgeRow
+
+class DataRevoked(InvalidState):
+    """A revoked (or purged) snapshot was asked to give its rows or to be used again."""
+
 
 # the data roles that put rows into the weights; `eval` only scores
 WEIGHT_ROLES = ("train", "replay")

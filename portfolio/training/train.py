@@ -57,6 +57,36 @@ class Plan:
     parent_data: list[str] = field(default_factory=list)  # snapshots the parent's lineage trained on or replayed
 
 
+def _shape(cfg: TrainConfig, parent: AdapterVersion | None, base: str, base_modules: dict[str, list[int]]) -> TrainConfig:
+    """Rank, alpha and targets: a warm start keeps the parent's (a conflicting flag is
+    refused), a fresh adapter takes the defaults; checked against the base's layers."""
+    if parent is not None:
+        if parent.base_model != base:
+            raise InvalidTrainConfig(f"--from {parent.ref} is built on {parent.base_model!r}, not {base!r}")
+        if parent.artifact_digest is None:
+            raise InvalidTrainConfig(f"--from {parent.ref} is a {parent.kind} version; warm-start from a single adapter")
+        if parent.status == "archived":
+            raise InvalidTrainConfig(f"--from {parent.ref} is archived and its bytes are gone; warm-start from a live version")
+        inherited = {"rank": parent.rank, "alpha": parent.alpha, "targets": parent.target_modules}
+        for key, value in inherited.items():
+            given = getattr(cfg, key)
+            if given is not None and (sorted(given) if key == "targets" else given) != value:
+                raise InvalidTrainConfig(f"--{key} {given} differs from {parent.ref}'s {value}; a warm start keeps the parent's shape")
+        cfg = replace(cfg, rank=parent.rank, alpha=parent.alpha, targets=list(parent.target_modules))
+    else:
+        rank = cfg.rank or DEFAULT_RANK
+        cfg = replace(cfg, rank=rank, alpha=cfg.alpha or 2.0 * rank, targets=cfg.targets or list(DEFAULT_TARGETS))
+    known = sorted({name.rsplit(".", 1)[-1] for name in base_modules})
+    unknown = [t for t in cfg.targets if t not in known]
+    if unknown:
+        raise InvalidTrainConfig(f"--targets {','.join(unknown)}: not a linear layer of base {base!r}; choose from {', '.join(known)}")
+    widest = min(min(shape) for name, shape in base_modules.items() if name.rsplit(".", 1)[-1] in cfg.targets)
+    if cfg.rank > widest:
+        raise InvalidTrainConfig(f"--rank {cfg.rank} exceeds the narrowest targeted layer of base {base!r} ({widest}); "
+                                 f"a LoRA rank above {widest} adds nothing but parameters")
+    return cfg
+
+
 def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
     """Resolve every reference and default; raise on anything that would fail later."""
     notes: list[str] = []
@@ -80,31 +110,7 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
         parent = (active or existing)[-1]
         which = "latest active" if active else "latest (none is active)"
         notes.append(f"continuing from {parent.ref}, the {which} version of {cfg.adapter}; pass --from to choose")
-    if parent is not None:
-        if parent.base_model != base:
-            raise InvalidTrainConfig(f"--from {parent.ref} is built on {parent.base_model!r}, not {base!r}")
-        if parent.artifact_digest is None:
-            raise InvalidTrainConfig(f"--from {parent.ref} is a {parent.kind} version; warm-start from a single adapter")
-        if parent.status == "archived":
-            raise InvalidTrainConfig(f"--from {parent.ref} is archived and its bytes are gone; warm-start from a live version")
-        inherited = {"rank": parent.rank, "alpha": parent.alpha, "targets": parent.target_modules}
-        for key, value in inherited.items():
-            given = getattr(cfg, key)
-            if given is not None and (sorted(given) if key == "targets" else given) != value:
-                raise InvalidTrainConfig(f"--{key} {given} differs from {parent.ref}'s {value}; a warm start keeps the parent's shape")
-        cfg = replace(cfg, rank=parent.rank, alpha=parent.alpha, targets=list(parent.target_modules))
-    else:
-        rank = cfg.rank or DEFAULT_RANK
-        cfg = replace(cfg, rank=rank, alpha=cfg.alpha or 2.0 * rank, targets=cfg.targets or list(DEFAULT_TARGETS))
-
-    known = sorted({name.rsplit(".", 1)[-1] for name in base_modules})
-    unknown = [t for t in cfg.targets if t not in known]
-    if unknown:
-        raise InvalidTrainConfig(f"--targets {','.join(unknown)}: not a linear layer of base {base!r}; choose from {', '.join(known)}")
-    widest = min(min(shape) for name, shape in base_modules.items() if name.rsplit(".", 1)[-1] in cfg.targets)
-    if cfg.rank > widest:
-        raise InvalidTrainConfig(f"--rank {cfg.rank} exceeds the narrowest targeted layer of base {base!r} ({widest}); "
-                                 f"a LoRA rank above {widest} adds nothing but parameters")
+    cfg = _shape(cfg, parent, base, base_modules)
 
     # what the parent's lineage trained on or replayed: the default replay sources (train
     # edges) and, with replay edges, the retention set's strata (`retention_strata`)
