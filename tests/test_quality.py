@@ -241,3 +241,21 @@ def test_suite_pass_regression_is_decided_on_the_paired_interval():
     [bad] = check_suite_gates(criteria, "s@1", metrics(broken), metrics(incumbent), cases(broken), cases(incumbent))
     assert noise.passed and noise.ci[0] < -0.05 < noise.ci[1] and noise.n == 20
     assert not bad.passed and bad.ci[1] < -0.05
+
+
+def test_every_behavioural_criterion_is_one_table_entry():
+    """`gates.CRITERIA` is the one list: each SuiteCriteria setting is switched by exactly one
+    entry, and every kind formats its score and limit."""
+    import dataclasses
+
+    from portfolio.evaluation.gates import CRITERIA, SuiteCriteria, describe_criteria
+
+    kinds = [c.kind for c in CRITERIA]
+    assert len(kinds) == len(set(kinds))
+    settings = [f.name for f in dataclasses.fields(SuiteCriteria) if f.name != "suites"]
+    assert sorted(c.setting for c in CRITERIA if c.setting) == sorted(settings)
+    for c in CRITERIA:
+        assert c.value(0.25) and c.limit(0.1)
+    line = describe_criteria(SuiteCriteria(["s@1"], 0.9, {"risk=high": 1.0}, True, 0.05, 0.5, 0.1, 0.2).to_dict())
+    assert line == ("suites s@1; pass ≥ 90%; risk=high pass ≥ 100%; every critical case passes; refusal rate rises ≤5%; "
+                    "mean words change ≤ ±50%; pass rate drops ≤10%; ECE ≤0.200")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from portfolio.cli._base import _emit_json, _registry, _table, _when, cli, json_option
+from portfolio.evaluation.gates import describe_criteria
 from portfolio.training.config import DEVICES
 
 # the loss metrics (per snapshot) and the behavioural ones (per suite); kept here as names so
@@ -156,21 +157,6 @@ def gate_set(ctx: click.Context, name: str, max_regression: float, min_gain: flo
                f"must gain ≥ {g['min_gain']:.1%} on fresh data; refused only when significant at {g['confidence']:.0%}")
     if g["suite_criteria"]:
         click.echo(f"behaviour: {describe_criteria(g['suite_criteria'])}")
-
-
-def describe_criteria(c: dict) -> str:
-    """Behavioural criteria in one line."""
-    parts = [f"suites {', '.join(c['suites'])}"]
-    if c.get("min_pass_rate") is not None:
-        parts.append(f"pass ≥ {c['min_pass_rate']:.0%}")
-    parts += [f"{label} pass ≥ {rate:.0%}" for label, rate in c.get("slice_min_pass", {}).items()]
-    if c.get("critical_must_pass", True):
-        parts.append("every critical case passes")
-    for key, what, fmt in (("max_refusal_increase", "refusal rate rises ≤", "{:.0%}"), ("max_verbosity_change", "mean words change ≤ ±", "{:.0%}"),
-                           ("max_pass_regression", "pass rate drops ≤", "{:.0%}"), ("max_ece", "ECE ≤", "{:.3f}")):
-        if c.get(key) is not None:
-            parts.append(f"{what}{fmt.format(c[key])}".replace("≤ ±", "≤ ±"))
-    return "; ".join(parts)
 
 
 @gate_group.command("show")

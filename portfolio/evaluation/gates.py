@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from portfolio.errors import PortfolioError
@@ -221,57 +222,156 @@ def check_gates(policy: GatePolicy, fresh: list[str], retention: list[str],
     return checks
 
 
+@dataclass(frozen=True)
+class SuiteInputs:
+    """What every behavioural criterion reads for one suite: both models' metrics
+    (``{"overall", "slices"}``) and cases, and the confidence of paired intervals."""
+
+    suite: str
+    candidate: dict[str, Any]
+    incumbent: dict[str, Any]
+    candidate_cases: list[dict[str, Any]]
+    incumbent_cases: list[dict[str, Any]]
+    confidence: float
+
+    @property
+    def cand(self) -> dict[str, Any]:
+        return self.candidate["overall"]
+
+    @property
+    def inc(self) -> dict[str, Any]:
+        return self.incumbent["overall"]
+
+
+def _pass_rate(limit: float, x: SuiteInputs) -> list[GateCheck]:
+    return [GateCheck("pass_rate", x.suite, x.cand["pass_rate"], x.inc["pass_rate"], x.cand["pass_rate"] - x.inc["pass_rate"],
+                      limit, x.cand["pass_rate"] >= limit - EPS)]
+
+
+def _slice_pass(limits: dict[str, float], x: SuiteInputs) -> list[GateCheck]:
+    checks = []
+    for label, limit in limits.items():
+        c, i = x.candidate["slices"].get(label), x.incumbent["slices"].get(label)
+        if c is None:
+            continue  # the slice is in another of the gate's suites
+        key, value = label.split("=", 1)
+        failing = [r["id"] for r in x.candidate_cases if r["slice"].get(key) == value and not r["passed"]]
+        checks.append(GateCheck("slice_pass", f"{x.suite} {label}", c["pass_rate"], i["pass_rate"] if i else float("nan"),
+                                c["pass_rate"] - (i["pass_rate"] if i else 0.0), limit, c["pass_rate"] >= limit - EPS,
+                                f"failing: {', '.join(failing)}" if failing else ""))
+    return checks
+
+
+def _critical(required: bool, x: SuiteInputs) -> list[GateCheck]:
+    if not required:
+        return []
+    failed = x.cand["critical_failed"]
+    outputs = {r["id"]: r["output"] for r in x.candidate_cases}
+    detail = "; ".join(f"{cid}: {_short(outputs.get(cid))}" for cid in failed)
+    return [GateCheck("critical", x.suite, float(len(failed)), float(x.inc["critical_failures"]),
+                      float(x.inc["critical_failures"] - len(failed)), 0.0, not failed, detail)]
+
+
+def _refusal_rate(limit: float, x: SuiteInputs) -> list[GateCheck]:
+    if x.cand["refusal_rate"] is None or x.inc["refusal_rate"] is None:
+        return []
+    rise = x.cand["refusal_rate"] - x.inc["refusal_rate"]
+    return [GateCheck("refusal_rate", x.suite, x.cand["refusal_rate"], x.inc["refusal_rate"], rise, limit, rise <= limit + EPS)]
+
+
+def _verbosity(limit: float, x: SuiteInputs) -> list[GateCheck]:
+    if x.cand["mean_words"] is None or x.inc["mean_words"] is None:
+        return []
+    rel = (x.cand["mean_words"] - x.inc["mean_words"]) / x.inc["mean_words"] if x.inc["mean_words"] else 0.0
+    return [GateCheck("verbosity", x.suite, x.cand["mean_words"], x.inc["mean_words"], rel, limit, abs(rel) <= limit + EPS)]
+
+
+def _pass_regression(limit: float, x: SuiteInputs) -> list[GateCheck]:
+    """Decided on the paired interval over the cases both models answered, so only a
+    significant drop refuses; on the point estimate when too few cases pair up."""
+    drop = x.inc["pass_rate"] - x.cand["pass_rate"]
+    by_id = {c["id"]: c["passed"] for c in x.incumbent_cases}
+    pairs = [(float(c["passed"]), float(by_id[c["id"]])) for c in x.candidate_cases if c["id"] in by_id]
+    if len(pairs) >= MIN_PAIRED:
+        lo, hi = paired_difference_interval([p[0] for p in pairs], [p[1] for p in pairs], x.confidence)
+        return [GateCheck("pass_regression", x.suite, x.cand["pass_rate"], x.inc["pass_rate"], -drop, limit,
+                          hi >= -limit - EPS, ci=(lo, hi), n=len(pairs))]
+    return [GateCheck("pass_regression", x.suite, x.cand["pass_rate"], x.inc["pass_rate"], -drop, limit, drop <= limit + EPS,
+                      f"too few paired cases to decide ({len(pairs)} < {MIN_PAIRED}): decided on the point estimate", n=len(pairs))]
+
+
+def _ece(limit: float, x: SuiteInputs) -> list[GateCheck]:
+    if x.cand["ece"] is None:
+        return []
+    inc = x.inc["ece"]
+    return [GateCheck("ece", x.suite, x.cand["ece"], inc if inc is not None else float("nan"), (inc or 0.0) - x.cand["ece"], limit,
+                      x.cand["ece"] <= limit + EPS)]
+
+
+def _percent(value: float) -> str:
+    return f"{value:.0%}"
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One kind of gate check: the `SuiteCriteria` field that switches it on (None: a loss
+    gate, built by `check_gates`), how it is checked, how its scores and its limit read, and
+    how it reads in the policy's one-line summary."""
+
+    kind: str
+    setting: str | None
+    check: Callable[[Any, SuiteInputs], list[GateCheck]] | None
+    value: Callable[[float], str]
+    limit: Callable[[float], str]
+    describe: Callable[[Any], list[str]]
+
+
+# Every gate criterion, in the order checks are made and shown. A new behavioural criterion is
+# one entry here plus its SuiteCriteria field (and its `gate set` option).
+CRITERIA: tuple[Criterion, ...] = (
+    Criterion("retention", None, None, lambda v: f"{v:.4f}", lambda v: f"{v:+.1%}", lambda _: []),
+    Criterion("gain", None, None, lambda v: f"{v:.4f}", lambda v: f"{v:+.1%}", lambda _: []),
+    Criterion("pass_rate", "min_pass_rate", _pass_rate, _percent, lambda v: f"≥ {v:.0%}", lambda v: [f"pass ≥ {v:.0%}"]),
+    Criterion("slice_pass", "slice_min_pass", _slice_pass, _percent, lambda v: f"≥ {v:.0%}",
+              lambda limits: [f"{label} pass ≥ {rate:.0%}" for label, rate in limits.items()]),
+    Criterion("critical", "critical_must_pass", _critical, lambda v: f"{v:.0f} failing", lambda v: "0 failing",
+              lambda on: ["every critical case passes"] if on else []),
+    Criterion("refusal_rate", "max_refusal_increase", _refusal_rate, _percent, lambda v: f"rise ≤ {v:.0%}",
+              lambda v: [f"refusal rate rises ≤{v:.0%}"]),
+    Criterion("verbosity", "max_verbosity_change", _verbosity, lambda v: f"{v:.1f} words", lambda v: f"±{v:.0%}",
+              lambda v: [f"mean words change ≤ ±{v:.0%}"]),
+    Criterion("pass_regression", "max_pass_regression", _pass_regression, _percent, lambda v: f"drop ≤ {v:.0%}",
+              lambda v: [f"pass rate drops ≤{v:.0%}"]),
+    Criterion("ece", "max_ece", _ece, lambda v: f"{v:.3f}", lambda v: f"≤ {v:.3f}", lambda v: [f"ECE ≤{v:.3f}"]),
+)
+CRITERION = {c.kind: c for c in CRITERIA}
+
+
 def check_suite_gates(criteria: SuiteCriteria, suite: str, candidate: dict[str, Any], incumbent: dict[str, Any],
                       candidate_cases: list[dict[str, Any]], incumbent_cases: list[dict[str, Any]] | None = None,
                       confidence: float = DEFAULT_CONFIDENCE) -> list[GateCheck]:
-    """Behavioural checks of one suite, from both models' metrics (``{"overall", "slices"}``).
-    ``change`` is candidate − incumbent in absolute share (relative for verbosity). The pass-rate
-    regression is decided on the paired interval over the cases (with both models' cases), so
-    it refuses only a significant drop."""
-    cand, inc = candidate["overall"], incumbent["overall"]
+    """Behavioural checks of one suite, one `CRITERIA` entry at a time, for each criterion
+    the policy switches on. ``change`` is candidate − incumbent in absolute share (relative
+    for verbosity)."""
+    inputs = SuiteInputs(suite, candidate, incumbent, candidate_cases, incumbent_cases or [], confidence)
     checks: list[GateCheck] = []
-    if criteria.min_pass_rate is not None:
-        checks.append(GateCheck("pass_rate", suite, cand["pass_rate"], inc["pass_rate"], cand["pass_rate"] - inc["pass_rate"],
-                                criteria.min_pass_rate, cand["pass_rate"] >= criteria.min_pass_rate - EPS))
-    for label, limit in criteria.slice_min_pass.items():
-        c, i = candidate["slices"].get(label), incumbent["slices"].get(label)
-        if c is None:
-            continue  # the slice is in another of the gate's suites
-        failing = [r["id"] for r in candidate_cases if r["slice"].get(label.split("=", 1)[0]) == label.split("=", 1)[1] and not r["passed"]]
-        checks.append(GateCheck("slice_pass", f"{suite} {label}", c["pass_rate"], i["pass_rate"] if i else float("nan"),
-                                c["pass_rate"] - (i["pass_rate"] if i else 0.0), limit, c["pass_rate"] >= limit - EPS,
-                                f"failing: {', '.join(failing)}" if failing else ""))
-    if criteria.critical_must_pass:
-        failed = cand["critical_failed"]
-        outputs = {r["id"]: r["output"] for r in candidate_cases}
-        detail = "; ".join(f"{cid}: {_short(outputs.get(cid))}" for cid in failed)
-        checks.append(GateCheck("critical", suite, float(len(failed)), float(inc["critical_failures"]),
-                                float(inc["critical_failures"] - len(failed)), 0.0, not failed, detail))
-    if criteria.max_refusal_increase is not None and cand["refusal_rate"] is not None and inc["refusal_rate"] is not None:
-        rise = cand["refusal_rate"] - inc["refusal_rate"]
-        checks.append(GateCheck("refusal_rate", suite, cand["refusal_rate"], inc["refusal_rate"], rise, criteria.max_refusal_increase,
-                                rise <= criteria.max_refusal_increase + EPS))
-    if criteria.max_verbosity_change is not None and cand["mean_words"] is not None and inc["mean_words"] is not None:
-        rel = (cand["mean_words"] - inc["mean_words"]) / inc["mean_words"] if inc["mean_words"] else 0.0
-        checks.append(GateCheck("verbosity", suite, cand["mean_words"], inc["mean_words"], rel, criteria.max_verbosity_change,
-                                abs(rel) <= criteria.max_verbosity_change + EPS))
-    if criteria.max_pass_regression is not None:
-        drop = inc["pass_rate"] - cand["pass_rate"]
-        by_id = {c["id"]: c["passed"] for c in incumbent_cases or []}
-        pairs = [(float(c["passed"]), float(by_id[c["id"]])) for c in candidate_cases if c["id"] in by_id]
-        if len(pairs) >= MIN_PAIRED:
-            lo, hi = paired_difference_interval([p[0] for p in pairs], [p[1] for p in pairs], confidence)
-            checks.append(GateCheck("pass_regression", suite, cand["pass_rate"], inc["pass_rate"], -drop, criteria.max_pass_regression,
-                                    hi >= -criteria.max_pass_regression - EPS, ci=(lo, hi), n=len(pairs)))
-        else:
-            checks.append(GateCheck("pass_regression", suite, cand["pass_rate"], inc["pass_rate"], -drop, criteria.max_pass_regression,
-                                    drop <= criteria.max_pass_regression + EPS,
-                                    f"too few paired cases to decide ({len(pairs)} < {MIN_PAIRED}): decided on the point estimate",
-                                    n=len(pairs)))
-    if criteria.max_ece is not None and cand["ece"] is not None:
-        checks.append(GateCheck("ece", suite, cand["ece"], inc["ece"] if inc["ece"] is not None else float("nan"),
-                                (inc["ece"] or 0.0) - cand["ece"], criteria.max_ece, cand["ece"] <= criteria.max_ece + EPS))
+    for c in CRITERIA:
+        setting = getattr(criteria, c.setting) if c.setting else None
+        if c.check is not None and setting is not None:
+            checks += c.check(setting, inputs)
     return checks
+
+
+def describe_criteria(criteria: dict[str, Any]) -> str:
+    """Behavioural criteria (as stored) in one line."""
+    parts = [f"suites {', '.join(criteria['suites'])}"]
+    defaults = {"slice_min_pass": {}, "critical_must_pass": True}
+    for c in CRITERIA:
+        if c.setting is not None:
+            setting = criteria.get(c.setting, defaults.get(c.setting))
+            if setting is not None:
+                parts += c.describe(setting)
+    return "; ".join(parts)
 
 
 def _short(text: str | None, width: int = 80) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from portfolio.errors import AdapterNotFound, InvalidState
 from portfolio.evaluation.evaluate import DEFAULT_SEQ_LEN, evaluate, retention_target
-from portfolio.evaluation.gates import GateCheck, GatePolicy, check_gates, check_suite_gates, relative_improvement
+from portfolio.evaluation.gates import CRITERION, GateCheck, GatePolicy, check_gates, check_suite_gates, relative_improvement
 from portfolio.registry.entities import AliasEvent, Lineage
 from portfolio.registry.governance import DataRevoked
 from portfolio.registry.refs import VERSION_RE
@@ -121,24 +121,13 @@ def retention_plan(registry: Registry, adapter: str, lineage: Lineage, policy: G
 
 
 def format_value(c: GateCheck, value: float) -> str:
-    """A gate check's score as people read it: a loss to 4 places, a rate in %, words, ECE."""
-    if value != value:
-        return "-"
-    if c.kind in ("retention", "gain"):
-        return f"{value:.4f}"
-    if c.kind == "critical":
-        return f"{value:.0f} failing"
-    if c.kind == "verbosity":
-        return f"{value:.1f} words"
-    return f"{value:.3f}" if c.kind == "ece" else f"{value:.0%}"
+    """A gate check's score as people read it (`gates.CRITERIA`): a loss to 4 places, a rate in %, words, ECE."""
+    return "-" if value != value else CRITERION[c.kind].value(value)
 
 
 def format_limit(c: GateCheck) -> str:
-    """The check's limit, with the direction it binds in."""
-    if c.kind in ("retention", "gain"):
-        return f"{c.limit:+.1%}"
-    return {"critical": "0 failing", "verbosity": f"±{c.limit:.0%}", "refusal_rate": f"rise ≤ {c.limit:.0%}",
-            "pass_regression": f"drop ≤ {c.limit:.0%}", "ece": f"≤ {c.limit:.3f}"}.get(c.kind, f"≥ {c.limit:.0%}")
+    """The check's limit, with the direction it binds in (`gates.CRITERIA`)."""
+    return CRITERION[c.kind].limit(c.limit)
 
 
 def format_change(c: GateCheck) -> str:
