@@ -204,3 +204,13 @@ def test_bad_recipes_are_refused(recipe, message):
 
 def _out(folder) -> LoraSource:
     return LoraSource("out", folder / "adapter_model.safetensors", json.loads((folder / "adapter_config.json").read_text()))
+
+
+def test_every_merge_method_is_one_table_entry():
+    """`compose.MERGE_METHODS` is the one list: the CLI's choices, and each dense method has
+    its tensor function in `merge_math.ELEMENTWISE`."""
+    from portfolio.compose import MERGE_METHODS, METHODS
+    from portfolio.compose import merge_math as mm
+
+    assert METHODS == tuple(MERGE_METHODS)
+    assert set(mm.ELEMENTWISE) == {name for name, m in MERGE_METHODS.items() if m.dense}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from portfolio.cli._base import _emit_json, _registry, _table, cli, json_option
-from portfolio.compose import METHODS
+from portfolio.compose import MERGE_METHODS, METHODS
 from portfolio.registry.lifecycle import GC_GRACE_SECONDS
 from portfolio.training.config import DEVICES
 
@@ -23,8 +23,7 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 @click.argument("name")
 @click.option("--from", "refs", multiple=True, required=True, metavar="REF", help="Version to merge (repeatable, in order).")
 @click.option("--method", type=click.Choice(METHODS), default="linear", show_default=True,
-              help="cat: exact, rank Σr. linear: exact weighted sum (re-factored; --rank truncates). svd: the sum at "
-                   "--rank. ties, dare_linear, dare_ties, magnitude_prune: elementwise on ΔW, then factored to --rank.")
+              help=" ".join(f"{m.name}: {m.summary}." for m in MERGE_METHODS.values()))
 @click.option("--weights", default=None, metavar="W1,W2,...", help="One weight per --from [1/n for linear, svd, dare_linear, magnitude_prune; 1 otherwise]. Negative weights subtract.")
 @click.option("--density", type=float, default=None, help="Share of entries kept by ties, dare_* and magnitude_prune [0.5].")
 @click.option("--rank", type=int, default=None, help="Rank of the result [exact for cat/linear; the largest source rank otherwise].")

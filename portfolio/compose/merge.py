@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from portfolio import adapter_files
-from portfolio.compose import METHODS
+from portfolio.compose import DENSE_METHODS, MERGE_METHODS, METHODS
 from portfolio.compose import merge_math as mm
 from portfolio.compose.lora_files import (
     FactorReader,
@@ -38,7 +38,6 @@ from portfolio.compose.lora_files import (
 from portfolio.errors import IncompatibleAdapter, InvalidAdapter, InvalidState
 from portfolio.registry.specs import ParentSpec
 
-AVERAGING = ("linear", "svd", "dare_linear", "magnitude_prune")  # default weights 1/n
 DEFAULT_DENSITY = 0.5
 
 
@@ -65,18 +64,19 @@ class MergeRecipe:
         if n_sources < 1:
             problems.append("nothing to merge; give at least one --from REF")
         problems += weight_problems(self.weights, n_sources)
-        elementwise = self.method in mm.ELEMENTWISE
-        if self.density is not None and not elementwise:
-            problems.append(f"--density applies to ties, dare_* and magnitude_prune, not {self.method}")
+        method = MERGE_METHODS.get(self.method)
+        elementwise = method is not None and method.dense
+        if self.density is not None and method is not None and not elementwise:
+            problems.append(f"--density applies to {', '.join(DENSE_METHODS)}, not {self.method}")
         if self.density is not None and not 0 < self.density <= 1:
             problems.append(f"density must be in (0, 1], got {self.density}")
-        if self.rank is not None and self.method == "cat":
+        if self.rank is not None and method is not None and not method.refactors:
             problems.append("cat is exact at rank Σ r_i; to choose a rank use --method linear (exact sum) or svd")
         if self.rank is not None and self.rank < 1:
             problems.append(f"rank must be a positive integer, got {self.rank}")
         if problems:
             raise InvalidState("; ".join(problems))
-        weights = self.weights or tuple([1.0 / n_sources if self.method in AVERAGING else 1.0] * n_sources)
+        weights = self.weights or tuple([1.0 / n_sources if method.averaging else 1.0] * n_sources)
         density = self.density if self.density is not None else (DEFAULT_DENSITY if elementwise else None)
         return MergeRecipe(self.method, tuple(float(w) for w in weights), density, self.rank, self.seed)
 
@@ -126,7 +126,7 @@ def output_rank(method: str, rank: int | None, shapes: list[dict[str, tuple[int,
         for module, (r, _, _) in sh.items():
             per_module_sum[module] = per_module_sum.get(module, 0) + r
     exact = max(per_module_sum.values())
-    if method == "cat" or (method == "linear" and rank is None):
+    if MERGE_METHODS[method].exact_rank and rank is None:
         return exact
     if rank is not None:
         # the widest rank any layer can hold: more is zero padding
@@ -164,14 +164,15 @@ def merge_sources(
     with FactorReader(sources) as reader:
         for module in tqdm(sorted(modules), desc=f"merge ({recipe.method})", unit="layer", disable=not progress, leave=False):
             factors = reader.factors(module)
-            if recipe.method in mm.ELEMENTWISE:
+            method = MERGE_METHODS[recipe.method]
+            if method.dense:
                 deltas = torch.stack([(s * (b @ a)) for a, b, s, _ in factors])
                 weights = torch.tensor([w for *_, w in factors], dtype=torch.float32)
                 merged = mm.ELEMENTWISE[recipe.method](deltas, weights, recipe.density, _generator(recipe.seed, module))
                 a, b, err, norm = mm.factor_dense(merged, rank)
             else:
                 a, b = mm.concat([(a, b, s * w) for a, b, s, w in factors])
-                if recipe.method == "cat":
+                if not method.refactors:
                     norm = float(((b.T @ b) * (a @ a.T)).sum())  # ‖BA‖² = Σ (BᵀB ⊙ AAᵀ), no dense BA
                     a, b, err = _pad(a, rank, 0), _pad(b, rank, 1), 0.0
                 else:
