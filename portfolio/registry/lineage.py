@@ -37,6 +37,7 @@ from portfolio.registry.models import (
     VersionTagRow,
 )
 from portfolio.registry.queries import to_base, to_run
+from portfolio.registry.taint import data_events, taint
 
 
 def upstream_edges_cte(version_id: int, max_depth: int | None = None) -> sa.CTE:
@@ -152,29 +153,7 @@ def _lineage(session: Session, root: AdapterVersionRow, max_depth: int | None = 
         )
     }
     label = {r[0]: f"{adapters[r[1]][0]}@{r[2]}" for r in rows}
-    aliases: dict[int, list[str]] = {}
-    for version_id, name in conn.execute(
-        sa.select(AliasRow.version_id, AliasRow.name).where(_among(dialect, AliasRow.version_id)).order_by(AliasRow.name), params
-    ):
-        aliases.setdefault(version_id, []).append(name)
-    tags: dict[int, dict[str, str]] = {}
-    for version_id, key, value in conn.execute(
-        sa.select(VersionTagRow.version_id, VersionTagRow.key, VersionTagRow.value).where(_among(dialect, VersionTagRow.version_id)), params
-    ):
-        tags.setdefault(version_id, {})[key] = value
-    successors = {}
-    outside = {r[14] for r in rows if r[14] and r[14] not in label}
-    if outside:
-        successors = {
-            vid: f"{name}@{ver}"
-            for vid, name, ver in conn.execute(
-                sa.select(AdapterVersionRow.id, AdapterRow.name, AdapterVersionRow.version)
-                .join(AdapterRow, AdapterRow.id == AdapterVersionRow.adapter_id).where(AdapterVersionRow.id.in_(outside))
-            )
-        }
-    successors.update(label)
-
-    from portfolio.registry.taint import data_events, taint
+    aliases, tags, successors = _labels_of(conn, dialect, params, rows, label)
 
     tainted = taint(session)
     new, Version, no_tags = object.__new__, E.AdapterVersion, {}
@@ -198,26 +177,7 @@ def _lineage(session: Session, root: AdapterVersionRow, max_depth: int | None = 
         parents.append(obj := new(Parent))
         obj.__dict__.update({"child": label[child], "parent": label[parent], "relation": relation, "recipe": dict(decode(recipe))})
 
-    d = DataEdgeRow.__table__.c
-    data_rows = _tuples(conn, sa.select(d.version_id, d.snapshot_id, d.role, _raw(d.row_ids), d.n_rows)
-                        .where(_among(dialect, d.version_id)).order_by(d.version_id.desc(), d.id), params)
-    snapshots = {
-        s.id: s
-        for s in conn.execute(sa.select(DatasetSnapshotRow.__table__).where(DatasetSnapshotRow.id.in_({r[1] for r in data_rows})))
-    } if data_rows else {}
-    withdrawn = data_events(session, list(snapshots))
-    snap_of = {i: (f"{s.name}@{s.version}", s.sha256, s.domain, decode(s.files)) for i, s in snapshots.items()}
-    data = []
-    Edge = E.DataEdge
-    for version_id, snapshot_id, role, row_ids, n_rows in data_rows:
-        snap_label, sha256, domain, files = snap_of[snapshot_id]
-        ids = decode(row_ids)
-        data.append(obj := new(Edge))
-        obj.__dict__.update({
-            "version": label[version_id], "snapshot": snap_label, "role": role, "sha256": sha256, "domain": domain,
-            "n_rows": n_rows, "row_ids": list(ids) if ids is not None else None, "files": list(files),
-            "revoked": "revoke" in withdrawn.get(snapshot_id, ()), "purged": "purge" in withdrawn.get(snapshot_id, ()),
-        })
+    data = _data_edges(session, conn, dialect, params, label, decode)
     run_ids = {r[15] for r in rows if r[15]}
     runs = []
     if run_ids:
@@ -236,3 +196,55 @@ def _lineage(session: Session, root: AdapterVersionRow, max_depth: int | None = 
         data=data,
         runs=runs,
     )
+
+
+def _labels_of(conn, dialect: str, params: dict, rows: list, label: dict[int, str]):
+    """(aliases, tags, successor labels) of the lineage's versions, one query each."""
+    aliases: dict[int, list[str]] = {}
+    for version_id, name in conn.execute(
+        sa.select(AliasRow.version_id, AliasRow.name).where(_among(dialect, AliasRow.version_id)).order_by(AliasRow.name), params
+    ):
+        aliases.setdefault(version_id, []).append(name)
+    tags: dict[int, dict[str, str]] = {}
+    for version_id, key, value in conn.execute(
+        sa.select(VersionTagRow.version_id, VersionTagRow.key, VersionTagRow.value).where(_among(dialect, VersionTagRow.version_id)), params
+    ):
+        tags.setdefault(version_id, {})[key] = value
+    successors = {}
+    outside = {r[14] for r in rows if r[14] and r[14] not in label}
+    if outside:
+        successors = {
+            vid: f"{name}@{ver}"
+            for vid, name, ver in conn.execute(
+                sa.select(AdapterVersionRow.id, AdapterRow.name, AdapterVersionRow.version)
+                .join(AdapterRow, AdapterRow.id == AdapterVersionRow.adapter_id).where(AdapterVersionRow.id.in_(outside))
+            )
+        }
+    successors.update(label)
+    return aliases, tags, successors
+
+
+def _data_edges(session: Session, conn, dialect: str, params: dict, label: dict[int, str], decode) -> list[E.DataEdge]:
+    """The data edges of the lineage's versions, with their snapshots and revoke/purge flags."""
+    new = object.__new__
+    d = DataEdgeRow.__table__.c
+    data_rows = _tuples(conn, sa.select(d.version_id, d.snapshot_id, d.role, _raw(d.row_ids), d.n_rows)
+                        .where(_among(dialect, d.version_id)).order_by(d.version_id.desc(), d.id), params)
+    snapshots = {
+        s.id: s
+        for s in conn.execute(sa.select(DatasetSnapshotRow.__table__).where(DatasetSnapshotRow.id.in_({r[1] for r in data_rows})))
+    } if data_rows else {}
+    withdrawn = data_events(session, list(snapshots))
+    snap_of = {i: (f"{s.name}@{s.version}", s.sha256, s.domain, decode(s.files)) for i, s in snapshots.items()}
+    data: list[E.DataEdge] = []
+    Edge = E.DataEdge
+    for version_id, snapshot_id, role, row_ids, n_rows in data_rows:
+        snap_label, sha256, domain, files = snap_of[snapshot_id]
+        ids = decode(row_ids)
+        data.append(obj := new(Edge))
+        obj.__dict__.update({
+            "version": label[version_id], "snapshot": snap_label, "role": role, "sha256": sha256, "domain": domain,
+            "n_rows": n_rows, "row_ids": list(ids) if ids is not None else None, "files": list(files),
+            "revoked": "revoke" in withdrawn.get(snapshot_id, ()), "purged": "purge" in withdrawn.get(snapshot_id, ()),
+        })
+    return data
