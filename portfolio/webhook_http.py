@@ -125,7 +125,10 @@ def post(url: str, body: bytes, headers: dict[str, str], *, deadline_s: float, a
         sock = _connect(parts, deadline_s, allow_link_local)
         if cut.is_set():
             raise TimeoutError
-        conn = http.client.HTTPConnection(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), timeout=deadline_s)
+        # the connection class only for its Host header (default port per scheme): the socket,
+        # already connected to the checked address (TLS wrapped), is handed to it
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = kind(parts.hostname, parts.port, timeout=deadline_s)
         conn.sock = sock
         path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
         conn.request("POST", path, body=body, headers=headers)
