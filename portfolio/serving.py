@@ -58,23 +58,31 @@ def write_component(registry, version, weight: float, dest: Path) -> Path:
     return write_lora(dest, tensors, {**src.config, "base_model_name_or_path": base.model_id})
 
 
-def attach(model, registry, ref: str, workdir: Path, prefix: str = "a"):
+def attach(model, registry, ref: str, workdir: Path | None = None, prefix: str = "a"):
     """Load the version ``ref`` onto ``model`` (a base model or a PeftModel already holding
-    other adapters). Returns (model, adapter names to activate together)."""
+    other adapters). Returns (model, adapter names to activate together). The PEFT folders
+    the parts are read from are written under ``workdir``, or, without one, into a temporary
+    folder that is gone when this returns (PEFT holds the weights in memory by then, so a
+    version evicted and attached again is written afresh)."""
     from peft import PeftModel
 
     version = registry.get_version(ref)
     if version.status == "archived":
         raise InvalidState(f"{version.ref} is archived and its bytes are gone; serve its successor instead")
+    folder_root = workdir if workdir is not None else Path(tempfile.mkdtemp(prefix="portfolio-attach-"))
     names = []
-    for i, (part, weight) in enumerate(components(registry, version)):
-        name = f"{prefix}{i}"
-        folder = write_component(registry, part, weight, workdir / name)
-        if isinstance(model, PeftModel):
-            model.load_adapter(str(folder), adapter_name=name)
-        else:
-            model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
-        names.append(name)
+    try:
+        for i, (part, weight) in enumerate(components(registry, version)):
+            name = f"{prefix}{i}"
+            folder = write_component(registry, part, weight, folder_root / name)
+            if isinstance(model, PeftModel):
+                model.load_adapter(str(folder), adapter_name=name)
+            else:
+                model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
+            names.append(name)
+    finally:
+        if workdir is None:
+            shutil.rmtree(folder_root, ignore_errors=True)
     return model, names
 
 
@@ -103,12 +111,8 @@ def loaded(registry, base, refs: list[str], device: str = "auto", log=print, pre
 
     model, tokenizer = load_base(base, log=log)
     adapters: dict[str, list[str]] = {}
-    workdir = Path(tempfile.mkdtemp(prefix="portfolio-runtime-"))
-    try:
-        for ref in dict.fromkeys(refs):
-            model, adapters[ref] = attach(model, registry, ref, workdir / str(len(adapters)), prefix=f"{prefix}{len(adapters)}_")
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    for ref in dict.fromkeys(refs):
+        model, adapters[ref] = attach(model, registry, ref, prefix=f"{prefix}{len(adapters)}_")
     target = runtime.resolve_device(device)
     model.to(target).eval()
     yield Loaded(model, tokenizer, target, adapters)

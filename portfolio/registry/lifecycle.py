@@ -161,10 +161,8 @@ def collect(session: Session, store: ArtifactStore, items: list[dict[str, Any]],
     """Remove what `find_garbage` listed, re-checking each item first: a recorded artifact
     under its row lock, an unrecorded blob by its age (a writer reusing it freshens it)."""
     delete_unless_live(session, store, [i["digest"] for i in items if i["type"] == "artifact"])
-    for item in items:
-        if item["type"] == "artifact":
-            continue
-        elif item["type"] == "unrecorded":
+    for item in items:  # recorded artifacts are done above
+        if item["type"] == "unrecorded":
             # Claim the digest by inserting its row (it waits for a writer recording the same
             # bytes and then finds the row taken); the claim goes again before the commit.
             if store.age_seconds(item["digest"]) >= min_age and db.insert_ignore(
@@ -188,17 +186,17 @@ def verify(session: Session, store: ArtifactStore):
 
     # every blob still recorded as present, and every blob a live record names, whatever its
     # artifacts row says (a row marked removed, or none at all, under a live reference is a loss)
-    recorded = dict(session.execute(sa.select(ArtifactRow.digest, ArtifactRow.kind)).all())
-    kinds = dict(session.execute(
-        sa.select(ArtifactRow.digest, ArtifactRow.kind).where(ArtifactRow.removed_at.is_(None))).all())
+    recorded = session.execute(sa.select(ArtifactRow.digest, ArtifactRow.kind, ArtifactRow.removed_at)).all()
     live = live_references(session)
+    kinds = {digest: kind for digest, kind, removed_at in recorded if removed_at is None or digest in live}
     for digest in live:
-        kinds.setdefault(digest, recorded.get(digest, "unrecorded"))
-    users = artifact_users(session)
+        kinds.setdefault(digest, "unrecorded")
+    users: dict[str, list[str]] | None = None  # a scan of every record: only when something is wrong
     problems = []
     for digest in sorted(kinds):
         state = store.check(digest)
         if state != "ok":
+            users = artifact_users(session) if users is None else users
             problems.append({"digest": digest, "kind": kinds[digest], "state": state,
                              "used_by": ", ".join(live.get(digest) or users.get(digest, [])) or "-"})
     checked = len(kinds)

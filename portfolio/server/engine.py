@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import queue
-import shutil
-import tempfile
 import threading
 import time
 import warnings
@@ -22,7 +20,6 @@ from collections import OrderedDict
 from contextlib import nullcontext
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from portfolio import runtime
@@ -65,7 +62,6 @@ class Engine:
         self.model.to(self.device).eval()
         self.pad_id = runtime.pad_id(self.tokenizer)
         self.loaded: OrderedDict[str, list[str]] = OrderedDict()  # serving key -> PEFT adapter names, LRU last
-        self.workdir = Path(tempfile.mkdtemp(prefix="portfolio-serve-"))
         self.queue: queue.Queue[Request | None] = queue.Queue()
         self.batches = 0
         self._thread = threading.Thread(target=self._loop, name="portfolio-engine", daemon=True)
@@ -89,10 +85,9 @@ class Engine:
         return request.future
 
     def close(self) -> None:
-        """Stop the engine thread (requests in flight finish first) and drop its files."""
+        """Stop the engine thread (requests in flight finish first)."""
         self.queue.put(None)
         self._thread.join(timeout=30)
-        shutil.rmtree(self.workdir, ignore_errors=True)
 
     # -- the engine thread ----------------------------------------------------------------
 
@@ -157,26 +152,21 @@ class Engine:
         return names
 
     def _load(self, version, key: str) -> list[str]:
-        """Attach a version's parts as PEFT adapters. The folder they are read from goes as
-        soon as they are in memory (a version evicted and asked for again is written afresh),
-        and a load that fails midway (bytes gone, a damaged blob) takes back the parts it had
-        attached, so the model holds only what `loaded` lists."""
+        """Attach a version's parts as PEFT adapters (`serving.attach`, which removes the
+        folder it read them from). A load that fails midway (bytes gone, a damaged blob)
+        takes back the parts it had attached, so the model holds only what `loaded` lists."""
         from peft import PeftModel
 
         from portfolio.serving import attach
 
         prefix = f"s{hashlib.sha256(key.encode()).hexdigest()[:12]}_"
-        folder = self.workdir / prefix
-        shutil.rmtree(folder, ignore_errors=True)
         before = set(self.model.peft_config) if isinstance(self.model, PeftModel) else set()
         try:
-            self.model, names = attach(self.model, self.registry, version.ref, folder, prefix=prefix)
+            self.model, names = attach(self.model, self.registry, version.ref, prefix=prefix)
         except BaseException:
             if isinstance(self.model, PeftModel):
                 self._unload([n for n in self.model.peft_config if n not in before])
             raise
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
         self.model.to(self.device).eval()
         return names
 

@@ -26,6 +26,7 @@ from portfolio import web_guard
 from portfolio.errors import InvalidState, NotFound, PortfolioError
 from portfolio.registry.entities import jsonable
 from portfolio.registry.governance import actor
+from portfolio.registry.refs import MAX_VERSION
 from portfolio.registry.registry import Registry
 from portfolio.ui import svg
 
@@ -64,7 +65,7 @@ def snapshot_href(ref: str) -> str:
     return f"/datasets/{quote(name, safe='')}/{number}"
 
 
-MAX_INT_PARAM = 2**31 - 1  # page numbers, depths, version numbers: anything larger is a mistake or a probe
+MAX_INT_PARAM = MAX_VERSION  # page numbers and depths too: nothing a page shows numbers beyond a version
 
 
 def _out_of_range(request: Request) -> str | None:
