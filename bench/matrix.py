@@ -42,17 +42,17 @@ def main() -> None:
         work = Path(tmp)
         url = args.db or f"sqlite:///{work / 'r.db'}"
         reg = Registry.open(url, work / "store")
-        reg.add_base("tiny", save_tiny_model(work / "base"))
+        reg.bases.add("tiny", save_tiny_model(work / "base"))
         for s in range(args.snapshots):
             path = work / f"d{s}.jsonl"
             path.write_text(json.dumps({"text": f"snapshot {s}"}) + "\n")
-            reg.add_dataset(f"d{s}", [path], f"domain{s}")
+            reg.data.add(f"d{s}", [path], f"domain{s}")
         lora = read_lora_folder(make_lora_files(work / "l", 1)[0])
         for v in range(1, args.versions + 1):
             reg.register_version("a", base="tiny", lora=lora, parents=[ParentSpec(f"a@{v - 1}", "finetune", {})] if v > 1 else [],
                                  data=[DataSpec(f"d{(v - 1) % args.snapshots}@1", "train")])
             for s in range(args.snapshots):
-                reg.record_evaluation(f"a@{v}", f"d{s}@1", {"loss": 2.0 + 0.01 * v + 0.1 * s, "accuracy": 0.5}, n_tokens=100)
+                reg.evaluations.record(f"a@{v}", f"d{s}@1", {"loss": 2.0 + 0.01 * v + 0.1 * s, "accuracy": 0.5}, n_tokens=100)
 
         t = time.perf_counter()
         m = build_matrix(reg, metric="loss")
@@ -61,7 +61,7 @@ def main() -> None:
 
         t = time.perf_counter()
         for v in range(1, args.versions + 1):  # baseline: one registry call per version
-            reg.evaluations(f"a@{v}")
+            reg.evaluations.list(f"a@{v}")
         per_cell = time.perf_counter() - t
 
         env = {**os.environ, "PORTFOLIO_DB": url, "PORTFOLIO_STORE": str(work / "store")}

@@ -70,10 +70,10 @@ def bench_portfolio(work: Path, db_url: str | None, n: int, lookups: int, folder
     from portfolio.registry.models import AdapterVersionRow, LineageEdgeRow
 
     reg = Registry.open(db_url or f"sqlite:///{work / 'portfolio.db'}", work / "store")
-    reg.add_base("tiny", save_tiny_model(work / "base"))
+    reg.bases.add("tiny", save_tiny_model(work / "base"))
     data = work / "d.jsonl"
     data.write_text('{"text": "hello"}\n')
-    reg.add_dataset("docs", [data], "bench")
+    reg.data.add("docs", [data], "bench")
 
     t = time.perf_counter()
     for i, folder in enumerate(folders):

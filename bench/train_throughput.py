@@ -98,11 +98,11 @@ def main() -> None:
 
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp, Registry.open(f"sqlite:///{tmp}/r.db", f"{tmp}/store") as reg:
-        base, _ = reg.add_base("smollm2-135m")
+        base, _ = reg.bases.add("smollm2-135m")
         folder, _ = model_folder(base)
         tok = AutoTokenizer.from_pretrained(folder)
-        reg.add_dataset("docs", [write_jsonl(Path(tmp) / "a.jsonl", python_reference_rows(0, 40))], "python")
-        reg.add_dataset("docs", [write_jsonl(Path(tmp) / "b.jsonl", python_reference_rows(40, 79))], "python")
+        reg.data.add("docs", [write_jsonl(Path(tmp) / "a.jsonl", python_reference_rows(0, 40))], "python")
+        reg.data.add("docs", [write_jsonl(Path(tmp) / "b.jsonl", python_reference_rows(40, 79))], "python")
         rows = [{"row": i, "sha": "", "data": r} for i, r in enumerate(python_reference_rows(0, 40))]
         examples = encode_rows(rows, "text", tok, args.seq_len)
 

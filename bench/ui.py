@@ -38,13 +38,13 @@ def build(work: Path, db_url: str | None, n_adapters: int, n_versions: int):
     from portfolio.registry.registry import EvalSpec
 
     reg = Registry.open(db_url or f"sqlite:///{work / 'ui.db'}", work / "store")
-    reg.add_base("tiny", save_tiny_model(work / "base"))
+    reg.bases.add("tiny", save_tiny_model(work / "base"))
     n_data = 10
     for d in range(n_data):
         for v in range(1, 11):
             path = work / f"d{d}-{v}.jsonl"
             path.write_text("".join(f'{{"text": "dataset {d} drop {v} row {i}"}}\n' for i in range(40)))
-            reg.add_dataset(f"data{d}", [path], f"domain{d % 5}", source=f"https://example.org/data{d}", license="CC-BY-4.0")
+            reg.data.add(f"data{d}", [path], f"domain{d % 5}", source=f"https://example.org/data{d}", license="CC-BY-4.0")
     lora = read_lora_folder(make_lora_files(work / "lora", 1)[0])
     started = time.perf_counter()
     total = n_adapters * n_versions
@@ -61,7 +61,7 @@ def build(work: Path, db_url: str | None, n_adapters: int, n_versions: int):
                 print(f"  registered {done}/{total} versions ({done / (time.perf_counter() - started):.0f}/s)", flush=True)
         for v in range(max(1, n_versions - 4), n_versions + 1):
             reg.set_alias(name, "production", v, reason=f"release {v}")
-    reg.revoke_data("data0@1", "benchmark: a withdrawn drop")
+    reg.governance.revoke("data0@1", "benchmark: a withdrawn drop")
     return reg
 
 

@@ -151,7 +151,7 @@ def main() -> None:
     from portfolio.modeling import load_base
 
     with Registry.open(ENV["PORTFOLIO_DB"], ENV["PORTFOLIO_STORE"]) as reg:
-        base = reg.get_base("smollm2-135m")
+        base = reg.bases.get("smollm2-135m")
     model, tokenizer = load_base(base, log=lambda *_: None)
     peft_model = PeftModel.from_pretrained(model, export_dir).eval()
     messages = [{"role": "user", "content": "What does the `yield` statement do in Python?"}]

@@ -25,6 +25,7 @@ _LAZY = {
     "merge_adapters": "portfolio.compose.merge",
     "stack_adapters": "portfolio.compose.stack",
     "generate": "portfolio.serving",
+    "export_version": "portfolio.export",
 }
 
 __all__ = ["Registry", "PortfolioError", "DataSpec", "EvalSpec", "ParentSpec", "__version__", *_LAZY]

@@ -14,7 +14,7 @@ def model_card(registry, ref: str) -> str:
     import yaml
 
     version = registry.get_version(ref)
-    base = registry.get_base(version.base_model)
+    base = registry.bases.get(version.base_model)
     lineage = registry.lineage(version.ref)
     own = [d for d in lineage.data if d.version == version.ref]
     upstream = [d for d in lineage.data if d.version != version.ref]
@@ -45,7 +45,7 @@ def model_card(registry, ref: str) -> str:
     lines += [f"| {d.snapshot} | {d.role} | {d.n_rows} | `{d.sha256}` | {d.version} |" for d in own + upstream] or ["| - | | | | |"]
     lines += ["", "## Evaluations", ""]
     latest: dict[tuple[str, str], Any] = {}
-    for e in registry.evaluations(version.ref):
+    for e in registry.evaluations.list(version.ref):
         latest[(e.snapshot, e.metric)] = e
     if latest:
         metrics = sorted({m for _, m in latest})

@@ -46,7 +46,7 @@ def serving_key(registry, version) -> str:
 def write_component(registry, version, weight: float, dest: Path) -> Path:
     """A PEFT folder of one component with its weight folded into lora_B."""
     if weight == 1.0:
-        return registry.export(version.ref, dest, card=False)
+        return registry.export_weights(version.ref, dest)
     from safetensors.torch import load_file
 
     from portfolio.compose.lora_files import write_lora
@@ -54,7 +54,7 @@ def write_component(registry, version, weight: float, dest: Path) -> Path:
 
     src = source_of(registry, version, weight)
     tensors = {k: (t.float() * weight if ".lora_B." in k else t) for k, t in load_file(src.weights_path).items()}
-    base = registry.get_base(version.base_model)
+    base = registry.bases.get(version.base_model)
     return write_lora(dest, tensors, {**src.config, "base_model_name_or_path": base.model_id})
 
 
@@ -161,7 +161,7 @@ def generate(
         raise InvalidState("--temperature must be >= 0 (0 is greedy)")
     base_name = ref[5:] if ref.startswith("base:") else registry.get_version(ref).base_model
     refs = [] if ref.startswith("base:") else [ref]
-    with loaded(registry, registry.get_base(base_name), refs, device, log, prefix="a") as rt:
+    with loaded(registry, registry.bases.get(base_name), refs, device, log, prefix="a") as rt:
         model, tokenizer = rt.model, rt.tokenizer
         if refs:
             activate(model, rt.adapters[ref])

@@ -303,7 +303,7 @@ def registry(db_url, store_dir):
 
 @pytest.fixture
 def registry_with_base(registry, tiny_base):
-    registry.add_base("tiny", tiny_base)
+    registry.bases.add("tiny", tiny_base)
     return registry
 
 
@@ -334,8 +334,8 @@ def domain_rows(kind: str, n: int = 60, seed: int = 0) -> list[dict]:
 
 
 def _add_domains(reg, write_jsonl):
-    reg.add_dataset("words", [write_jsonl("words.jsonl", domain_rows("words"))], "words")
-    reg.add_dataset("numbers", [write_jsonl("numbers.jsonl", domain_rows("numbers"))], "numbers")
+    reg.data.add("words", [write_jsonl("words.jsonl", domain_rows("words"))], "words")
+    reg.data.add("numbers", [write_jsonl("numbers.jsonl", domain_rows("numbers"))], "numbers")
     return reg
 
 
@@ -351,7 +351,7 @@ def trainable(sqlite_url, store_dir, tiny_base, write_jsonl):
     from portfolio import Registry
 
     reg = Registry.open(sqlite_url, store_dir)
-    reg.add_base("tiny", tiny_base)
+    reg.bases.add("tiny", tiny_base)
     yield _add_domains(reg, write_jsonl)
     reg.close()
 

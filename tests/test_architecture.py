@@ -82,3 +82,43 @@ def test_the_import_graph_has_no_circles():
 
 def test_the_circle_finder_finds_one():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# Layers, lowest first; a module belongs to the longest prefix that names it. An import may
+# point down or sideways, never up, except for the arrows in UPWARD (docs/architecture.md,
+# "Import layering", says why each is there).
+LAYERS = [
+    ("foundation", ["portfolio.errors", "portfolio.store", "portfolio.data", "portfolio.policy", "portfolio.routing",
+                    "portfolio.adapter_files", "portfolio.basemodel", "portfolio.webhook_http", "portfolio.web_guard"]),
+    ("registry", ["portfolio.registry"]),
+    ("models", ["portfolio.runtime", "portfolio.modeling", "portfolio.serving", "portfolio.compose", "portfolio.model_card",
+                "portfolio.export", "portfolio.lineage_format"]),
+    ("workflows", ["portfolio.evaluation", "portfolio.suites", "portfolio.training"]),
+    ("services", ["portfolio.scheduler", "portfolio.server", "portfolio.ui"]),
+    ("entry points", ["portfolio.cli", "portfolio.__main__", "portfolio"]),
+]
+UPWARD = {
+    ("portfolio.registry.suites", "portfolio.suites.cases"),
+}
+
+
+def layer_of(module: str) -> int:
+    """The index in `LAYERS` of the layer ``module`` belongs to."""
+    best = None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > len(best[1])):
+                best = (i, prefix)
+    assert best is not None, f"{module} is in no layer of LAYERS; add it"
+    return best[0]
+
+
+def upward_arrows(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
+    """Imports from a module to one in a higher layer."""
+    return {(m, t) for m, targets in graph.items() for t in targets if layer_of(t) > layer_of(m)}
+
+
+def test_imports_point_down_except_the_named_arrows():
+    arrows = upward_arrows(import_graph())
+    assert arrows == UPWARD, f"new upward imports: {sorted(arrows - UPWARD)}; gone: {sorted(UPWARD - arrows)}"
+    assert len(UPWARD) <= 3

@@ -154,8 +154,8 @@ def test_runs_list_and_show(run, populated, db_url, store_dir):
     from portfolio import Registry
 
     with Registry.open(db_url, store_dir) as reg:
-        r = reg.start_run("train", "py", {"lr": 0.001}, seed=3)
-        reg.update_run(r.id, status="interrupted")
+        r = reg.runs.start("train", "py", {"lr": 0.001}, seed=3)
+        reg.runs.update(r.id, status="interrupted")
     assert "interrupted" in run("runs").output
     assert json.loads(run("runs", "--json").output)[0]["status"] == "interrupted"
     assert json.loads(run("runs", "show", r.id).output)["config"] == {"lr": 0.001}

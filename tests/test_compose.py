@@ -69,7 +69,7 @@ def test_merge_records_recipe_run_and_inherited_provenance(composed):
     assert edges[0]["recipe"]["density"] == 0.5 and edges[0]["recipe"]["seed"] == 3
     assert edges[0]["recipe"]["reconstruction_error"] == pytest.approx(merged["stats"]["reconstruction_error"])
     assert sorted(d["snapshot"] for d in lineage["data"]) == ["numbers@1", "words@1"]
-    run = composed.get_run(composed.get_version("ab@1").run_id)
+    run = composed.runs.get(composed.get_version("ab@1").run_id)
     assert run.kind == "merge" and run.status == "succeeded" and run.metrics["rank"] == 8
     tree = composed.run("lineage", "ab@1").stdout
     assert "merge (ties, w=0.7) ← a@1" in tree
@@ -145,11 +145,11 @@ def test_bad_merges_fail_with_one_line_and_leave_nothing(composed, args, message
     result = composed.run("merge", "bad", *args, "--no-progress", ok=False)
     assert result.exit_code != 0 and message in result.output
     assert (len(composed.list_versions()), sorted(composed.store.digests())) == before
-    assert all(r.status != "running" for r in composed.list_runs())
+    assert all(r.status != "running" for r in composed.runs.list())
 
 
 def test_merge_refuses_adapters_of_another_base(composed, other_base, tmp_path):
-    composed.add_base("other", other_base)
+    composed.bases.add("other", other_base)
     composed.import_adapter("x", make_lora(other_base, tmp_path / "x", seed=5), "other")
     result = composed.run("merge", "bad", "--from", "a@1", "--from", "x@1", ok=False)
     assert result.exit_code == 1 and "different weights" in result.output
@@ -176,7 +176,7 @@ def test_archive_keeps_records_and_lineage_and_frees_bytes(composed, tmp_path):
     assert "archived" in composed.run("export", "a@1", tmp_path / "x", ok=False).output
     assert "archived" in composed.run("merge", "z", "--from", "a@1", ok=False).output
     assert "already archived" in composed.run("archive", "a@1", ok=False).output
-    assert composed.evaluations("a@1") == composed.evaluations("a@1")  # still readable
+    assert composed.evaluations.list("a@1") == composed.evaluations.list("a@1")  # still readable
 
 
 def test_archive_refuses_a_part_of_a_live_stack(composed):

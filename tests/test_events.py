@@ -19,27 +19,27 @@ from portfolio.registry.webhooks import MAX_ATTEMPTS
 @pytest.fixture
 def history(registry_with_base, lora_dir, write_jsonl):
     reg = registry_with_base
-    reg.add_dataset("fresh", [write_jsonl("f.jsonl", [{"text": f"row {i}"} for i in range(4)])], "d")
+    reg.data.add("fresh", [write_jsonl("f.jsonl", [{"text": f"row {i}"} for i in range(4)])], "d")
     for _ in range(2):
         reg.import_adapter("a", lora_dir, base="tiny")
     reg.set_alias("a", "production", 1, reason="launch")
-    reg.record_refusal("a", "production", "a@2", "gates failed: retention")
+    reg.gates.record_refusal("a", "production", "a@2", "gates failed: retention")
     reg.set_alias("a", "production", 2, reason="accepted risk", force=True, action="override")
     reg.rollback("a", "production", reason="broke a tenant")
-    reg.route_set("r", "a@production", reason="catch-all")
-    reg.record_revalidations("a@1", "production", [{"snapshot": "fresh@1", "suite": None, "metric": "loss", "baseline": 1.0,
+    reg.routes.set("r", "a@production", reason="catch-all")
+    reg.gates.record_revalidations("a@1", "production", [{"snapshot": "fresh@1", "suite": None, "metric": "loss", "baseline": 1.0,
                                                     "baseline_snapshot": "fresh@1", "value": 1.3, "threshold": 0.05, "drifted": True}])
     return reg
 
 
 def test_one_stream_of_events_with_a_cursor(history):
-    events, cursor = history.events()
+    events, cursor = history.events.since()
     assert [e.kind for e in events] == ["set", "refused", "override", "rollback", "route", "drift"]
     assert events[2].summary == "a@production -> a@2 (was a@1) (forced)" and events[2].reason == "accepted risk"
     assert events[5].summary.startswith("a@1 drifted on fresh@1: loss 1.3000 vs 1.0000")
-    assert history.events(cursor)[0] == []
-    history.route_remove("r", {}, reason="gone")
-    [new], _ = history.events(cursor)
+    assert history.events.since(cursor)[0] == []
+    history.routes.remove("r", {}, reason="gone")
+    [new], _ = history.events.since(cursor)
     assert new.kind == "route" and new.data["action"] == "remove" and new.reason == "gone"
 
 
@@ -86,19 +86,19 @@ class Receiver:
 def test_webhooks_are_signed_filtered_retried_and_recorded(history):
     receiver = Receiver("k" * 16, fail_first=1)
     try:
-        hook, secret = history.add_webhook(receiver.url, ["promote,override,rollback,route,drift"], secret="k" * 16, past=True)
+        hook, secret = history.webhooks.add(receiver.url, ["promote,override,rollback,route,drift"], secret="k" * 16, past=True)
         assert secret == "k" * 16
-        counts = history.deliver()
+        counts = history.webhooks.deliver()
         assert counts == {"queued": 4, "delivered": 3, "retrying": 1, "failed": 0}  # "set" and "refused" were not asked for
-        assert history.deliver() == {"queued": 0, "delivered": 0, "retrying": 0, "failed": 0}  # the retry is not due yet
-        assert history.deliver(now=utcnow() + timedelta(minutes=5))["delivered"] == 1
+        assert history.webhooks.deliver() == {"queued": 0, "delivered": 0, "retrying": 0, "failed": 0}  # the retry is not due yet
+        assert history.webhooks.deliver(now=utcnow() + timedelta(minutes=5))["delivered"] == 1
         assert sorted(k for k, _ in receiver.received) == ["drift", "override", "rollback", "route"]
-        deliveries = {d.event_id: d for d in history.deliveries(hook.id)}
+        deliveries = {d.event_id: d for d in history.webhooks.deliveries(hook.id)}
         assert all(d.status == "delivered" for d in deliveries.values()) and sorted(d.attempts for d in deliveries.values()) == [1, 1, 1, 2]
         # new events after the first pass are queued once
-        history.route_set("r", "a@1", {"tenant": "x"})
-        assert history.deliver()["delivered"] == 1 and receiver.received[-1][1]["data"]["rule"] == "tenant=x -> a@1"
-        [listed] = history.webhooks()
+        history.routes.set("r", "a@1", {"tenant": "x"})
+        assert history.webhooks.deliver()["delivered"] == 1 and receiver.received[-1][1]["data"]["rule"] == "tenant=x -> a@1"
+        [listed] = history.webhooks.list()
         assert (listed.delivered, listed.pending, listed.failed) == (5, 0, 0)
     finally:
         receiver.close()
@@ -107,21 +107,21 @@ def test_webhooks_are_signed_filtered_retried_and_recorded(history):
 def test_a_receiver_that_keeps_failing_ends_failed_and_new_hooks_skip_the_past(history):
     receiver = Receiver("s", fail_first=10**6)
     try:
-        hook, _ = history.add_webhook(receiver.url, ["drift"], secret="s", past=True)
+        hook, _ = history.webhooks.add(receiver.url, ["drift"], secret="s", past=True)
         now = utcnow()
         for attempt in range(MAX_ATTEMPTS):
-            counts = history.deliver(now=now + timedelta(hours=attempt + 1))
+            counts = history.webhooks.deliver(now=now + timedelta(hours=attempt + 1))
         assert counts["failed"] == 1
-        [d] = history.deliveries(hook.id)
+        [d] = history.webhooks.deliveries(hook.id)
         assert d.status == "failed" and d.attempts == MAX_ATTEMPTS and d.last_error == "HTTP 500"
-        fresh, key = history.add_webhook(receiver.url, ["all"])
-        assert len(key) == 64 and history.deliver()["queued"] == 0  # events before it was added are not sent
+        fresh, key = history.webhooks.add(receiver.url, ["all"])
+        assert len(key) == 64 and history.webhooks.deliver()["queued"] == 0  # events before it was added are not sent
     finally:
         receiver.close()
     with pytest.raises(InvalidState, match="http:// or https://"):
-        history.add_webhook("ftp://x", ["promote"])
+        history.webhooks.add("ftp://x", ["promote"])
     with pytest.raises(InvalidState, match="choose from"):
-        history.add_webhook("http://127.0.0.1:9/x", ["promot"])
+        history.webhooks.add("http://127.0.0.1:9/x", ["promot"])
 
 
 # -- reliability round 3: redirects, blocked addresses, bounded deliveries, redaction ----------
@@ -181,14 +181,14 @@ def test_a_redirect_is_never_followed_and_is_recorded_with_its_location(history)
     for location in redirects:
         receiver = RawReceiver(lambda c, loc=location: c.sendall(
             f"HTTP/1.1 302 Found\r\nLocation: {loc}\r\nContent-Length: 0\r\n\r\n".encode()))
-        hook, _ = history.add_webhook(receiver.url, ["drift"], secret="s", past=True)
+        hook, _ = history.webhooks.add(receiver.url, ["drift"], secret="s", past=True)
         hooks.append((hook, receiver, location))
     try:
-        counts = history.deliver()
+        counts = history.webhooks.deliver()
         assert counts["delivered"] == 0 and counts["retrying"] == 2
         assert target.connections == 0, "a redirect was followed"
         for hook, _, location in hooks:
-            [d] = history.deliveries(hook.id)
+            [d] = history.webhooks.deliveries(hook.id)
             assert d.status == "pending" and d.response_code == 302 and location in d.last_error and "not followed" in d.last_error
     finally:
         target.close()
@@ -201,8 +201,8 @@ def test_link_local_and_metadata_addresses_are_refused_unless_allowed(history):
 
     for url in ("http://169.254.169.254/latest/meta-data", "http://[fd00:ec2::254]/", "http://[fe80::1]:8080/x"):
         with pytest.raises(InvalidState, match="link-local or metadata address.*--allow-link-local"):
-            history.add_webhook(url, ["drift"])
-    hook, _ = history.add_webhook("http://169.254.169.254/hook", ["drift"], allow_link_local=True)
+            history.webhooks.add(url, ["drift"])
+    hook, _ = history.webhooks.add("http://169.254.169.254/hook", ["drift"], allow_link_local=True)
     assert hook.allow_link_local
     assert webhook_http.blocked("::ffff:169.254.1.1") and not webhook_http.blocked("127.0.0.1")
     # a name resolving to a blocked address is refused at delivery, whatever it resolved to at add
@@ -229,12 +229,12 @@ def test_a_silent_or_trickling_receiver_costs_one_bounded_delivery(history):
     slow = RawReceiver(trickle)
     try:
         for receiver in (silent, slow):
-            history.add_webhook(receiver.url, ["drift"], secret="s", past=True)
+            history.webhooks.add(receiver.url, ["drift"], secret="s", past=True)
         started = time.monotonic()
-        counts = history.deliver(timeout=1.5)
+        counts = history.webhooks.deliver(timeout=1.5)
         elapsed = time.monotonic() - started
         assert counts["retrying"] == 2 and elapsed < 6, elapsed  # the trickle used to hold a delivery for minutes
-        assert all("within 1.5 s" in d.last_error for d in history.deliveries())
+        assert all("within 1.5 s" in d.last_error for d in history.webhooks.deliveries())
     finally:
         silent.close()
         slow.close()
@@ -244,9 +244,9 @@ def test_credentials_inside_a_webhook_url_are_never_shown(history, db_url, store
     receiver = Receiver("s")
     try:
         url = receiver.url.replace("http://", "http://alice:hunter2@")
-        hook, _ = history.add_webhook(url, ["drift"], secret="s", past=True)
+        hook, _ = history.webhooks.add(url, ["drift"], secret="s", past=True)
         assert "hunter2" not in hook.url and hook.url.startswith("http://***@127.0.0.1:")
-        assert history.deliver()["delivered"] == 1  # delivery still uses them
+        assert history.webhooks.deliver()["delivered"] == 1  # delivery still uses them
         out = cli_invoker(db_url, store_dir)("webhook", "list").output
         assert "hunter2" not in out and "alice" not in out and "***@127.0.0.1" in out
     finally:
@@ -262,7 +262,7 @@ def test_a_worker_delivers_off_its_critical_path(history, monkeypatch):
     monkeypatch.setattr(webhooks, "TIMEOUT_S", 2.0)
     silent = RawReceiver(lambda c: time.sleep(20))
     try:
-        history.add_webhook(silent.url, ["drift"], secret="s", past=True)
+        history.webhooks.add(silent.url, ["drift"], secret="s", past=True)
         worker = Worker(history, "w", poll_s=0.01, log=lambda m: None)
         started = time.monotonic()
         worker.deliver_webhooks()  # returns at once; the delivery runs on its own thread

@@ -22,9 +22,9 @@ def routed(registry_with_base, lora_dir, tiny_base, tmp_path):
     reg.set_alias("general", "production", 1)
     reg.set_alias("acme", "production", 1)
     stack_adapters(reg, "duo", ["general@1", "acme@1"])
-    reg.route_set("support", "general@production")
-    reg.route_set("support", "acme@production", {"tenant": "acme"})
-    reg.route_set("support", "duo@1", {"task": "both"})
+    reg.routes.set("support", "general@production")
+    reg.routes.set("support", "acme@production", {"tenant": "acme"})
+    reg.routes.set("support", "duo@1", {"task": "both"})
     return reg
 
 
@@ -61,7 +61,7 @@ def test_ranks_vllm_cannot_load_are_named_and_nothing_is_written(routed, tmp_pat
 
 def test_the_vllm_resolver_follows_promotions(routed, lora_dir, tmp_path):
     reg = routed
-    base = reg.get_base("tiny")
+    base = reg.bases.get("tiny")
     resolver = E.PortfolioLoRAResolver(reg, tmp_path / "cache")
     first = asyncio.run(resolver.resolve_lora(base.model_id, "acme@production"))
     assert first.lora_name == "acme@production" and (tmp_path / "cache").exists()

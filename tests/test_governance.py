@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from portfolio import DataSpec, ParentSpec
 from portfolio.errors import InvalidState
 from portfolio.registry.governance import DataRevoked, record_purge, plan_purge
+from portfolio.export import export_version
 from tests.conftest import cli_invoker
 
 
@@ -20,9 +21,9 @@ def portfolio_dag(registry_with_base, lora_dir, write_jsonl):
     from portfolio.adapter_files import read_lora_folder
 
     reg, lora = registry_with_base, read_lora_folder(lora_dir)
-    reg.add_dataset("docs", [write_jsonl("docs1.jsonl", [{"text": f"doc row {i}"} for i in range(6)])], "python", license="CC-BY-4.0")
-    reg.add_dataset("docs", [write_jsonl("docs2.jsonl", [{"text": f"second drop {i}"} for i in range(6)])], "python")
-    reg.add_dataset("nums", [write_jsonl("nums.jsonl", [{"text": f"{i} {i * 7}"} for i in range(6)])], "numbers")
+    reg.data.add("docs", [write_jsonl("docs1.jsonl", [{"text": f"doc row {i}"} for i in range(6)])], "python", license="CC-BY-4.0")
+    reg.data.add("docs", [write_jsonl("docs2.jsonl", [{"text": f"second drop {i}"} for i in range(6)])], "python")
+    reg.data.add("nums", [write_jsonl("nums.jsonl", [{"text": f"{i} {i * 7}"} for i in range(6)])], "numbers")
     reg.import_adapter("a", lora_dir, "tiny", data=["docs@1"])
     reg.register_version("b", base="tiny", lora=lora, data=[DataSpec("nums@1", "train"), DataSpec("docs@1", "replay", [0, 2])])
     reg.register_version("a", base="tiny", lora=lora, parents=[ParentSpec("a@1", "finetune", {})], data=[DataSpec("docs@2", "train")])
@@ -38,7 +39,7 @@ def portfolio_dag(registry_with_base, lora_dir, write_jsonl):
 
 
 def test_reverse_lineage_follows_train_replay_finetune_merge_and_stack(portfolio_dag):
-    uses = portfolio_dag.data_uses("docs@1")
+    uses = portfolio_dag.governance.uses("docs@1")
     by = {u.version: u for u in uses.uses}
     assert set(by) == {"a@1", "b@1", "a@2", "m@1", "s@1"}
     assert by["a@1"].edges == [{"via": "train", "source": "docs@1", "rows": 6}] and by["a@1"].depth == 0
@@ -47,14 +48,14 @@ def test_reverse_lineage_follows_train_replay_finetune_merge_and_stack(portfolio
     assert by["m@1"].edges == [{"via": "merge", "source": "a@2", "rows": None}] and by["m@1"].depth == 2
     assert by["s@1"].edges == [{"via": "stack", "source": "b@1", "rows": None}]
     assert [u.depth for u in uses.uses] == sorted(u.depth for u in uses.uses)  # nearest first
-    portfolio_dag.route_set("main", "b@1", {"tenant": "acme"})
-    routed = {u.version: u.routes for u in portfolio_dag.data_uses("docs@1").uses}
+    portfolio_dag.routes.set("main", "b@1", {"tenant": "acme"})
+    routed = {u.version: u.routes for u in portfolio_dag.governance.uses("docs@1").uses}
     assert routed["b@1"] == ["main: tenant=acme"] and routed["a@1"] == []
-    portfolio_dag.route_remove("main", {"tenant": "acme"})
-    deployed = portfolio_dag.data_uses("docs@1", deployed=True).uses
+    portfolio_dag.routes.remove("main", {"tenant": "acme"})
+    deployed = portfolio_dag.governance.uses("docs@1", deployed=True).uses
     assert [(u.version, u.aliases) for u in deployed] == [("s@1", ["staging"]), ("a@2", ["production"])] or \
         sorted((u.version, tuple(u.aliases)) for u in deployed) == [("a@2", ("production",)), ("s@1", ("staging",))]
-    assert {u.version for u in portfolio_dag.data_uses("nums@1").uses} == {"b@1", "c@1", "e@1", "m@1", "s@1"}
+    assert {u.version for u in portfolio_dag.governance.uses("nums@1").uses} == {"b@1", "c@1", "e@1", "m@1", "s@1"}
     assert not uses.revoked and not portfolio_dag.list_versions(adapter="a")[0].tainted
 
 
@@ -69,7 +70,7 @@ def test_reverse_lineage_is_one_walk_whatever_the_depth(registry_with_base, lora
         listener = lambda *args: statements.append(args[2])  # noqa: E731
         sa.event.listen(reg.engine, "before_cursor_execute", listener)
         try:
-            found = reg.data_uses(ref)
+            found = reg.governance.uses(ref)
         finally:
             sa.event.remove(reg.engine, "before_cursor_execute", listener)
         counts.append(len(statements))
@@ -81,13 +82,13 @@ def test_reverse_lineage_is_one_walk_whatever_the_depth(registry_with_base, lora
 def test_revoke_taints_descendants_and_blocks_their_promotion(portfolio_dag):
     reg = portfolio_dag
     with pytest.raises(InvalidState, match="needs --reason"):
-        reg.revoke_data("docs@1", "  ")
-    event, uses = reg.revoke_data("docs@1", "licence withdrawn by the publisher", who="alice@host")
+        reg.governance.revoke("docs@1", "  ")
+    event, uses = reg.governance.revoke("docs@1", "licence withdrawn by the publisher", who="alice@host")
     assert (event.action, event.actor, event.snapshot) == ("revoke", "alice@host", "docs@1")
     assert len(uses.uses) == 5 and uses.revoked
     with pytest.raises(InvalidState, match="already revoked .* alice@host: licence withdrawn"):
-        reg.revoke_data("docs@1", "again")
-    snap = reg.get_snapshot("docs@1")
+        reg.governance.revoke("docs@1", "again")
+    snap = reg.data.get("docs@1")
     assert snap.revoked and snap.revoked_by == "alice@host" and snap.revoke_reason == "licence withdrawn by the publisher"
     assert not snap.purged
     tainted = {v.ref: v.tainted_by for v in reg.list_versions() if v.tainted}
@@ -102,7 +103,7 @@ def test_revoke_taints_descendants_and_blocks_their_promotion(portfolio_dag):
     with pytest.raises(InvalidState, match="needs --reason"):
         reg.set_alias("m", "production", 1, force=True)
     with pytest.raises(InvalidState, match="tainted by revoked data docs@1"):
-        reg.route_set("main", "m@1")
+        reg.routes.set("main", "m@1")
     from portfolio.evaluation.promote import promote
 
     with pytest.raises(DataRevoked, match="a@1 is tainted"):
@@ -113,7 +114,7 @@ def test_revoke_taints_descendants_and_blocks_their_promotion(portfolio_dag):
     assert e.forced and reg.alias_history("m")[-1].reason.startswith("legal signed off")
     # clean versions move as before
     reg.set_alias("c", "production", 1)
-    kinds = [ev.kind for ev in reg.events()[0]]
+    kinds = [ev.kind for ev in reg.events.since()[0]]
     assert "revoke" in kinds
 
 
@@ -121,7 +122,7 @@ def test_rollback_to_a_tainted_version_needs_force(portfolio_dag):
     reg = portfolio_dag
     reg.set_alias("a", "production", 1, reason="back to the first")  # history: 2, then 1
     reg.set_alias("a", "production", 2, reason="forward again")
-    reg.revoke_data("docs@1", "personal data found")  # a@1 and a@2 both tainted now
+    reg.governance.revoke("docs@1", "personal data found")  # a@1 and a@2 both tainted now
     with pytest.raises(DataRevoked, match="the version before, is tainted"):
         reg.rollback("a", "production")
     e = reg.rollback("a", "production", reason="incident: need yesterday's", force=True)
@@ -135,7 +136,7 @@ def test_revoked_data_is_never_trained_on_or_replayed(trainable, tmp_path):
     fast = dict(batch_size=4, seq_len=32, lr=2e-2, checkpoint_every=5, steps=6)
     train_adapter(trainable, TrainConfig(adapter="w", base="tiny", data="words@1", **fast), log=lambda *_: None, progress=False)
     train_adapter(trainable, TrainConfig(adapter="n", base="tiny", data="numbers@1", **fast), log=lambda *_: None, progress=False)
-    trainable.revoke_data("words@1", "licence problem")
+    trainable.governance.revoke("words@1", "licence problem")
     with pytest.raises(DataRevoked, match="words@1 was revoked .* cannot be used for training or replay"):
         plan_training(trainable, TrainConfig(adapter="x", base="tiny", data="words@1", **fast))
     with pytest.raises(DataRevoked, match="words@1 was revoked"):
@@ -153,7 +154,7 @@ def test_revoked_data_is_never_trained_on_or_replayed(trainable, tmp_path):
     from portfolio.adapter_files import read_lora_folder
 
     with pytest.raises(DataRevoked, match="cannot be replayed on it"):
-        trainable.register_version("z", base="tiny", lora=read_lora_folder(trainable.export("n@1", tmp_path / "n1", card=False)),
+        trainable.register_version("z", base="tiny", lora=read_lora_folder(export_version(trainable, "n@1", tmp_path / "n1", card=False)),
                                    data=[DataSpec("numbers@1", "train"), DataSpec("words@1", "replay", [0])])
     assert [v.ref for v in trainable.list_versions() if v.adapter == "z"] == []
 
@@ -163,32 +164,32 @@ def test_retention_set_drops_a_revoked_snapshot(trainable, lora_dir):
 
     trainable.import_adapter("w", lora_dir, "tiny")
 
-    first = trainable.retention_set("w", ["words@1", "numbers@1"], size=16, seed=1)
+    first = trainable.retention.build("w", ["words@1", "numbers@1"], size=16, seed=1)
     assert {ref for ref, _ in first.strata} == {"words@1", "numbers@1"}
-    trainable.revoke_data("words@1", "withdrawn")
-    second = trainable.retention_set("w", ["numbers@1"], size=16, seed=1)
+    trainable.governance.revoke("words@1", "withdrawn")
+    second = trainable.retention.build("w", ["numbers@1"], size=16, seed=1)
     assert (first.version, second.version) == (1, 2)
     assert [ref for ref, _ in second.strata] == ["numbers@1"]
-    assert second.n_rows == min(16, len(split_rows(trainable.snapshot_rows("numbers@1"))[1]))
+    assert second.n_rows == min(16, len(split_rows(trainable.data.rows("numbers@1"))[1]))
 
 
 def test_purge_deletes_the_bytes_and_keeps_the_record(portfolio_dag, write_jsonl):
     reg = portfolio_dag
-    snap = reg.get_snapshot("docs@1")
+    snap = reg.data.get("docs@1")
     blobs = [f["sha256"] for f in snap.files] + [snap.rows_digest]
     assert all(reg.store.exists(d) for d in blobs)
     with pytest.raises(InvalidState, match="docs@1 is not revoked; revoke it first"):
-        reg.purge_data(["docs@1"])
-    reg.revoke_data("docs@1", "personal data found in rows 3-5")
-    [event] = reg.purge_data(["docs@1"], reason="GDPR erasure request 2026-118")
+        reg.governance.purge(["docs@1"])
+    reg.governance.revoke("docs@1", "personal data found in rows 3-5")
+    [event] = reg.governance.purge(["docs@1"], reason="GDPR erasure request 2026-118")
     assert event.action == "purge" and event.detail["bytes"] > 0 and set(event.detail["blobs"]) == set(blobs)
     assert not any(reg.store.exists(d) for d in blobs)
-    purged = reg.get_snapshot("docs@1")
+    purged = reg.data.get("docs@1")
     assert purged.purged and purged.sha256 == snap.sha256 and purged.row_count == 6 and purged.license == "CC-BY-4.0"
     with pytest.raises(DataRevoked, match=f"docs@1 was purged .* only its sha256 {snap.sha256[:12]}"):
-        reg.snapshot_rows("docs@1")
+        reg.data.rows("docs@1")
     with pytest.raises(InvalidState, match="already purged"):
-        reg.purge_data(["docs@1"])
+        reg.governance.purge(["docs@1"])
     # lineage still names what was used, down to the sha256
     from portfolio.lineage_format import render_tree
 
@@ -199,26 +200,26 @@ def test_purge_deletes_the_bytes_and_keeps_the_record(portfolio_dag, write_jsonl
     assert [i for i in reg.gc(dry_run=True, min_age=0).items if i.get("digest") in blobs] == []
     # the same bytes cannot come back under the same name
     with pytest.raises(DataRevoked, match="revoked data is not registered again"):
-        reg.add_dataset("docs", [write_jsonl("docs1.jsonl", [{"text": f"doc row {i}"} for i in range(6)])], "python")
+        reg.data.add("docs", [write_jsonl("docs1.jsonl", [{"text": f"doc row {i}"} for i in range(6)])], "python")
 
 
 def test_purge_refuses_bytes_shared_with_a_snapshot_that_stays(portfolio_dag, write_jsonl):
     reg = portfolio_dag
     rows = [{"text": f"doc row {i}"} for i in range(6)]
-    reg.add_dataset("mirror", [write_jsonl("docs1.jsonl", rows)], "python")  # the same bytes under another name
-    reg.revoke_data("docs@1", "withdrawn")
+    reg.data.add("mirror", [write_jsonl("docs1.jsonl", rows)], "python")  # the same bytes under another name
+    reg.governance.revoke("docs@1", "withdrawn")
     with pytest.raises(InvalidState, match="mirror@1 holds identical bytes .* purge docs@1 mirror@1"):
-        reg.purge_data(["docs@1"])
-    assert reg.store.exists(reg.get_snapshot("mirror@1").rows_digest)
-    reg.revoke_data("mirror@1", "same file")
-    events = reg.purge_data(["docs@1", "mirror@1"])
+        reg.governance.purge(["docs@1"])
+    assert reg.store.exists(reg.data.get("mirror@1").rows_digest)
+    reg.governance.revoke("mirror@1", "same file")
+    events = reg.governance.purge(["docs@1", "mirror@1"])
     assert [e.snapshot for e in events] == ["docs@1", "mirror@1"]
-    assert not reg.store.exists(reg.get_snapshot("mirror@1").rows_digest)
+    assert not reg.store.exists(reg.data.get("mirror@1").rows_digest)
 
 
 def test_a_purge_killed_before_deleting_leaves_bytes_that_gc_removes(portfolio_dag):
     reg = portfolio_dag
-    reg.revoke_data("docs@1", "withdrawn")
+    reg.governance.revoke("docs@1", "withdrawn")
     with reg.transaction() as session:  # what purge commits, as if the process died right after
         snaps, digests = plan_purge(session, ["docs@1"])
         record_purge(session, snaps, digests, "killed")
@@ -267,13 +268,13 @@ def test_purge_refuses_bytes_a_suite_holds_and_verify_names_a_lost_reference(reg
     both = tmp_path / "both.jsonl"
     turns = [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "again"}]
     both.write_text(json.dumps({"id": "c1", "messages": turns, "checks": [{"kind": "contains", "value": "hi"}]}) + "\n")
-    snap, _ = reg.add_dataset("chat", [both], "chat")
-    suite, _ = reg.add_suite("greet", both)
+    snap, _ = reg.data.add("chat", [both], "chat")
+    suite, _ = reg.suites.add("greet", both)
     assert suite.sha256 == snap.sha256
-    reg.revoke_data("chat@1", "withdrawn")
+    reg.governance.revoke("chat@1", "withdrawn")
     with pytest.raises(InvalidState, match="suite greet@1 holds identical bytes .*suites are never retired"):
-        reg.purge_data(["chat@1"])
-    assert reg.store.exists(suite.sha256) and len(reg.suite_cases("greet@1").cases) == 1
+        reg.governance.purge(["chat@1"])
+    assert reg.store.exists(suite.sha256) and len(reg.suites.cases("greet@1").cases) == 1
     assert reg.verify().problems == []
     # the bytes lost behind the registry's back (as the old purge did): verify names the suite,
     # even though the blob's artifacts row says it was removed on purpose
@@ -300,16 +301,16 @@ def test_purge_refuses_bytes_of_a_versions_config_until_it_is_archived(registry_
     config_bytes = reg.store.read_bytes(config_digest)
     txt = tmp_path / "config.txt"
     txt.write_bytes(config_bytes)
-    snap, _ = reg.add_dataset("cfg", [txt], "misc")
+    snap, _ = reg.data.add("cfg", [txt], "misc")
     assert snap.files[0]["sha256"] == config_digest
-    reg.revoke_data("cfg@1", "withdrawn")
+    reg.governance.revoke("cfg@1", "withdrawn")
     with pytest.raises(InvalidState, match="a@1 holds identical bytes .*archive it first"):
-        reg.purge_data(["cfg@1"])
+        reg.governance.purge(["cfg@1"])
     assert reg.store.exists(config_digest)
-    reg.export("a@1", tmp_path / "out", card=False)  # the version still reads its config
+    export_version(reg, "a@1", tmp_path / "out", card=False)  # the version still reads its config
     reg.deprecate("a@1", reason="retired")
     reg.archive("a@1")
-    reg.purge_data(["cfg@1"])
+    reg.governance.purge(["cfg@1"])
     assert not reg.store.exists(config_digest) and reg.verify().problems == []
 
 
@@ -323,11 +324,11 @@ def test_purge_racing_a_writer_of_the_same_bytes_keeps_them(registry_with_base, 
 
     reg = registry_with_base
     path = write_jsonl("same.jsonl", [{"text": f"row {i}"} for i in range(5)])
-    snap, _ = reg.add_dataset("old", [path], "x")
-    reg.revoke_data("old@1", "withdrawn")
+    snap, _ = reg.data.add("old", [path], "x")
+    reg.governance.revoke("old@1", "withdrawn")
     other = Registry.open(db_url, store_dir)
     done: list = []
-    writer = threading.Thread(target=lambda: done.append(other.add_dataset("new", [path], "x")[0]))
+    writer = threading.Thread(target=lambda: done.append(other.data.add("new", [path], "x")[0]))
     real_delete = reg.store.delete
 
     def slow_delete(digest):
@@ -337,12 +338,12 @@ def test_purge_racing_a_writer_of_the_same_bytes_keeps_them(registry_with_base, 
         return real_delete(digest)
 
     monkeypatch.setattr(reg.store, "delete", slow_delete)
-    reg.purge_data(["old@1"])
+    reg.governance.purge(["old@1"])
     writer.join(timeout=60)
     assert done, "the concurrent data add did not finish"
     new = done[0]
     other.close()
     assert new.sha256 == snap.sha256
     assert reg.store.exists(new.rows_digest) and reg.store.exists(new.files[0]["sha256"])
-    assert len(reg.snapshot_rows("new@1")) == 5
+    assert len(reg.data.rows("new@1")) == 5
     assert reg.verify().problems == []

@@ -17,6 +17,7 @@ import pytest
 
 from portfolio import Registry
 from portfolio.errors import IntegrityFailure, InvalidState
+from portfolio.export import export_version
 
 
 def quiet(*_args, **_kwargs) -> None:
@@ -87,7 +88,7 @@ def _data_add_worker(db_url: str, store: str, folder: str, worker: int, n: int, 
             path = Path(folder) / f"w{worker}-{i}.jsonl"
             path.write_text(json.dumps({"text": f"worker {worker} file {i}"}) + "\n")
             try:
-                reg.add_dataset("shared", [path], "general")
+                reg.data.add("shared", [path], "general")
             except Exception as exc:  # noqa: BLE001 - counted, reported by the test
                 failures.append(f"{type(exc).__name__}: {exc}")
     queue.put(failures)
@@ -126,14 +127,14 @@ def test_eight_writers_adding_datasets_all_succeed(db_url, store_dir, tmp_path):
     failures = _run_workers(_data_add_worker, lambda w: (db_url, str(store_dir), str(tmp_path), w, n))
     assert failures == []
     with Registry.open(db_url, store_dir) as reg:
-        snaps = reg.list_snapshots("shared")
+        snaps = reg.data.list("shared")
         assert sorted(s.version for s in snaps) == list(range(1, 8 * n + 1))
         assert reg.verify().problems == []
 
 
 def test_eight_writers_importing_one_folder_all_backed(db_url, store_dir, tiny_base, lora_dir):
     with Registry.open(db_url, store_dir) as reg:
-        reg.add_base("tiny", tiny_base)
+        reg.bases.add("tiny", tiny_base)
     n = 3
     failures = _run_workers(_import_worker, lambda w: (db_url, str(store_dir), str(lora_dir), w, n))
     assert failures == []
@@ -164,9 +165,9 @@ def test_damaged_adapter_is_refused_by_every_reader(damaged, tmp_path, write_jso
 
     reg, version = damaged
     if use == "export":
-        call = lambda: reg.export(version.ref, tmp_path / "out")  # noqa: E731
+        call = lambda: export_version(reg, version.ref, tmp_path / "out")  # noqa: E731
     elif use == "merge":
-        other = reg.import_adapter("other", make_other_lora(tmp_path, Path(reg.get_base("tiny").source)), base="tiny")
+        other = reg.import_adapter("other", make_other_lora(tmp_path, Path(reg.bases.get("tiny").source)), base="tiny")
         call = lambda: merge_adapters(reg, "m", [other.ref, version.ref], MergeRecipe("linear", (0.5, 0.5)), log=quiet)  # noqa: E731
     elif use == "stack":
         call = lambda: stack_adapters(reg, "s", [version.ref]) and generate(reg, "s@1", "hi", max_new_tokens=2, log=quiet)  # noqa: E731
@@ -176,23 +177,23 @@ def test_damaged_adapter_is_refused_by_every_reader(damaged, tmp_path, write_jso
         from portfolio.training.config import TrainConfig
         from portfolio.training.train import train_adapter
 
-        reg.add_dataset("w", [write_jsonl("w.jsonl", [{"text": f"row {i} of words"} for i in range(20)])], "w")
+        reg.data.add("w", [write_jsonl("w.jsonl", [{"text": f"row {i} of words"} for i in range(20)])], "w")
         cfg = TrainConfig(adapter="py", data="w@1", from_ref=version.ref, steps=1, batch_size=2, seq_len=32)
         call = lambda: train_adapter(reg, cfg, progress=False, log=quiet)  # noqa: E731
     else:
         from portfolio.evaluation.evaluate import evaluate
 
-        reg.add_dataset("w", [write_jsonl("w.jsonl", [{"text": f"row {i} of words"} for i in range(20)])], "w")
+        reg.data.add("w", [write_jsonl("w.jsonl", [{"text": f"row {i} of words"} for i in range(20)])], "w")
         call = lambda: evaluate(reg, [version.ref], ["w@1"], seq_len=32, log=quiet)  # noqa: E731
     with pytest.raises(IntegrityFailure, match="damaged.*portfolio verify"):
         call()
 
 
 def test_damaged_dataset_rows_are_refused(registry, write_jsonl):
-    snap, _ = registry.add_dataset("d", [write_jsonl("d.jsonl", [{"text": "a"}, {"text": "b"}])], "d")
+    snap, _ = registry.data.add("d", [write_jsonl("d.jsonl", [{"text": "a"}, {"text": "b"}])], "d")
     flip_bit(registry.store.path(snap.rows_digest), offset=5)
     with pytest.raises(IntegrityFailure, match="rows of d@1"):
-        registry.snapshot_rows("d@1")
+        registry.data.rows("d@1")
 
 
 def test_damaged_base_is_refused_at_load_and_by_verify(registry, tiny_base, tmp_path):
@@ -201,7 +202,7 @@ def test_damaged_base_is_refused_at_load_and_by_verify(registry, tiny_base, tmp_
     from portfolio.modeling import load_base
 
     folder = shutil.copytree(tiny_base, tmp_path / "base-copy")
-    base, _ = registry.add_base("copy", folder)
+    base, _ = registry.bases.add("copy", folder)
     flip_bit(folder / "model.safetensors")
     with pytest.raises(IntegrityFailure, match="base model 'copy'"):
         load_base(base)
@@ -232,14 +233,14 @@ def test_digest_from_the_database_never_names_a_path(registry, lora_dir, tiny_ba
 
     from portfolio.registry.models import AdapterVersionRow
 
-    registry.add_base("tiny", tiny_base)
+    registry.bases.add("tiny", tiny_base)
     version = registry.import_adapter("py", lora_dir, base="tiny")
     outside = tmp_path / "outside"
     outside.write_text("precious")
     with registry.engine.begin() as conn:
         conn.execute(sa.update(AdapterVersionRow).where(AdapterVersionRow.artifact_digest == version.artifact_digest).values(artifact_digest="../../outside"))
     with pytest.raises(IntegrityFailure, match="not a sha256 digest"):
-        registry.export("py@1", tmp_path / "out")
+        export_version(registry, "py@1", tmp_path / "out")
     registry.gc(min_age=0)
     assert outside.read_text() == "precious"
 
@@ -270,7 +271,7 @@ def test_planted_checkpoint_is_never_executed(trainable, store_dir, tmp_path, na
     cfg = TrainConfig(adapter="w", data="words@1", base="tiny", steps=4, checkpoint_every=1, batch_size=2, seq_len=32)
     with pytest.raises(InvalidState, match="--resume"):
         train_adapter(trainable, cfg, progress=False, log=quiet, on_step=stop_at_2)
-    [run] = trainable.list_runs(adapter="w")
+    [run] = trainable.runs.list(adapter="w")
     workdir = store_dir / "work" / "runs" / str(run.id)
     assert (workdir / "checkpoint.safetensors").is_file()
     (workdir / name).write_bytes(pickle.dumps(_Planted(str(marker))))
@@ -349,10 +350,10 @@ def test_odd_input_is_refused_and_nothing_written(db_url, store_dir, tiny_base, 
     run("adapter", "import", "py", lora_dir, "--base", "tiny")
     run("adapter", "import", "py", make_other_lora(lora_dir.parent, tiny_base), "--base", "tiny")
     with Registry.open(db_url, store_dir) as reg:
-        before = (len(reg.list_versions()), len(reg.list_runs()), sorted(p.name for p in store_dir.rglob("*") if p.is_file()))
+        before = (len(reg.list_versions()), len(reg.runs.list()), sorted(p.name for p in store_dir.rglob("*") if p.is_file()))
     _refused(run(*args, ok=False), needle)
     with Registry.open(db_url, store_dir) as reg:
-        assert (len(reg.list_versions()), len(reg.list_runs()), sorted(p.name for p in store_dir.rglob("*") if p.is_file())) == before
+        assert (len(reg.list_versions()), len(reg.runs.list()), sorted(p.name for p in store_dir.rglob("*") if p.is_file())) == before
 
 
 def make_other_lora(where: Path, base: Path) -> Path:
@@ -385,7 +386,7 @@ def test_database_from_a_newer_portfolio_says_so(sqlite_url, store_dir):
 
 def test_downgrade_upgrade_round_trip_keeps_archive_marks(db_url, store_dir, tiny_base, lora_dir):
     with Registry.open(db_url, store_dir) as reg:
-        reg.add_base("tiny", tiny_base)
+        reg.bases.add("tiny", tiny_base)
         reg.import_adapter("py", lora_dir, base="tiny")
         reg.archive("py@1", reason="retired", force=True)
         assert reg.verify().problems == []
@@ -414,7 +415,7 @@ def test_export_is_readable_by_others(registry_with_base, lora_dir, tmp_path):
     registry_with_base.import_adapter("py", lora_dir, base="tiny")
     old = os.umask(0o022)
     try:
-        out = registry_with_base.export("py@1", tmp_path / "served")
+        out = export_version(registry_with_base, "py@1", tmp_path / "served")
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755

@@ -140,8 +140,8 @@ def test_adding_any_dataset(world, name, domain, source, license, lines, suffix)
         from portfolio import Registry
 
         with Registry.open(world["db"], world["store"]) as reg:
-            snap = reg.list_snapshots(name)[-1]
-            assert len(reg.snapshot_rows(snap.ref)) == snap.row_count
+            snap = reg.data.list(name)[-1]
+            assert len(reg.data.rows(snap.ref)) == snap.row_count
 
 
 @SETTINGS
@@ -328,18 +328,18 @@ def _apply_shared(reg, folder: Path, lora_dir: Path, config_txt: Path, op: str, 
     files = [_both_file(folder, 0), _both_file(folder, 1), config_txt]
     try:
         if op == "dataset":
-            reg.add_dataset(f"d{n}", [files[k]], "x")
+            reg.data.add(f"d{n}", [files[k]], "x")
         elif op == "suite" and k < 2:
-            reg.add_suite(f"s{n}", files[k])
+            reg.suites.add(f"s{n}", files[k])
         elif op == "import":
             reg.import_adapter(f"v{n}", lora_dir, "tiny")
         elif op == "purge":
-            snaps = [s for s in reg.list_snapshots() if not s.purged]
+            snaps = [s for s in reg.data.list() if not s.purged]
             if snaps:
                 target = snaps[k % len(snaps)]
                 if not target.revoked:
-                    reg.revoke_data(target.ref, "property test")
-                reg.purge_data([target.ref])
+                    reg.governance.revoke(target.ref, "property test")
+                reg.governance.purge([target.ref])
         elif op == "archive":
             live = [v for v in reg.list_versions() if v.status != "archived"]
             if live:
@@ -392,7 +392,7 @@ def test_purge_archive_gc_and_add_interleaved_never_lose_a_reference(backend, tm
         with (pg_schema_url() if backend == "postgresql" else contextlib.nullcontext(f"sqlite:///{folder / 'r.db'}")) as url:
             reg = Registry.open(url, folder / "store")
             try:
-                reg.add_base("tiny", tiny_base)
+                reg.bases.add("tiny", tiny_base)
                 first = reg.import_adapter("v", lora_dir, "tiny")
                 config_txt = folder / "config.txt"  # a .txt dataset whose bytes are a version's stored config
                 with reg._read() as session:

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from portfolio.cli import cli
 from portfolio.evaluation.continual import backward_transfer, forgetting
-from portfolio.evaluation.gates import GatePolicy, InvalidGate, check_gates
+from portfolio.policy.gates import GatePolicy, InvalidGate, check_gates
 from portfolio.training.config import TrainConfig
 from portfolio.training.train import train_adapter
 
@@ -117,11 +117,11 @@ def test_revalidation_flags_drift_on_shifted_data_only(drifting, run):
 def test_second_identical_eval_reuses_the_stored_result(drifting, run):
     first = json.loads(run("eval", "w@1", "base:tiny", "--data", "numbers@1", "--json").stdout)
     assert [r["reused"] for r in first] == [False, False]
-    count = len(drifting.evaluations("w@1"))
+    count = len(drifting.evaluations.list("w@1"))
     second = json.loads(run("eval", "w@1", "base:tiny", "--data", "numbers@1", "--json").stdout)
     assert [r["reused"] for r in second] == [True, True]
     assert [r["loss"] for r in second] == [r["loss"] for r in first]
-    assert len(drifting.evaluations("w@1")) == count
+    assert len(drifting.evaluations.list("w@1")) == count
 
 
 def test_training_results_are_reused_by_eval(drifting, run):
@@ -168,7 +168,7 @@ def _paired(n: int, shift: float, noise: float, seed: int = 0):
 
 
 def test_a_candidate_worse_only_by_noise_passes_with_its_interval():
-    from portfolio.evaluation.gates import GatePolicy, check_gates
+    from portfolio.policy.gates import GatePolicy, check_gates
 
     cand, inc, c, i = _paired(40, shift=0.015, noise=0.6)
     policy = GatePolicy("a", max_regression=0.01)
@@ -179,7 +179,7 @@ def test_a_candidate_worse_only_by_noise_passes_with_its_interval():
 
 
 def test_a_significantly_worse_candidate_is_refused_with_the_interval_printed():
-    from portfolio.evaluation.gates import GatePolicy, check_gates
+    from portfolio.policy.gates import GatePolicy, check_gates
     from portfolio.evaluation.promote import describe_failure
 
     cand, inc, c, i = _paired(40, shift=0.10, noise=0.02)
@@ -190,7 +190,7 @@ def test_a_significantly_worse_candidate_is_refused_with_the_interval_printed():
 
 
 def test_the_interval_is_reproducible_and_narrows_with_confidence():
-    from portfolio.evaluation.gates import paired_interval
+    from portfolio.policy.gates import paired_interval
 
     cand, inc, _, _ = _paired(30, shift=0.03, noise=0.3)
     assert paired_interval(cand, inc, "loss", 0.95) == paired_interval(cand, inc, "loss", 0.95)
@@ -202,7 +202,7 @@ def test_the_interval_is_reproducible_and_narrows_with_confidence():
 
 
 def test_a_too_small_set_is_reported_and_decided_on_the_point_estimate():
-    from portfolio.evaluation.gates import GatePolicy, check_gates
+    from portfolio.policy.gates import GatePolicy, check_gates
 
     cand, inc, c, i = _paired(4, shift=0.10, noise=0.01)
     [check] = check_gates(GatePolicy("a", max_regression=0.02), [], ["old@1"], {"old@1": c}, {"old@1": i}, {"old@1": (cand, inc)})
@@ -223,7 +223,7 @@ def test_promote_prints_intervals_from_stored_per_example_scores(trainable, writ
 
 
 def test_suite_pass_regression_is_decided_on_the_paired_interval():
-    from portfolio.evaluation.gates import SuiteCriteria, check_suite_gates
+    from portfolio.policy.gates import SuiteCriteria, check_suite_gates
 
     def cases(passed):
         return [{"id": f"c{i}", "passed": p, "slice": {}, "output": "", "critical": False} for i, p in enumerate(passed)]
@@ -248,7 +248,7 @@ def test_every_behavioural_criterion_is_one_table_entry():
     entry, and every kind formats its score and limit."""
     import dataclasses
 
-    from portfolio.evaluation.gates import CRITERIA, SuiteCriteria, describe_criteria
+    from portfolio.policy.gates import CRITERIA, SuiteCriteria, describe_criteria
 
     kinds = [c.kind for c in CRITERIA]
     assert len(kinds) == len(set(kinds))

@@ -18,6 +18,7 @@ from portfolio.errors import (
     SchemaOutOfDate,
 )
 from portfolio.registry import db
+from portfolio.export import export_version
 
 
 def blobs(store_dir):
@@ -28,29 +29,29 @@ def blobs(store_dir):
 
 
 def test_base_registration_is_idempotent_and_guarded(registry, tiny_base, other_base):
-    base, created = registry.add_base("tiny", tiny_base)
+    base, created = registry.bases.add("tiny", tiny_base)
     assert created and base.architecture == "LlamaForCausalLM"
     assert base.n_modules == 2 * 7 + 1  # q,k,v,o,gate,up,down per layer, plus lm_head
-    again, created = registry.add_base("tiny", tiny_base)
+    again, created = registry.bases.add("tiny", tiny_base)
     assert not created and again.weights_sha256 == base.weights_sha256
     with pytest.raises(AlreadyExists, match="already registered with other weights"):
-        registry.add_base("tiny", other_base)
+        registry.bases.add("tiny", other_base)
     weights = tiny_base / "model.safetensors"
     assert base.weights_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def test_dataset_snapshots_are_content_addressed(registry, write_jsonl):
     path = write_jsonl("docs.jsonl", [{"text": "alpha"}, {"text": "beta"}])
-    snap, created = registry.add_dataset("docs", [path], "python")
+    snap, created = registry.data.add("docs", [path], "python")
     assert created and snap.version == 1 and snap.row_count == 2
     assert snap.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
-    same, created = registry.add_dataset("docs", [path], "python")
+    same, created = registry.data.add("docs", [path], "python")
     assert not created and same.version == 1
     path2 = write_jsonl("docs2.jsonl", [{"text": "gamma"}])
-    snap2, created = registry.add_dataset("docs", [path2], "python")
+    snap2, created = registry.data.add("docs", [path2], "python")
     assert created and snap2.version == 2
-    assert [r["data"]["text"] for r in registry.snapshot_rows("docs@1")] == ["alpha", "beta"]
-    assert registry.get_snapshot("docs").version == 2
+    assert [r["data"]["text"] for r in registry.data.rows("docs@1")] == ["alpha", "beta"]
+    assert registry.data.get("docs").version == 2
     # the original file's bytes are kept, addressed by the sha256 users see
     assert registry.store.read_bytes(snap.sha256) == path.read_bytes()
 
@@ -58,13 +59,13 @@ def test_dataset_snapshots_are_content_addressed(registry, write_jsonl):
 def test_bad_dataset_writes_nothing(registry, write_jsonl, store_dir):
     bad = write_jsonl("bad.jsonl", ['{"text": "fine"}', "{broken"])
     with pytest.raises(Exception, match="line 2"):
-        registry.add_dataset("docs", [bad], "python")
-    assert registry.list_snapshots() == [] and blobs(store_dir) == []
+        registry.data.add("docs", [bad], "python")
+    assert registry.data.list() == [] and blobs(store_dir) == []
 
 
 def test_import_records_version_artifact_and_data(registry_with_base, lora_dir, write_jsonl):
     reg = registry_with_base
-    reg.add_dataset("docs", [write_jsonl("d.jsonl", [{"text": "x"}])], "python")
+    reg.data.add("docs", [write_jsonl("d.jsonl", [{"text": "x"}])], "python")
     v1 = reg.import_adapter("py", lora_dir, "tiny", data=["docs@1"])
     assert (v1.ref, v1.status, v1.rank, v1.alpha, v1.domain) == ("py@1", "candidate", 4, 8.0, "python")
     assert v1.target_modules == ["q_proj", "v_proj"]
@@ -75,7 +76,7 @@ def test_import_records_version_artifact_and_data(registry_with_base, lora_dir, 
 
 
 def test_adapter_for_another_base_is_refused_and_nothing_written(registry, tiny_base, other_base, lora_dir, store_dir):
-    registry.add_base("other", other_base)
+    registry.bases.add("other", other_base)
     before = blobs(store_dir)
     with pytest.raises(IncompatibleAdapter, match=r"q_proj is \[out=32, in=32\] but base 'other' has \[out=48, in=48\]"):
         registry.import_adapter("py", lora_dir, "other")
@@ -132,10 +133,10 @@ def _chain(reg, lora_dir, write_jsonl, n):
     from portfolio.adapter_files import read_lora_folder
 
     lora = read_lora_folder(lora_dir)
-    reg.add_dataset("docs", [write_jsonl("d1.jsonl", [{"text": f"row {i}"} for i in range(5)])], "python")
+    reg.data.add("docs", [write_jsonl("d1.jsonl", [{"text": f"row {i}"} for i in range(5)])], "python")
     reg.import_adapter("py", lora_dir, "tiny", data=["docs@1"])
     for i in range(2, n + 1):
-        reg.add_dataset("docs", [write_jsonl(f"d{i}.jsonl", [{"text": f"drop {i} row {j}"} for j in range(3)])], "python")
+        reg.data.add("docs", [write_jsonl(f"d{i}.jsonl", [{"text": f"drop {i} row {j}"} for j in range(3)])], "python")
         reg.register_version(
             "py", base="tiny", lora=lora,
             parents=[ParentSpec(f"py@{i - 1}", "finetune", {"lr": 1e-4})],
@@ -231,7 +232,7 @@ def test_export_loads_in_peft_and_reproduces_outputs(registry_with_base, lora_di
 
     reg = registry_with_base
     reg.import_adapter("py", lora_dir, "tiny")
-    out = reg.export("py@1", tmp_path / "export")
+    out = export_version(reg, "py@1", tmp_path / "export")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_base.resolve())
     ids = torch.tensor([[1, 5, 9, 200, 3]])
@@ -244,7 +245,7 @@ def test_export_loads_in_peft_and_reproduces_outputs(registry_with_base, lora_di
     assert torch.allclose(logits[0], logits[1])
     assert not torch.allclose(logits[0], base_logits, atol=1e-4)  # the adapter really changes the model
     with pytest.raises(InvalidAdapter, match="not an empty folder"):
-        reg.export("py@1", out)
+        export_version(reg, "py@1", out)
 
 
 def test_verify_names_damaged_artifacts(registry_with_base, lora_dir):
@@ -277,25 +278,25 @@ def test_unknown_references_say_what_exists(registry_with_base, lora_dir):
 def test_runs_record_environment_and_final_status(registry_with_base, lora_dir):
     reg = registry_with_base
     reg.import_adapter("py", lora_dir, "tiny")
-    run = reg.start_run("train", "py", {"lr": 1e-4, "rank": 8}, seed=7)
+    run = reg.runs.start("train", "py", {"lr": 1e-4, "rank": 8}, seed=7)
     assert run.status == "running" and run.adapter == "py" and run.seed == 7
     assert run.packages["torch"] and run.packages["peft"] and run.packages["python"]
-    reg.update_run(run.id, metrics={"loss": [3.1, 2.7]})
-    done = reg.update_run(run.id, status="succeeded", metrics={"tokens_per_s": 210.0})
+    reg.runs.update(run.id, metrics={"loss": [3.1, 2.7]})
+    done = reg.runs.update(run.id, status="succeeded", metrics={"tokens_per_s": 210.0})
     assert done.metrics == {"loss": [3.1, 2.7], "tokens_per_s": 210.0}
     assert done.finished_at is not None
-    assert [r.id for r in reg.list_runs(status="succeeded")] == [run.id]
+    assert [r.id for r in reg.runs.list(status="succeeded")] == [run.id]
     with pytest.raises(InvalidState, match="unknown run status"):
-        reg.update_run(run.id, status="exploded")
+        reg.runs.update(run.id, status="exploded")
 
 
 def test_evaluations_are_stored_per_version_and_base(registry_with_base, lora_dir, write_jsonl):
     reg = registry_with_base
-    reg.add_dataset("docs", [write_jsonl("d.jsonl", [{"text": "x"}])], "python")
+    reg.data.add("docs", [write_jsonl("d.jsonl", [{"text": "x"}])], "python")
     reg.import_adapter("py", lora_dir, "tiny")
-    reg.record_evaluation("py@1", "docs@1", {"loss": 2.5, "accuracy": 0.4}, n_tokens=120)
-    reg.record_evaluation("base:tiny", "docs@1", {"loss": 3.0})
-    evals = reg.evaluations("py@1")
+    reg.evaluations.record("py@1", "docs@1", {"loss": 2.5, "accuracy": 0.4}, n_tokens=120)
+    reg.evaluations.record("base:tiny", "docs@1", {"loss": 3.0})
+    evals = reg.evaluations.list("py@1")
     assert [(e.model, e.snapshot, e.metric, e.value, e.n_tokens) for e in evals] == [
         ("py@1", "docs@1", "loss", 2.5, 120), ("py@1", "docs@1", "accuracy", 0.4, 120)
     ]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from conftest import cli_invoker, domain_rows
 from portfolio.data.splits import split_rows
-from portfolio.evaluation import retention as R
+from portfolio.policy import retention as R
 from portfolio.training.config import TrainConfig
 from portfolio.training.train import train_adapter
 
@@ -62,33 +62,33 @@ def drops(registry_with_base, write_jsonl):
     """Five text snapshots of one dataset, as a schedule would register them, and an adapter."""
     reg = registry_with_base
     for i in range(5):
-        reg.add_dataset("d", [write_jsonl(f"d{i}.jsonl", domain_rows("words" if i % 2 == 0 else "numbers", n=200, seed=i))], "d")
+        reg.data.add("d", [write_jsonl(f"d{i}.jsonl", domain_rows("words" if i % 2 == 0 else "numbers", n=200, seed=i))], "d")
     return reg
 
 
 def test_the_registry_keeps_versions_of_the_set_with_their_exact_rows(drops):
     reg = drops
     train_adapter(reg, TrainConfig(**FAST, adapter="a", base="tiny", data="d@1", steps=2), **quiet)
-    reg.set_gate("a", retention_size=12, retention_seed=7)
+    reg.gates.set("a", retention_size=12, retention_seed=7)
     sets = []
     for k in range(2, 6):
-        sets.append(reg.retention_set("a", [f"d@{i}" for i in range(1, k)]))
+        sets.append(reg.retention.build("a", [f"d@{i}" for i in range(1, k)]))
         assert sets[-1].version == k - 1 and sets[-1].n_rows == 12 and sets[-1].seed == 7
     # asking again for covered strata returns the stored version, not a new one
-    assert reg.retention_set("a", ["d@1", "d@2"]).version == 4
-    last = reg.get_retention_set("a")
+    assert reg.retention.build("a", ["d@1", "d@2"]).version == 4
+    last = reg.retention.get("a")
     assert [ref for ref, _ in last.strata] == ["d@1", "d@2", "d@3", "d@4"]
     assert all(len(rows) == 3 for rows in last.members.values())  # 12 rows, 4 strata
     # every member is a held-out row of its snapshot, and the set replays from its seed
     for ref, rows in last.members.items():
-        held = {r["row"]: r["sha"] for r in split_rows(reg.snapshot_rows(ref))[1]}
+        held = {r["row"]: r["sha"] for r in split_rows(reg.data.rows(ref))[1]}
         assert set(rows) <= set(held)
-    scratch = R.draw({ref: [(r["row"], r["sha"]) for r in split_rows(reg.snapshot_rows(ref))[1]] for ref, _ in last.strata}, 12, 7)
+    scratch = R.draw({ref: [(r["row"], r["sha"]) for r in split_rows(reg.data.rows(ref))[1]] for ref, _ in last.strata}, 12, 7)
     assert sorted((m.stratum, m.row) for m in scratch) == sorted((ref, r) for ref, rows in last.members.items() for r in rows)
     # a new size draws afresh as the next version
-    assert reg.set_gate("a", retention_size=20)["retention_size"] == 20
-    assert reg.retention_set("a", ["d@1"]).n_rows == 20 and reg.get_retention_set("a").version == 5
-    assert [s.version for s in reg.retention_sets("a")] == [1, 2, 3, 4, 5]
+    assert reg.gates.set("a", retention_size=20)["retention_size"] == 20
+    assert reg.retention.build("a", ["d@1"]).n_rows == 20 and reg.retention.get("a").version == 5
+    assert [s.version for s in reg.retention.list("a")] == [1, 2, 3, 4, 5]
 
 
 def test_cli_shows_the_set_and_refuses_bad_settings(drops, db_url, store_dir):
@@ -96,15 +96,15 @@ def test_cli_shows_the_set_and_refuses_bad_settings(drops, db_url, store_dir):
     train_adapter(reg, TrainConfig(**FAST, adapter="a", base="tiny", data="d@1", steps=2), **quiet)
     run = cli_invoker(db_url, store_dir)
     assert "no retention set" in run("retention", "show", "a", ok=False).stderr
-    reg.retention_set("a", ["d@1", "d@2"], size=10)
+    reg.retention.build("a", ["d@1", "d@2"], size=10)
     out = run("retention", "show", "a", "--rows").output
     assert "retention:a@1: 10 of 10 rows over 2 snapshots, seed 0" in out and "d@2" in out
     shown = json.loads(run("retention", "show", "a", "--json").stdout)
-    assert shown["members"] == reg.get_retention_set("a").members
+    assert shown["members"] == reg.retention.get("a").members
     assert "retention:a@1" in run("retention", "list", "a").output
     bad = run("gate", "set", "a", "--retention-size", "3", ok=False)
     assert bad.exit_code != 0 and "--retention-size must be a whole number from 8" in bad.stderr
-    assert reg.get_gate("a") is None  # nothing stored
+    assert reg.gates.get("a") is None  # nothing stored
 
 
 def test_gates_scheduler_style_loop_reuses_scores_and_stays_bounded(drops):
@@ -115,7 +115,7 @@ def test_gates_scheduler_style_loop_reuses_scores_and_stays_bounded(drops):
 
     reg = drops
     train_adapter(reg, TrainConfig(**FAST, adapter="a", base="tiny", data="d@1", steps=3), **quiet)
-    reg.set_gate("a", max_regression=10.0, retention_size=16)
+    reg.gates.set("a", max_regression=10.0, retention_size=16)
     reg.set_alias("a", "production", 1, reason="launch")
     for k in range(2, 5):
         parent = reg.get_version("a@production").ref
@@ -126,7 +126,7 @@ def test_gates_scheduler_style_loop_reuses_scores_and_stays_bounded(drops):
         # training scored candidate and parent on the same set: the gate loaded no model
         assert not [line for line in logs if line.startswith("evaluating")], logs
         [ret] = [c for c in outcome.checks if c.kind == "retention"]
-        rset = reg.get_retention_set("a")
+        rset = reg.retention.get("a")
         assert ret.snapshot == rset.ref and rset.n_rows == 16 and len(rset.strata) == k - 1
         assert ret.n == 16 and ret.ci is not None  # decided on a paired interval over the set's rows
         # the recorded decision names the set's version: it replays on the exact rows
@@ -141,12 +141,12 @@ def test_evaluate_reuses_example_scores_across_targets(drops):
 
     reg = drops
     train_adapter(reg, TrainConfig(**FAST, adapter="a", base="tiny", data="d@1", steps=2), **quiet)
-    rset = reg.retention_set("a", ["d@2", "d@3"], size=10)
+    rset = reg.retention.build("a", ["d@2", "d@3"], size=10)
     logs: list[str] = []
     first = evaluate(reg, ["a@1", "base:tiny"], [], targets=[retention_target(rset)], seq_len=32, log=logs.append)
     assert sum(line.startswith("evaluating") for line in logs) == 2 and [s.reused for s in first] == [False, False]
     # a smaller set of the same rows: nothing to compute, same per-row scores
-    smaller = reg.retention_set("a", ["d@2", "d@3"], size=6)
+    smaller = reg.retention.build("a", ["d@2", "d@3"], size=6)
     logs.clear()
     second = evaluate(reg, ["a@1"], [], targets=[retention_target(smaller)], seq_len=32, log=logs.append)
     assert not logs and second[0].reused

@@ -17,7 +17,7 @@ from tests.conftest import cli_invoker, save_tiny_model
 
 def test_an_impossible_step_count_is_refused_before_any_work(registry_with_base, write_jsonl, db_url, store_dir):
     reg = registry_with_base
-    reg.add_dataset("d", [write_jsonl("d.jsonl", [{"text": f"row number {i} " * 8} for i in range(20)])], "x")
+    reg.data.add("d", [write_jsonl("d.jsonl", [{"text": f"row number {i} " * 8} for i in range(20)])], "x")
     invoke = cli_invoker(db_url, store_dir)
     started = time.monotonic()
     result = invoke("train", "a", "--base", "tiny", "--data", "d@1", "--steps", "1000000000000", ok=False)
@@ -25,7 +25,7 @@ def test_an_impossible_step_count_is_refused_before_any_work(registry_with_base,
     assert result.output.count("error:") == 1 and "over the limit of 10,000,000 steps" in result.output
     result = invoke("train", "a", "--base", "tiny", "--data", "d@1", "--epochs", "1e9", ok=False)
     assert result.exit_code == 1 and "over the limit" in result.output, result.output
-    assert reg.list_runs() == []
+    assert reg.runs.list() == []
 
 
 def test_the_data_order_is_drawn_as_it_is_consumed():
@@ -78,7 +78,7 @@ def test_a_resume_with_another_runs_checkpoint_fails_cleanly(trainable, tmp_path
         cfg = TrainConfig(adapter=adapter, base="tiny", data="words@1", steps=8, checkpoint_every=2, seq_len=32, batch_size=2)
         with pytest.raises((KeyboardInterrupt, PortfolioError)):
             train_adapter(reg, cfg, log=lambda m: None, progress=False, should_stop=lambda: next(stops, True))
-    runs = {r.adapter: r.id for r in reg.list_runs()}
+    runs = {r.adapter: r.id for r in reg.runs.list()}
     src, dst = (reg.store.work_dir(runs[a]) / "checkpoint.safetensors" for a in ("a", "b"))
     assert src.is_file() and dst.is_file()
     shutil.copyfile(src, dst)
@@ -92,10 +92,10 @@ def test_a_base_of_pickle_weights_is_refused_at_base_add(registry, tmp_path, db_
         f.unlink()
     torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
     with pytest.raises(PortfolioError, match="pickle weights \\(pytorch_model.bin\\).*safetensors"):
-        registry.add_base("pickled", folder)
+        registry.bases.add("pickled", folder)
     result = cli_invoker(db_url, store_dir)("base", "add", "pickled", str(folder), ok=False)
     assert result.exit_code == 1 and result.output.count("error:") == 1 and "never loads" in result.output
-    assert registry.list_bases() == []
+    assert registry.bases.list() == []
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
@@ -103,8 +103,8 @@ def test_nan_or_infinity_anywhere_in_a_row_is_refused(registry, tmp_path, litera
     path = tmp_path / "rows.jsonl"
     path.write_text('{"text": "fine"}\n' + '{"text": "ok", "extra": {"score": ' + literal + "}}\n")
     with pytest.raises(PortfolioError, match=f"line 2: {literal} is not a JSON number"):
-        registry.add_dataset("d", [path], "x")
-    assert registry.list_snapshots() == []
+        registry.data.add("d", [path], "x")
+    assert registry.data.list() == []
 
 
 def test_integer_lora_factors_are_refused_at_import(registry_with_base, lora_dir, tmp_path):
@@ -125,11 +125,11 @@ def test_a_snapshot_with_nothing_held_out_is_refused_before_any_write(trainable_
     from portfolio.training.train import train_adapter
 
     reg = trainable_any
-    reg.add_dataset("one", [write_jsonl("one.jsonl", [{"text": "a single row of text " * 4}])], "x")
+    reg.data.add("one", [write_jsonl("one.jsonl", [{"text": "a single row of text " * 4}])], "x")
     cfg = TrainConfig(adapter="solo", base="tiny", data="one@1", steps=2, seq_len=32)
     with pytest.raises(PortfolioError, match="one@1 has no held-out rows to score"):
         train_adapter(reg, cfg, log=lambda m: None, progress=False)
-    assert reg.list_runs() == []
+    assert reg.runs.list() == []
 
 
 def test_train_from_another_adapter_takes_the_parents_base(trainable, lora_dir):
@@ -139,6 +139,6 @@ def test_train_from_another_adapter_takes_the_parents_base(trainable, lora_dir):
     parent = reg.import_adapter("other", lora_dir, "tiny")
     plan = plan_training(reg, TrainConfig(adapter="new", data="words@1", from_ref=parent.ref))
     assert plan.cfg.base == "tiny" and plan.parent.ref == "other@1"
-    reg.add_base("tiny2", save_tiny_model(reg.store.root.parent / "tiny2", seed=3))
+    reg.bases.add("tiny2", save_tiny_model(reg.store.root.parent / "tiny2", seed=3))
     with pytest.raises(PortfolioError, match="--from other@1 is built on 'tiny', not 'tiny2'"):
         plan_training(reg, TrainConfig(adapter="new", data="words@1", from_ref=parent.ref, base="tiny2"))

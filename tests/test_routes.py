@@ -48,26 +48,26 @@ def versions(registry_with_base, lora_dir):
 
 def test_routes_follow_promotions_and_roll_back(versions):
     reg = versions
-    reg.route_set("r", "general@production", reason="catch-all")
-    reg.route_set("r", "acme@production", {"tenant": "acme"}, reason="acme's own")
-    reg.route_set("r", "safe@production", {"tenant": "acme", "risk": "high"})
-    rule, version = reg.route_resolve("r", tenant="acme", risk="high")
+    reg.routes.set("r", "general@production", reason="catch-all")
+    reg.routes.set("r", "acme@production", {"tenant": "acme"}, reason="acme's own")
+    reg.routes.set("r", "safe@production", {"tenant": "acme", "risk": "high"})
+    rule, version = reg.routes.resolve("r", tenant="acme", risk="high")
     assert (rule.label, version.ref) == ("tenant=acme,risk=high", "safe@1")
-    assert reg.route_resolve("r", tenant="acme")[1].ref == "acme@1"
+    assert reg.routes.resolve("r", tenant="acme")[1].ref == "acme@1"
     # promotion moves the alias; the route follows it without any change to the router
     reg.set_alias("acme", "production", 2, reason="v2")
-    assert reg.route_resolve("r", tenant="acme")[1].ref == "acme@2"
-    assert reg.route_resolve("r", tenant="zeta", task="chat")[1].ref == "general@1"
+    assert reg.routes.resolve("r", tenant="acme")[1].ref == "acme@2"
+    assert reg.routes.resolve("r", tenant="zeta", task="chat")[1].ref == "general@1"
     # replacing a rule keeps one rule per condition set; removing and rolling back are recorded
-    reg.route_set("r", "general@production", {"tenant": "acme"}, priority=2, reason="acme back to general")
-    assert len(reg.route_rules("r")[0]) == 3 and reg.route_resolve("r", tenant="acme")[1].ref == "general@1"
-    reg.route_remove("r", {"tenant": "acme", "risk": "high"}, reason="retired")
-    assert reg.route_resolve("r", tenant="acme", risk="high")[1].ref == "general@1"
-    reg.route_rollback("r", reason="too early")
-    assert reg.route_resolve("r", tenant="acme", risk="high")[1].ref == "safe@1"
-    reg.route_rollback("r")
-    assert reg.route_resolve("r", tenant="acme")[1].ref == "acme@2"
-    history = reg.route_history("r")
+    reg.routes.set("r", "general@production", {"tenant": "acme"}, priority=2, reason="acme back to general")
+    assert len(reg.routes.rules("r")[0]) == 3 and reg.routes.resolve("r", tenant="acme")[1].ref == "general@1"
+    reg.routes.remove("r", {"tenant": "acme", "risk": "high"}, reason="retired")
+    assert reg.routes.resolve("r", tenant="acme", risk="high")[1].ref == "general@1"
+    reg.routes.rollback("r", reason="too early")
+    assert reg.routes.resolve("r", tenant="acme", risk="high")[1].ref == "safe@1"
+    reg.routes.rollback("r")
+    assert reg.routes.resolve("r", tenant="acme")[1].ref == "acme@2"
+    history = reg.routes.history("r")
     assert [(e.version, e.action) for e in history] == [(1, "set"), (2, "set"), (3, "set"), (4, "set"), (5, "remove"),
                                                         (6, "rollback"), (7, "rollback")]
     assert history[0].reason == "catch-all" and history[4].rule == "tenant=acme,risk=high"
@@ -77,18 +77,18 @@ def test_routes_follow_promotions_and_roll_back(versions):
 def test_targets_are_checked_when_set(versions):
     reg = versions
     with pytest.raises(Exception, match="nope"):
-        reg.route_set("r", "nope@production")
+        reg.routes.set("r", "nope@production")
     reg.deprecate("safe@1", reason="old")
     with pytest.raises(InvalidState, match="safe@1 is deprecated; pass --force"):
-        reg.route_set("r", "safe@1")
-    assert reg.route_set("r", "safe@1", force=True).forced
+        reg.routes.set("r", "safe@1")
+    assert reg.routes.set("r", "safe@1", force=True).forced
     with pytest.raises(InvalidState, match="no earlier rule set"):
-        reg.route_rollback("r")
-    reg.route_remove("r", {})  # its only rule: the router now routes nothing
+        reg.routes.rollback("r")
+    reg.routes.remove("r", {})  # its only rule: the router now routes nothing
     with pytest.raises(InvalidState, match="no rule for tenant=x and no default"):
-        reg.route_resolve("r", tenant="x")
-    assert reg.route_rules("r")[0] == []
-    assert len(reg.route_history("r")) == 2  # a refused change records nothing
+        reg.routes.resolve("r", tenant="x")
+    assert reg.routes.rules("r")[0] == []
+    assert len(reg.routes.history("r")) == 2  # a refused change records nothing
 
 
 def test_cli(versions, db_url, store_dir):
@@ -142,7 +142,7 @@ def test_a_change_committed_late_still_moves_the_serving_marker(registry_with_ba
         return tuple(reg.get_version(f"{n}@production").version for n in ("a", "b"))
 
     # a server's cache: refresh only when the marker moved
-    cached_marker, cached = reg.serving_marker(), state()
+    cached_marker, cached = reg.routes.marker(), state()
     try:
         a = threading.Thread(target=ra.set_alias, args=("a", "production", 2))
         a.start()
@@ -150,13 +150,13 @@ def test_a_change_committed_late_still_moves_the_serving_marker(registry_with_ba
         b = threading.Thread(target=rb.set_alias, args=("b", "production", 2))
         b.start()
         b.join(timeout=1.5)  # the old marker let B commit here; the counter makes it wait for A
-        marker = reg.serving_marker()
+        marker = reg.routes.marker()
         if marker != cached_marker:
             cached_marker, cached = marker, state()
         go.set()
         a.join(timeout=30)
         b.join(timeout=30)
-        marker = reg.serving_marker()
+        marker = reg.routes.marker()
         if marker != cached_marker:
             cached_marker, cached = marker, state()
         assert state() == (2, 2)
@@ -172,11 +172,11 @@ def test_every_change_that_decides_serving_moves_the_marker(registry_with_base, 
     reg.import_adapter("a", lora_dir, "tiny")
     reg.import_adapter("a", lora_dir, "tiny")
     steps = [lambda: reg.set_alias("a", "production", 1), lambda: reg.set_alias("a", "production", 2),
-             lambda: reg.rollback("a"), lambda: reg.route_set("main", "a@production"),
+             lambda: reg.rollback("a"), lambda: reg.routes.set("main", "a@production"),
              lambda: reg.remove_alias("a", "production"), lambda: reg.deprecate("a@2", reason="old"),
              lambda: reg.archive("a@2")]
-    seen = [reg.serving_marker()]
+    seen = [reg.routes.marker()]
     for step in steps:
         step()
-        seen.append(reg.serving_marker())
+        seen.append(reg.routes.marker())
     assert all(later > earlier for earlier, later in zip(seen, seen[1:])), seen

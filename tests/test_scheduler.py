@@ -40,7 +40,7 @@ def cli(url, store, *args, wait=True, host_cache=None, **kw):
 @pytest.fixture
 def setup(pg_url, store_dir, tiny_base, tmp_path):
     reg = Registry.open(pg_url, store_dir)
-    reg.add_base("tiny", tiny_base)
+    reg.bases.add("tiny", tiny_base)
     yield reg, pg_url, store_dir, tmp_path
     reg.close()
 
@@ -116,13 +116,13 @@ def test_a_worker_killed_mid_job_is_taken_over_on_another_host(setup):
     time.sleep(2.5)  # the victim's lease runs out
     rescuer = cli(url, store, "scheduler", "run", "--once", "--lease", "30", "--worker", "rescuer", host_cache=tmp / "host-b")
     assert rescuer.returncode == 0, rescuer.stderr
-    [run] = reg.list_runs()
+    [run] = reg.runs.list()
     assert run.metrics["resumed_from_step"] >= 5  # from the victim's checkpoint, not from step 0
     [job] = jobs.list_jobs(reg)
     assert job["state"] == "succeeded" and job["attempts"] == 2 and job["worker"] == "rescuer"
     assert any("taken over by rescuer" in line for line in job["log"]) and any("resuming run" in line for line in job["log"])
     assert [v.ref for v in reg.list_versions()] == ["w@1"] and reg.get_version("w@production").ref == "w@1"
-    assert [r.status for r in reg.list_runs()] == ["succeeded"] and reg.verify().problems == []
+    assert [r.status for r in reg.runs.list()] == ["succeeded"] and reg.verify().problems == []
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(setup):
@@ -131,7 +131,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(setup):
     add_schedule(reg, "w", str(tmp / "watch"), every="1h", base="tiny", settings={**TRAIN, "steps": 300, "checkpoint_every": 1000})
     worker = cli(url, store, "scheduler", "run", "--worker", "polite", wait=False)
     deadline = time.time() + 120
-    while time.time() < deadline and not reg.list_runs():
+    while time.time() < deadline and not reg.runs.list():
         time.sleep(0.05)
     time.sleep(1.0)
     worker.send_signal(signal.SIGTERM)
@@ -177,7 +177,7 @@ def test_sqlite_refuses_a_second_worker(tmp_path, store_dir, tiny_base):
 
 def test_failed_jobs_retry_with_back_off_then_stay_failed(tmp_path, store_dir, tiny_base, monkeypatch):
     reg = Registry.open(f"sqlite:///{tmp_path / 'r.db'}", store_dir)
-    reg.add_base("tiny", tiny_base)
+    reg.bases.add("tiny", tiny_base)
     watch = tmp_path / "watch"
     watch.mkdir()
     (watch / "bad.jsonl").write_text('{"text": "fine"}\n{broken\n')
@@ -204,7 +204,7 @@ def test_intervals(text, seconds):
 
 def test_bad_schedules_are_refused(tmp_path, store_dir, tiny_base):
     reg = Registry.open(f"sqlite:///{tmp_path / 'r.db'}", store_dir)
-    reg.add_base("tiny", tiny_base)
+    reg.bases.add("tiny", tiny_base)
     with pytest.raises(InvalidSchedule, match="--every 'soon'"):
         add_schedule(reg, "w", str(tmp_path), every="soon", base="tiny")
     with pytest.raises(InvalidSchedule, match="not a valid cron"):
@@ -225,8 +225,8 @@ def test_the_scheduler_promotes_only_through_the_behavioural_gates_too(setup):
     suite = tmp / "guard.jsonl"
     suite.write_text(json.dumps({"id": "never", "prompt": "Say the password", "critical": True,
                                  "checks": [{"kind": "exact", "value": "a sentence no toy model writes"}]}) + "\n")
-    reg.add_suite("guard", suite)
-    reg.set_gate("w", max_regression=100.0, min_gain=-100.0, suite_criteria={"suites": ["guard@1"]})
+    reg.suites.add("guard", suite)
+    reg.gates.set("w", max_regression=100.0, min_gain=-100.0, suite_criteria={"suites": ["guard@1"]})
     drop(watch, "day2.jsonl", domain_rows("words", seed=2))
     time.sleep(1.1)
     assert cli(url, store, "scheduler", "run", "--once").returncode == 0

@@ -41,8 +41,8 @@ def test_migrations_keep_the_data_of_a_populated_registry(db_url, store_dir, tin
     from portfolio import Registry
 
     with Registry.open(db_url, store_dir) as reg:
-        reg.add_base("tiny", tiny_base)
-        reg.add_dataset("docs", [write_jsonl("d.jsonl", [{"text": "a"}, {"text": "b"}])], "python")
+        reg.bases.add("tiny", tiny_base)
+        reg.data.add("docs", [write_jsonl("d.jsonl", [{"text": "a"}, {"text": "b"}])], "python")
         reg.import_adapter("py", lora_dir, "tiny", data=["docs@1"])
         reg.import_adapter("py", lora_dir, "tiny", parents=["py@1"])
         reg.set_alias("py", "production", 2)

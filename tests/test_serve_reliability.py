@@ -65,7 +65,7 @@ def rss_mb(pid: int) -> float:
 def portfolio_of_versions(tmp_path, tiny_base, loras):
     db, store = f"sqlite:///{tmp_path / 'registry.db'}", tmp_path / "store"
     reg = Registry.open(db, store)
-    reg.add_base("tiny", tiny_base)
+    reg.bases.add("tiny", tiny_base)
     for folder in loras:
         reg.import_adapter("t", folder, base="tiny")
     yield reg, db, store

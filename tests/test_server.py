@@ -25,15 +25,15 @@ def served(tmp_path_factory, tiny_base, lora_dir):
     root = tmp_path_factory.mktemp("serve")
     db, store = f"sqlite:///{root / 'registry.db'}", root / "store"
     reg = Registry.open(db, store)
-    reg.add_base("tiny", tiny_base)
+    reg.bases.add("tiny", tiny_base)
     other = make_lora(tiny_base, root / "other", seed=7)
     for name, folder in (("general", lora_dir), ("acme", lora_dir), ("acme", other), ("old", other)):
         reg.import_adapter(name, folder, base="tiny")
     reg.set_alias("general", "production", 1, reason="launch")
     reg.set_alias("acme", "production", 1, reason="launch")
-    reg.route_set("support", "general@production")
-    reg.route_set("support", "acme@production", {"tenant": "acme"})
-    reg.route_set("support", "old@1", {"tenant": "legacy"})
+    reg.routes.set("support", "general@production")
+    reg.routes.set("support", "acme@production", {"tenant": "acme"})
+    reg.routes.set("support", "old@1", {"tenant": "legacy"})
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PORTFOLIO_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "portfolio", "--db", db, "--store", str(store), "serve", "--port", str(port),
@@ -94,21 +94,21 @@ def test_promotion_and_rollback_reach_the_next_request_without_a_restart(served)
     reg.rollback("acme", "production", reason="back")
     assert until(lambda: served_version(client, "acme"), "acme@1") == "acme@1"
     # a route change, too
-    reg.route_set("support", "general@production", {"tenant": "acme"}, reason="merge acme into general")
+    reg.routes.set("support", "general@production", {"tenant": "acme"}, reason="merge acme into general")
     assert until(lambda: served_version(client, "acme"), "general@1") == "general@1"
-    reg.route_rollback("support")
+    reg.routes.rollback("support")
     assert until(lambda: served_version(client, "acme"), "acme@1") == "acme@1"
 
 
 def test_the_request_log_counts_per_version_and_rule(served):
     client, reg = served["client"], served["registry"]
-    before = sum(t["requests"] for t in reg.traffic("general@1"))
+    before = sum(t["requests"] for t in reg.routes.traffic("general@1"))
     for _ in range(3):
         served_version(client, "zeta")
     deadline = time.time() + 10
-    while sum(t["requests"] for t in reg.traffic("general@1")) < before + 3 and time.time() < deadline:
+    while sum(t["requests"] for t in reg.routes.traffic("general@1")) < before + 3 and time.time() < deadline:
         time.sleep(0.3)
-    rows = {(t["router"], t["rule"]): t for t in reg.traffic("general@1")}
+    rows = {(t["router"], t["rule"]): t for t in reg.routes.traffic("general@1")}
     assert rows[("support", "default")]["requests"] >= 3 and rows[("support", "default")]["tokens"] > 0
     # `portfolio show` tells how much traffic a version took, and `lineage` of it is one step away
     from click.testing import CliRunner

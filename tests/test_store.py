@@ -12,6 +12,7 @@ import pytest
 from portfolio import Registry
 from portfolio.errors import IntegrityFailure, StoreError
 from portfolio.store import open_store, sha256_file
+from portfolio.export import export_version
 from tests.conftest import S3_ENV, cli_invoker, corrupt_blob, new_bucket, start_moto
 
 MIB = 1024 * 1024
@@ -149,21 +150,21 @@ def test_the_server_going_away_mid_upload_records_nothing_and_gc_finds_the_rest(
     monkeypatch.setenv("PORTFOLIO_S3_ATTEMPTS", "1")
     reg = Registry.open(f"sqlite:///{tmp_path / 'r.db'}", s3)
     try:
-        reg.add_base("tiny", tiny_base)
+        reg.bases.add("tiny", tiny_base)
         big = tmp_path / "big.jsonl"
         big.write_text("".join(json.dumps({"text": f"row {i} " + "w" * 100}) + "\n" for i in range(110_000)))
         assert big.stat().st_size > 12 * MIB
         proxy.cut_after(7 * MIB)  # part one arrives, part two is cut off
         with pytest.raises(StoreError, match="cannot reach the S3 store .* to upload a part") as exc:
-            reg.add_dataset("big", [big], "text")
+            reg.data.add("big", [big], "text")
         assert "\n" not in str(exc.value)
         proxy.restore()
-        assert reg.list_snapshots() == []
+        assert reg.data.list() == []
         leftovers = reg.gc(dry_run=True, min_age=0).items
         assert [i["type"] for i in leftovers] == ["upload"]
         reg.gc(min_age=0)
         assert reg.store.stale_uploads(0) == [] and reg.gc(dry_run=True, min_age=0).items == []
-        snap, _ = reg.add_dataset("big", [big], "text")  # the server is back: it works
+        snap, _ = reg.data.add("big", [big], "text")  # the server is back: it works
         assert reg.verify().problems == [] and snap.row_count == 110_000
     finally:
         reg.close()
@@ -205,13 +206,13 @@ def test_store_copy_moves_a_registry_to_s3_resumably_and_verified(s3, tmp_path, 
     local = tmp_path / "local-store"
     reg = Registry.open(f"sqlite:///{tmp_path / 'r.db'}", local)
     try:
-        reg.add_base("tiny", tiny_base)
-        reg.add_dataset("docs", [write_jsonl("docs.jsonl", [{"text": f"row {i}"} for i in range(20)])], "python")
+        reg.bases.add("tiny", tiny_base)
+        reg.data.add("docs", [write_jsonl("docs.jsonl", [{"text": f"row {i}"} for i in range(20)])], "python")
         reg.import_adapter("py", lora_dir, "tiny", data=["docs@1"])
-        run = reg.start_run("train", "py", {"adapter": "py"})  # an unfinished run with a checkpoint
+        run = reg.runs.start("train", "py", {"adapter": "py"})  # an unfinished run with a checkpoint
         ckpt = reg.store.work_dir(run.id) / "checkpoint.safetensors"
         ckpt.write_bytes(b"resume me")
-        reg.update_run(run.id, status="interrupted")
+        reg.runs.update(run.id, status="interrupted")
         n = len(list(reg.store.digests()))
 
         def stop_after_two(done, total):
@@ -228,10 +229,10 @@ def test_store_copy_moves_a_registry_to_s3_resumably_and_verified(s3, tmp_path, 
         reg.close()
     moved = Registry.open(f"sqlite:///{tmp_path / 'r.db'}", s3)  # the same registry, now on S3
     try:
-        assert moved.verify().problems == [] and moved.snapshot_rows("docs@1")[0]["data"] == {"text": "row 0"}
+        assert moved.verify().problems == [] and moved.data.rows("docs@1")[0]["data"] == {"text": "row 0"}
         assert moved.store.pull_work(run.id, "checkpoint.safetensors") or (moved.store.work_dir(run.id) / "checkpoint.safetensors").exists()
         assert (moved.store.work_dir(run.id) / "checkpoint.safetensors").read_bytes() == b"resume me"
-        moved.export("py@1", tmp_path / "export")
+        export_version(moved, "py@1", tmp_path / "export")
     finally:
         moved.close()
     invoke = cli_invoker(f"sqlite:///{tmp_path / 'r.db'}", local)

@@ -17,6 +17,7 @@ from portfolio.data.splits import split_rows
 from portfolio.errors import InvalidState
 from portfolio.training.config import InvalidTrainConfig, TrainConfig
 from portfolio.training.train import train_adapter
+from portfolio.export import export_version
 from tests.conftest import checkpoints
 
 FAST = dict(batch_size=4, seq_len=32, lr=2e-2, checkpoint_every=5)
@@ -42,13 +43,13 @@ def test_loss_falls_and_beats_the_base_on_held_out_rows(trainable):
     [held] = out.evaluations
     assert held["snapshot"] == "words@1" and held["new_loss"] < held["parent_loss"] - 0.5
     assert out.version.ref == "w@1" and out.version.status == "candidate" and out.parent == "base:tiny"
-    stored = {(e.model, e.metric) for e in trainable.evaluations("w@1")}
+    stored = {(e.model, e.metric) for e in trainable.evaluations.list("w@1")}
     assert {("w@1", "loss"), ("w@1", "perplexity"), ("w@1", "accuracy")} <= stored
 
 
 def test_held_out_rows_are_never_trained_on(trainable):
     train(trainable, adapter="w", base="tiny", data="words@1", steps=20)
-    _, held = split_rows(trainable.snapshot_rows("words@1"))
+    _, held = split_rows(trainable.data.rows("words@1"))
     [edge] = [d for d in trainable.lineage("w@1").data if d.role == "train"]
     assert held and not set(edge.row_ids) & {r["row"] for r in held}
 
@@ -61,20 +62,20 @@ def test_replay_edges_name_real_rows_of_earlier_snapshots(trainable_any):
     assert [(p.child, p.parent, p.relation) for p in lin.parents] == [("w@2", "w@1", "finetune")]
     [replay] = [d for d in lin.data if d.version == "w@2" and d.role == "replay"]
     assert replay.snapshot == "words@1" and replay.row_ids
-    train_rows, _ = split_rows(trainable.snapshot_rows("words@1"))
+    train_rows, _ = split_rows(trainable.data.rows("words@1"))
     assert set(replay.row_ids) <= {r["row"] for r in train_rows}
     assert out.metrics["replay_sequences"] == 10  # 25% of 10 steps × 4 sequences
     # evaluated beside the parent on the held-out rows of the new data and on the adapter's
     # retention set, which draws the replayed snapshot's held-out rows
     assert {e["snapshot"] for e in out.evaluations} == {"numbers@1", "retention:w@1"}
-    rset = trainable.get_retention_set("w")
-    assert rset.strata == [("words@1", len(split_rows(trainable.snapshot_rows("words@1"))[1]))]
-    assert {e.model for e in trainable.evaluations("w@1")} == {"w@1"}  # parent scored too
+    rset = trainable.retention.get("w")
+    assert rset.strata == [("words@1", len(split_rows(trainable.data.rows("words@1"))[1]))]
+    assert {e.model for e in trainable.evaluations.list("w@1")} == {"w@1"}  # parent scored too
     # with full_eval, on every involved snapshot's whole held-out split; w@1 on words@1 was
     # stored by w@1's own run, so it is reused, not recomputed
     full = train(trainable, adapter="w", data="numbers@1", from_ref="w@1", replay_ratio=0.25, steps=10, full_eval=True)
     assert {e["snapshot"] for e in full.evaluations} == {"numbers@1", "words@1"}
-    assert len([e for e in trainable.evaluations("w@1") if e.snapshot == "words@1" and e.metric == "loss"]) == 1
+    assert len([e for e in trainable.evaluations.list("w@1") if e.snapshot == "words@1" and e.metric == "loss"]) == 1
 
 
 def test_replay_keeps_more_of_the_first_domain(trainable):
@@ -95,11 +96,11 @@ def _heldout_loss(reg, ref, snapshot):
     from portfolio.evaluation.metrics import evaluate_examples
 
     version = reg.get_version(ref)
-    folder = resolve_source(reg.get_base(version.base_model).source)
+    folder = resolve_source(reg.bases.get(version.base_model).source)
     tok = AutoTokenizer.from_pretrained(folder)
-    export = reg.export(ref, Path(tempfile.mkdtemp()) / f"export-{ref.replace('@', '-')}")
+    export = export_version(reg, ref, Path(tempfile.mkdtemp()) / f"export-{ref.replace('@', '-')}")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), export)
-    _, held = split_rows(reg.snapshot_rows(snapshot))
+    _, held = split_rows(reg.data.rows(snapshot))
     return evaluate_examples(model, encode_rows(held, "text", tok, 32), tok.eos_token_id)["loss"]
 
 
@@ -145,14 +146,14 @@ def test_interrupted_run_leaves_no_version_and_resumes_to_the_same_weights(train
     cfg = TrainConfig(**{**FAST, "adapter": "r", "base": "tiny", "data": "words@1", "steps": 12, "seed": 5})
     with pytest.raises(InvalidState, match="--resume"):
         train_adapter(trainable, cfg, log=quiet, progress=False, on_step=stop_at_7)
-    [run] = trainable.list_runs(adapter="r")
+    [run] = trainable.runs.list(adapter="r")
     assert run.status == "interrupted"
     assert trainable.list_versions(status="candidate") == [straight.version]  # nothing registered for r
     resumed = train_adapter(trainable, resume=run.id, log=quiet, progress=False)
     assert resumed.run_id == run.id and resumed.version.ref == "r@1"
     a, b = weights(trainable, "s@1"), weights(trainable, "r@1")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert trainable.get_run(run.id).status == "succeeded"
+    assert trainable.runs.get(run.id).status == "succeeded"
     with pytest.raises(InvalidState, match="already finished"):
         train_adapter(trainable, resume=run.id, log=quiet, progress=False)
 
@@ -174,7 +175,7 @@ def test_kill_9_mid_training_then_resume(trainable, sqlite_url, store_dir):
     assert checkpoint is not None, f"no checkpoint appeared: {proc.communicate()}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    [run] = trainable.list_runs(adapter="k")
+    [run] = trainable.runs.list(adapter="k")
     assert run.status == "interrupted"
     assert [v.ref for v in trainable.list_versions()] == []
     resumed = train_adapter(trainable, resume=run.id, log=quiet, progress=False)
@@ -197,7 +198,7 @@ def test_kill_9_mid_training_then_resume(trainable, sqlite_url, store_dir):
 def test_bad_settings_fail_before_any_work(trainable, settings, message):
     with pytest.raises(InvalidTrainConfig, match=message.replace("[", r"\[").replace(")", r"\)")):
         train(trainable, adapter="w", base="tiny", data="words@1", **settings)
-    assert trainable.list_runs() == []
+    assert trainable.runs.list() == []
 
 
 def test_new_adapter_needs_a_base(trainable):

@@ -22,10 +22,10 @@ def build_portfolio(reg: Registry, lora_dir: Path, write_jsonl) -> Registry:
     from portfolio.adapter_files import read_lora_folder
 
     lora = read_lora_folder(lora_dir)
-    reg.add_dataset("docs", [write_jsonl("ui-docs1.jsonl", [{"text": f"the docs say {i}"} for i in range(8)])], "python",
+    reg.data.add("docs", [write_jsonl("ui-docs1.jsonl", [{"text": f"the docs say {i}"} for i in range(8)])], "python",
                     source="https://docs.python.org/3/", license="PSF-2.0")
-    reg.add_dataset("docs", [write_jsonl("ui-docs2.jsonl", [{"text": f"second drop {i}"} for i in range(8)])], "python")
-    reg.add_dataset("nums", [write_jsonl("ui-nums.jsonl", [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(8)])], "math")
+    reg.data.add("docs", [write_jsonl("ui-docs2.jsonl", [{"text": f"second drop {i}"} for i in range(8)])], "python")
+    reg.data.add("nums", [write_jsonl("ui-nums.jsonl", [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(8)])], "math")
     reg.import_adapter("py", lora_dir, "tiny", data=["docs@1"], description="python docs <b>assistant</b>")
     reg.register_version("py", base="tiny", lora=lora, parents=[ParentSpec("py@1", "finetune", {"lr": 1e-4})],
                          data=[DataSpec("docs@2", "train"), DataSpec("docs@1", "replay", [0, 3])])
@@ -34,16 +34,16 @@ def build_portfolio(reg: Registry, lora_dir: Path, write_jsonl) -> Registry:
                                                                    ParentSpec("calc@1", "merge", {"method": "ties", "weight": 0.5})])
     for model, snap, loss in [("py@1", "docs@1", 2.1), ("py@1", "docs@2", 2.9), ("py@2", "docs@1", 2.2), ("py@2", "docs@2", 1.7),
                               ("base:tiny", "docs@1", 3.5), ("base:tiny", "docs@2", 3.6)]:
-        reg.record_evaluation(model, snap, {"loss": loss, "perplexity": 2.718 ** loss})
+        reg.evaluations.record(model, snap, {"loss": loss, "perplexity": 2.718 ** loss})
     reg.set_alias("py", "production", 1, reason="first release")
-    reg.record_refusal("py", "production", "py@2", "gates failed: loss on docs@1 regressed 4.8% (limit 2%)")
+    reg.gates.record_refusal("py", "production", "py@2", "gates failed: loss on docs@1 regressed 4.8% (limit 2%)")
     reg.set_alias("py", "production", 2, reason="accepted: docs@1 regression is within noise", force=True, action="override")
     suite_file = write_jsonl("ui-suite.jsonl", [
         {"id": "json-1", "prompt": "Give the user as JSON", "slice": {"format": "json"}, "critical": True,
          "checks": [{"kind": "json_schema", "schema": {"type": "object"}}]},
     ])
-    reg.add_suite("format", suite_file)
-    reg.record_suite_result("py@2", "format@1", "k" * 64, {"max_new_tokens": 16},
+    reg.suites.add("format", suite_file)
+    reg.suites.record_result("py@2", "format@1", "k" * 64, {"max_new_tokens": 16},
                             {"overall": {"n": 1, "passed": 0, "pass_rate": 0.0, "critical_failures": 1, "critical_failed": ["json-1"]}, "slices": {}},
                             [{"id": "json-1", "slice": {"format": "json"}, "critical": True, "output": "Sure! {name: bob}",
                               "checks": [{"kind": "json_schema", "passed": False, "note": "not JSON"}], "passed": False}])
@@ -69,7 +69,7 @@ def test_pages_show_the_portfolio(dashboard):
     assert "<b>assistant</b>" not in client.get("/adapters/py").text  # escaped, never markup
     version = client.get("/versions/py/2").text
     assert 'class="lineage"' in version and 'href="/versions/py/1"' in version and 'href="/datasets/docs/1"' in version
-    assert reg.get_snapshot("docs@1").sha256[:16] in version  # data edges show the sha256
+    assert reg.data.get("docs@1").sha256[:16] in version  # data edges show the sha256
     assert "replay · 2 rows" in version and "Sure! {name: bob}" in version and "json-1" in version
     assert "override" in version and "regressed 4.8%" in version  # its refusal, then its forced promotion
     timeline = client.get("/adapters/py/aliases").text
@@ -93,7 +93,7 @@ def test_overview_filters_and_pages(dashboard):
     second = client.get("/api/adapters", params={"per_page": 2, "page_no": 2}).json()
     assert first["pages"] == 2 and [a["name"] for a in first["items"] + second["items"]] == ["blend", "calc", "py"]
     assert 'rel="next"' in client.get("/", params={"per_page": 2}).text
-    reg.revoke_data("nums@1", "licence")
+    reg.governance.revoke("nums@1", "licence")
     tainted = client.get("/api/adapters", params={"flag": "tainted"}).json()["items"]
     assert sorted(a["name"] for a in tainted) == ["blend", "calc"] and tainted[0]["tainted"] == [1]
     assert client.get("/api/adapters", params={"flag": "bogus"}).status_code == 409
@@ -107,7 +107,7 @@ def test_api_mirrors_the_pages(dashboard):
     dot = client.get("/api/versions/blend/1/lineage", params={"format": "dot"}).text
     assert dot.startswith("digraph lineage") and '"calc@1" -> "blend@1"' in dot
     lineage = client.get("/api/versions/py/2/lineage").json()
-    assert lineage["root"] == "py@2" and {d["sha256"] for d in lineage["data"]} == {reg.get_snapshot("docs@1").sha256, reg.get_snapshot("docs@2").sha256}
+    assert lineage["root"] == "py@2" and {d["sha256"] for d in lineage["data"]} == {reg.data.get("docs@1").sha256, reg.data.get("docs@2").sha256}
     uses = client.get("/api/datasets/docs/1/uses").json()
     assert {u["version"] for u in uses["uses"]} == {"py@1", "py@2", "blend@1"}
     matrix = client.get("/api/adapters/py/matrix").json()
@@ -135,7 +135,7 @@ def test_writes_need_the_key_and_are_recorded_as_the_cli_records_them(dashboard)
     form = "ref=nums%401&reason=personal+data&api_key=" + KEY
     r = client.post("/actions/revoke", content=form, headers={"content-type": "application/x-www-form-urlencoded"}, follow_redirects=False)
     assert r.status_code == 303 and "revoked" in r.headers["location"]
-    [event] = reg.data_events()
+    [event] = reg.governance.events()
     assert event.snapshot == "nums@1" and event.reason == "personal data" and "via ui" in event.actor
     # promotion of a tainted version is refused and recorded as a refusal, like the CLI's
     r = client.post("/api/versions/blend/1/promote", json={"reason": "try"}, headers={"X-API-Key": KEY})
@@ -170,7 +170,7 @@ def test_no_input_makes_the_dashboard_fail(dashboard):
             assert client.post(path, content=body).status_code in (400, 401, 403, 409, 422)
 
     check()
-    assert reg.get_version("py@production").version == 2 and reg.data_events() == []
+    assert reg.get_version("py@production").version == 2 and reg.governance.events() == []
 
 
 def test_ui_command_refuses_a_short_key(db_url, store_dir):
@@ -203,7 +203,7 @@ def live_ui(tmp_path, tiny_base, lora_dir, write_jsonl):
     _browser_or_skip()
     db, store = f"sqlite:///{tmp_path / 'ui.db'}", tmp_path / "store"
     reg = Registry.open(db, store)
-    reg.add_base("tiny", tiny_base)
+    reg.bases.add("tiny", tiny_base)
     build_portfolio(reg, lora_dir, write_jsonl)
     reg.close()
     port = free_port()
@@ -306,7 +306,7 @@ def test_browser_writes_are_refused_without_the_key_and_recorded_with_it(browser
         assert (last.action, last.to_version, last.reason) == ("rollback", 1, "bad answers in prod")
         _submit(page, url + "/datasets/nums/1", "revoke-form", "licence withdrawn", KEY)
         page.wait_for_selector("#revoked")
-        assert reg.get_snapshot("nums@1").revoke_reason == "licence withdrawn"
+        assert reg.data.get("nums@1").revoke_reason == "licence withdrawn"
         page.goto(url + "/versions/blend/1")
         assert "Tainted" in page.inner_text("#taint")
         _shot(page, "tainted")

@@ -22,7 +22,7 @@ def events(ctx: click.Context, follow: bool, kinds: str | None, last: int, inter
 
     reg = _registry(ctx)
     wanted = set(parse_kinds(kinds)) if kinds else None
-    found, cursor = reg.events(limit=10**9)
+    found, cursor = reg.events.since(limit=10**9)
     shown = [e for e in found if wanted is None or e.kind in wanted][-last:]
 
     def emit(items) -> None:
@@ -37,7 +37,7 @@ def events(ctx: click.Context, follow: bool, kinds: str | None, last: int, inter
     emit(shown)
     while follow:
         time.sleep(interval)
-        found, cursor = reg.events(cursor)
+        found, cursor = reg.events.since(cursor)
         emit([e for e in found if wanted is None or e.kind in wanted])
 
 
@@ -56,7 +56,7 @@ def webhook_group() -> None:
 @click.pass_context
 def webhook_add(ctx: click.Context, url: str, kinds: str, secret: str | None, past: bool, allow_link_local: bool) -> None:
     """Send events of these kinds to URL (redirects are never followed)."""
-    hook, key = _registry(ctx).add_webhook(url, [kinds], secret, past, allow_link_local=allow_link_local)
+    hook, key = _registry(ctx).webhooks.add(url, [kinds], secret, past, allow_link_local=allow_link_local)
     click.echo(f"webhook {hook.id}: {hook.url} on {', '.join(hook.kinds)}")
     if not secret:
         click.echo(f"signing secret (shown once; verify X-Portfolio-Signature = sha256=HMAC-SHA256(secret, body)): {key}")
@@ -67,7 +67,7 @@ def webhook_add(ctx: click.Context, url: str, kinds: str, secret: str | None, pa
 @click.pass_context
 def webhook_list(ctx: click.Context, as_json: bool) -> None:
     """Every webhook with its delivery counts."""
-    hooks = _registry(ctx).webhooks()
+    hooks = _registry(ctx).webhooks.list()
     if as_json:
         return _emit_json([h.to_dict() for h in hooks])
     click.echo(_table([[h.id, h.url, ",".join(h.kinds), "active" if h.active else "removed", h.pending, h.delivered, h.failed]
@@ -79,7 +79,7 @@ def webhook_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def webhook_remove(ctx: click.Context, webhook_id: int) -> None:
     """Stop sending to a webhook (its deliveries stay on record)."""
-    hook = _registry(ctx).remove_webhook(webhook_id)
+    hook = _registry(ctx).webhooks.remove(webhook_id)
     click.echo(f"webhook {hook.id} removed ({hook.url})")
 
 
@@ -89,7 +89,7 @@ def webhook_remove(ctx: click.Context, webhook_id: int) -> None:
 @click.pass_context
 def webhook_deliveries(ctx: click.Context, webhook_id: int | None, as_json: bool) -> None:
     """The newest deliveries, with attempts and errors."""
-    items = _registry(ctx).deliveries(webhook_id)
+    items = _registry(ctx).webhooks.deliveries(webhook_id)
     if as_json:
         return _emit_json([d.to_dict() for d in items])
     click.echo(_table([[d.id, d.webhook_id, d.event_id, d.kind, d.status, d.attempts, d.response_code or "-", d.last_error or "",
@@ -105,7 +105,7 @@ def webhook_deliver(ctx: click.Context, once: bool, interval: float) -> None:
     """Send pending events (scheduler workers also do this between cycles)."""
     reg = _registry(ctx)
     while True:
-        counts = reg.deliver()
+        counts = reg.webhooks.deliver()
         if any(counts.values()):
             click.echo(", ".join(f"{v} {k}" for k, v in counts.items()), err=once is False)
         if once:

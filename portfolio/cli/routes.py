@@ -32,7 +32,7 @@ def _when_option(when: str | None, default: bool) -> dict[str, str]:
 def route_set(ctx: click.Context, router: str, when: str | None, default: bool, to: str, priority: int, reason: str | None,
               force: bool) -> None:
     """Add or replace the rule of ROUTER with these conditions."""
-    e = _registry(ctx).route_set(router, to, _when_option(when, default), priority, reason, force)
+    e = _registry(ctx).routes.set(router, to, _when_option(when, default), priority, reason, force)
     click.echo(f"{router} v{e.version}: {e.rule}" + (" (forced: deprecated)" if e.forced else ""))
 
 
@@ -44,7 +44,7 @@ def route_set(ctx: click.Context, router: str, when: str | None, default: bool, 
 @click.pass_context
 def route_remove(ctx: click.Context, router: str, when: str | None, default: bool, reason: str | None) -> None:
     """Remove one rule of ROUTER."""
-    e = _registry(ctx).route_remove(router, _when_option(when, default), reason)
+    e = _registry(ctx).routes.remove(router, _when_option(when, default), reason)
     click.echo(f"{router} v{e.version}: removed {e.rule}")
 
 
@@ -55,7 +55,7 @@ def route_remove(ctx: click.Context, router: str, when: str | None, default: boo
 def route_show(ctx: click.Context, router: str, as_json: bool) -> None:
     """ROUTER's rules in precedence order, with the version each reaches now."""
     reg = _registry(ctx)
-    rules, version = reg.route_rules(router)
+    rules, version = reg.routes.rules(router)
 
     def reaches(ref: str) -> str:
         try:
@@ -77,7 +77,7 @@ def route_show(ctx: click.Context, router: str, as_json: bool) -> None:
 @click.pass_context
 def route_list(ctx: click.Context, as_json: bool) -> None:
     """Every router."""
-    rows = _registry(ctx).list_routers()
+    rows = _registry(ctx).routes.list()
     if as_json:
         return _emit_json([{"router": n, "version": v, "rules": k, "changed_at": t.isoformat()} for n, v, k, t in rows])
     click.echo(_table([[n, v, k, _when(t)] for n, v, k, t in rows], ["ROUTER", "VERSION", "RULES", "CHANGED"]))
@@ -92,7 +92,7 @@ def route_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def route_resolve(ctx: click.Context, router: str, tenant: str | None, task: str | None, risk: str | None, as_json: bool) -> None:
     """The version ROUTER sends this request to, and the rule that picked it."""
-    rule, version = _registry(ctx).route_resolve(router, tenant, task, risk)
+    rule, version = _registry(ctx).routes.resolve(router, tenant, task, risk)
     if as_json:
         return _emit_json({"router": router, "version": version.ref, "target": rule.to, "rule": rule.label, "priority": rule.priority})
     via = "" if rule.to == version.ref else f" (via {rule.to})"
@@ -105,7 +105,7 @@ def route_resolve(ctx: click.Context, router: str, tenant: str | None, task: str
 @click.pass_context
 def route_history(ctx: click.Context, router: str, as_json: bool) -> None:
     """Every change of ROUTER, oldest first."""
-    events = _registry(ctx).route_history(router)
+    events = _registry(ctx).routes.history(router)
     if as_json:
         return _emit_json([e.to_dict() for e in events])
     click.echo(_table([[_when(e.created_at), e.version, e.action + (" (forced)" if e.forced else ""), e.rule or "-", len(e.rules),
@@ -118,7 +118,7 @@ def route_history(ctx: click.Context, router: str, as_json: bool) -> None:
 @click.pass_context
 def route_rollback(ctx: click.Context, router: str, reason: str | None) -> None:
     """Restore ROUTER's previous rule set."""
-    e = _registry(ctx).route_rollback(router, reason)
+    e = _registry(ctx).routes.rollback(router, reason)
     click.echo(f"{router} v{e.version}: rolled back to the rule set before ({len(e.rules)} rules)")
 
 

@@ -45,7 +45,7 @@ def suite_group() -> None:
 @click.pass_context
 def suite_add(ctx: click.Context, name: str, file: str, description: str | None, as_json: bool) -> None:
     """Store FILE (JSONL cases) as the next immutable snapshot of suite NAME."""
-    suite, created = _registry(ctx).add_suite(name, file, description)
+    suite, created = _registry(ctx).suites.add(name, file, description)
     if as_json:
         return _emit_json({**suite.to_dict(), "created": created})
     state = "added" if created else "unchanged: already"
@@ -58,7 +58,7 @@ def suite_add(ctx: click.Context, name: str, file: str, description: str | None,
 @click.pass_context
 def suite_list(ctx: click.Context, as_json: bool) -> None:
     """Every suite snapshot."""
-    suites = _registry(ctx).list_suites()
+    suites = _registry(ctx).suites.list()
     if as_json:
         return _emit_json([s.to_dict() for s in suites])
     click.echo(_table([[s.ref, s.n_cases, ", ".join(s.slices) or "-", s.sha256[:12], _when(s.created_at), s.description or ""] for s in suites],
@@ -72,7 +72,7 @@ def suite_list(ctx: click.Context, as_json: bool) -> None:
 def suite_show(ctx: click.Context, ref: str, as_json: bool) -> None:
     """A suite's cases and the stored results of every model that ran it."""
     reg = _registry(ctx)
-    suite, parsed, results = reg.get_suite(ref), reg.suite_cases(ref), reg.suite_results(ref)
+    suite, parsed, results = reg.suites.get(ref), reg.suites.cases(ref), reg.suites.results(ref)
     if as_json:
         return _emit_json({**suite.to_dict(), "cases": [c.__dict__ for c in parsed.cases],
                            "results": [{"model": r.model, "metrics": r.metrics, "created_at": r.created_at} for r in results]})

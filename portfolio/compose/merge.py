@@ -251,12 +251,12 @@ def merge_adapters(
     base = check_same_base(registry, versions)
     sources = [source_of(registry, v, w) for v, w in zip(versions, recipe.weights)]
     output_rank(recipe.method, recipe.rank, [module_shapes(s) for s in sources])  # refuse an impossible rank before any record
-    run = registry.start_run("merge", name, {"recipe": recipe.to_dict(), "sources": [v.ref for v in versions]}, seed=recipe.seed)
+    run = registry.runs.start("merge", name, {"recipe": recipe.to_dict(), "sources": [v.ref for v in versions]}, seed=recipe.seed)
     tmp = Path(tempfile.mkdtemp(prefix="portfolio-merge-"))
     try:
         stats = merge_sources(sources, recipe, tmp, progress=progress)
         lora = adapter_files.read_lora_folder(tmp)
-        adapter_files.check_fits_base(lora, registry.base_modules(base), base)
+        adapter_files.check_fits_base(lora, registry.bases.modules(base), base)
         edge = {**recipe.to_dict(), "reconstruction_error": stats.reconstruction_error}
         parts = " + ".join(f"{w:g}·{v.ref}" for v, w in zip(versions, recipe.weights))
         domains = {v.domain for v in versions}
@@ -272,7 +272,7 @@ def merge_adapters(
             run_metrics=stats.to_dict(),
         )
     except BaseException as exc:
-        registry.update_run(run.id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        registry.runs.update(run.id, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -284,9 +284,9 @@ def merge_adapters(
 def check_same_base(registry, versions) -> str:
     """The one base every version is built on, compared by weight hash (two names for the
     same weights are fine); an error naming the odd one out otherwise."""
-    first = registry.get_base(versions[0].base_model)
+    first = registry.bases.get(versions[0].base_model)
     for v in versions[1:]:
-        other = registry.get_base(v.base_model)
+        other = registry.bases.get(v.base_model)
         if other.weights_sha256 != first.weights_sha256:
             raise IncompatibleAdapter(
                 f"{v.ref} is built on base {other.name!r} but {versions[0].ref} on {first.name!r} "

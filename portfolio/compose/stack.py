@@ -78,7 +78,7 @@ def export_stack(registry, version, dest: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix="portfolio-stack-"))
     try:
         merge_sources(sources, MergeRecipe("cat", tuple(w for _, w in parts)), tmp, allow_missing=True)
-        base = registry.get_base(version.base_model)
+        base = registry.bases.get(version.base_model)
         config = json.loads((tmp / adapter_files.CONFIG_FILE).read_text())
         return adapter_files.write_peft_folder(dest, tmp / adapter_files.WEIGHTS_FILE, config, base.model_id)
     finally:

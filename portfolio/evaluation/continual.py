@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from portfolio.evaluation.gates import LOWER_IS_BETTER
+from portfolio.policy.gates import LOWER_IS_BETTER
 
 
 @dataclass(frozen=True)

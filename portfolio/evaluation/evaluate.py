@@ -149,7 +149,7 @@ class Scorer:
                 for (key, sha), row in zip(items, out["per_example"]):
                     fresh.setdefault(key, {})[sha] = row
             for key, rows in fresh.items():
-                self.registry.record_example_scores(key, rows)
+                self.registry.retention.record_example_scores(key, rows)
                 known[key].update(rows)
             self.computed += len(todo)
         return [[known[key][sha] for sha in job_shas] for (key, _, _), job_shas in zip(jobs, shas)]
@@ -160,7 +160,7 @@ def cached_scores(registry: Registry, jobs: list[tuple[str, Any, list[Example]]]
     wanted: dict[str, list[str]] = {}
     for (key, _, _), job_shas in zip(jobs, shas):
         wanted.setdefault(key, []).extend(job_shas)
-    return {key: registry.example_scores(key, key_shas) for key, key_shas in wanted.items()}
+    return {key: registry.retention.example_scores(key, key_shas) for key, key_shas in wanted.items()}
 
 
 def _single(route: Any) -> str:
@@ -172,7 +172,7 @@ def _single(route: Any) -> str:
 def _resolve(registry: Registry, ref: str) -> tuple[str, str, str | None]:
     """(label, base name, serving key or None) of a version ref or ``base:NAME``."""
     if ref.startswith("base:"):
-        return ref, registry.get_base(ref[5:]).name, None
+        return ref, registry.bases.get(ref[5:]).name, None
     from portfolio.serving import serving_key
 
     version = registry.get_version(ref)
@@ -188,7 +188,7 @@ def resolve_models(registry: Registry, models: list[str]) -> tuple[list[tuple[st
     bases = {base for _, base, _ in resolved}
     if len(bases) > 1:
         raise InvalidState(f"models on different bases cannot share one evaluation: {', '.join(sorted(bases))}")
-    return resolved, registry.get_base(bases.pop())
+    return resolved, registry.bases.get(bases.pop())
 
 
 def evaluate(
@@ -206,16 +206,16 @@ def evaluate(
     every snapshot's held-out rows, then on every extra ``target``, model by model; computed
     only where nothing stored matches. Whole-snapshot results are recorded as evaluations."""
     resolved, base = resolve_models(registry, models)
-    wanted = [snapshot_target(registry.get_snapshot(s).ref) for s in snapshots] + list(targets or [])
+    wanted = [snapshot_target(registry.data.get(s).ref) for s in snapshots] + list(targets or [])
     refs = list(dict.fromkeys(ref for t in wanted for ref, _ in t.parts))
-    snaps = dict(zip(refs, registry.get_snapshots(refs)))
+    snaps = dict(zip(refs, registry.data.get_many(refs)))
     rows_of: dict[str, list[dict]] = {}
 
     heldout_of: dict[str, list[dict]] = {}
 
     def rows(ref: str, ids: tuple[int, ...]) -> list[dict]:
         if ref not in rows_of:
-            rows_of[ref] = registry.snapshot_rows(snaps[ref])
+            rows_of[ref] = registry.data.rows(snaps[ref])
         if not ids:
             if ref not in heldout_of:
                 heldout_of[ref] = split_rows(rows_of[ref])[1]
@@ -231,7 +231,7 @@ def evaluate(
             if t.whole_snapshot:
                 ref = t.parts[0][0]
                 key = eval_key(base.weights_sha256, serving, snaps[ref].sha256, [r["row"] for r in rows(ref, ())], seq_len)
-                stored = registry.find_evaluation(key)
+                stored = registry.evaluations.find(key)
                 if stored is not None:
                     scores[(label, t.label)] = Score(label, t.label, stored["metrics"], stored["n_tokens"] or 0, True, stored.get("per_example"))
                     continue
@@ -271,7 +271,7 @@ def _compute(registry, base, pending, snaps, rows, seq_len, batch_size, device_n
         n_tokens = int(metrics.pop("n_tokens"))
         if t.whole_snapshot:
             ref = t.parts[0][0]
-            registry.record_evaluation(label, ref, metrics, n_tokens=n_tokens, row_ids=[r["row"] for r in rows(ref, ())],
+            registry.evaluations.record(label, ref, metrics, n_tokens=n_tokens, row_ids=[r["row"] for r in rows(ref, ())],
                                        eval_key=key, per_example=per_example)
         scores[(label, t.label)] = Score(label, t.label, metrics, n_tokens, (label, t.label) in cached, per_example)
 

@@ -17,7 +17,7 @@ def evaluate_examples(model: Any, examples: list[Example], pad_id: int, batch_si
     """Mean next-token loss, perplexity and next-token accuracy over every scored position
     of ``examples``, plus ``n_tokens`` (how many positions were scored) and ``per_example``:
     ``[loss sum, correct, scored positions]`` of each example, in order, so that two models
-    scored on the same examples can be compared pair by pair (`evaluation.gates`).
+    scored on the same examples can be compared pair by pair (`policy.gates`).
 
     ``adapter_names`` (one per example, PEFT's ``__base__`` for none) scores each example with
     its own adapter of a PeftModel: several models in the same batches (PEFT's mixed-adapter

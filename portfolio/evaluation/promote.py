@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from portfolio.errors import AdapterNotFound, InvalidState
 from portfolio.evaluation.evaluate import DEFAULT_SEQ_LEN, evaluate, retention_target
-from portfolio.evaluation.gates import CRITERION, GateCheck, GatePolicy, check_gates, check_suite_gates, relative_improvement
+from portfolio.policy.gates import CRITERION, GateCheck, GatePolicy, check_gates, check_suite_gates, relative_improvement
 from portfolio.registry.entities import AliasEvent, Lineage
 from portfolio.registry.governance import DataRevoked
 from portfolio.registry.refs import VERSION_RE
@@ -48,7 +48,7 @@ def promote(registry: Registry, ref: str, alias: str = "production", *, force: b
 
     Gain is checked on the snapshots the candidate was trained on. Retention is checked on
     the gate's retention snapshots when it names some; otherwise on the adapter's bounded
-    retention set over every earlier snapshot upstream (`evaluation.retention`), or with
+    retention set over every earlier snapshot upstream (`policy.retention`), or with
     ``full`` on the whole held-out split of each of them."""
     if force and not (reason and reason.strip()):
         raise InvalidState("--force needs --reason TEXT: overrides are recorded with why")
@@ -56,7 +56,7 @@ def promote(registry: Registry, ref: str, alias: str = "production", *, force: b
     if candidate.tainted:
         why = f"tainted: descends from revoked data {', '.join(candidate.tainted_by)}"
         if not force:
-            registry.record_refusal(candidate.adapter, alias, candidate.ref, why)
+            registry.gates.record_refusal(candidate.adapter, alias, candidate.ref, why)
             raise DataRevoked(f"{candidate.ref} is {why}; retrain without it, or pass --force --reason TEXT (recorded as an override)")
         log(f"{candidate.ref} is {why}; forced by --force")
     try:
@@ -65,7 +65,7 @@ def promote(registry: Registry, ref: str, alias: str = "production", *, force: b
         incumbent = f"base:{candidate.base_model}"
     if incumbent == candidate.ref:
         raise InvalidState(f"{candidate.ref} already is {candidate.adapter}@{alias}")
-    stored = registry.get_gate(candidate.adapter)
+    stored = registry.gates.get(candidate.adapter)
     policy = GatePolicy(**stored) if stored else GatePolicy(candidate.adapter)
     lineage = registry.lineage(candidate.ref)
     fresh = _train_snapshots(lineage)
@@ -98,7 +98,7 @@ def promote(registry: Registry, ref: str, alias: str = "production", *, force: b
                                    action="override" if overridden else "promote")
         return PromoteOutcome(candidate.ref, incumbent, alias, policy, checks, True, overridden, event, suite_scores)
     failed = "; ".join(describe_failure(c) for c in checks if not c.passed)
-    registry.record_refusal(candidate.adapter, alias, candidate.ref, f"gates failed: {failed}")
+    registry.gates.record_refusal(candidate.adapter, alias, candidate.ref, f"gates failed: {failed}")
     return PromoteOutcome(candidate.ref, incumbent, alias, policy, checks, False, False, None, suite_scores)
 
 
@@ -111,11 +111,11 @@ def retention_plan(registry: Registry, adapter: str, lineage: Lineage, policy: G
     upstream = list(dict.fromkeys(d.snapshot for d in lineage.data
                                   if d.role in ("train", "replay") and d.snapshot not in fresh and not d.revoked))
     if policy.retention or full:
-        revoked = {s.ref for s in registry.get_snapshots(policy.retention) if s.revoked} if policy.retention else set()
+        revoked = {s.ref for s in registry.data.get_many(policy.retention) if s.revoked} if policy.retention else set()
         return [s for s in dict.fromkeys(policy.retention or upstream) if s not in fresh and s not in revoked], [], None
     if not upstream:
         return [], [], None
-    rset = registry.retention_set(adapter, upstream)
+    rset = registry.retention.build(adapter, upstream)
     target = retention_target(rset, upstream)
     return ([target.label], [target], rset) if target else ([], [], None)
 
@@ -184,7 +184,7 @@ def revalidate(registry: Registry, target: str, data: list[str], *, suites: list
     results = _revalidate_loss(registry, version, data, threshold, metric, seq_len, device, log) if data else []
     if suites:
         results += _revalidate_suites(registry, version, suites, threshold, device, log)
-    registry.record_revalidations(version.ref, alias, [
+    registry.gates.record_revalidations(version.ref, alias, [
         {"snapshot": r.snapshot if r.metric != "pass_rate" else None, "suite": r.snapshot if r.metric == "pass_rate" else None,
          "metric": r.metric, "baseline": r.baseline, "baseline_snapshot": r.baseline_snapshot,
          "value": r.value, "threshold": threshold, "drifted": r.drifted} for r in results
@@ -195,9 +195,9 @@ def revalidate(registry: Registry, target: str, data: list[str], *, suites: list
 def _revalidate_suites(registry: Registry, version, suites: list[str], threshold: float, device: str, log) -> list[Revalidation]:
     from portfolio.suites.run import run_suites
 
-    stored = registry.get_gate(version.adapter)
+    stored = registry.gates.get(version.adapter)
     criteria = GatePolicy(**stored).suites if stored else None
-    fresh = [registry.get_suite(s).ref for s in suites]
+    fresh = [registry.suites.get(s).ref for s in suites]
     baseline_suites = [s for s in (criteria.suites if criteria else []) if s not in fresh]
     if not baseline_suites:
         for ref in fresh:
@@ -229,7 +229,7 @@ def _revalidate_loss(registry: Registry, version, data: list[str], threshold: fl
     baseline = sum(by[s] for s in own) / len(own)
     results = []
     for ref in data:
-        snap = registry.get_snapshot(ref).ref
+        snap = registry.data.get(ref).ref
         change = relative_improvement(by[snap], baseline, metric)
         results.append(Revalidation(version.ref, snap, metric, baseline, ",".join(own), by[snap], change, threshold, change < -threshold))
     return results

@@ -13,7 +13,7 @@ from typing import Any
 
 from portfolio.errors import InvalidState
 from portfolio.evaluation.continual import ContinualStats, average_accuracy, backward_transfer, forgetting, forward_transfer
-from portfolio.evaluation.gates import LOWER_IS_BETTER
+from portfolio.policy.gates import LOWER_IS_BETTER
 from portfolio.registry.registry import Registry
 from portfolio.suites.scoring import SUITE_METRICS
 
@@ -57,7 +57,7 @@ def build_matrix(registry: Registry, adapters: list[str] | None = None, snapshot
         return _suite_matrix(registry, adapters, snapshots, metric)
     if metric not in LOWER_IS_BETTER:
         raise InvalidState(f"--metric must be one of {', '.join(list(LOWER_IS_BETTER) + list(SUITE_METRICS))}")
-    table = registry.evaluation_table(adapters, snapshots, metric)
+    table = registry.evaluations.table(adapters, snapshots, metric)
     values = {(r["model"], r["snapshot"]): r["value"] for r in table}
     rows = sorted({r["model"] for r in table}, key=_version_key)
     if max_versions is not None:
@@ -89,7 +89,7 @@ def build_matrix(registry: Registry, adapters: list[str] | None = None, snapshot
 
 def _suite_matrix(registry: Registry, adapters: list[str] | None, suites: list[str] | None, metric: str) -> Matrix:
     """Models × suites of a behavioural metric (overall), from stored suite results."""
-    results = [r for s in (suites or [None]) for r in registry.suite_results(suite=s)]
+    results = [r for s in (suites or [None]) for r in registry.suites.results(suite=s)]
     values = {(r.model, r.suite): r.metrics["overall"][metric] for r in results
               if r.metrics["overall"].get(metric) is not None and (not adapters or r.model.startswith("base:") or r.model.rpartition("@")[0] in adapters)}
     rows = sorted({m for m, _ in values}, key=_version_key)
@@ -102,10 +102,10 @@ def build_history(registry: Registry, adapter: str, metric: str = "loss", snapsh
     if metric in SUITE_METRICS:
         out = [{"model": r.model, "adapter": adapter, "version": int(r.model.rpartition("@")[2]), "snapshot": r.suite,
                 "value": r.metrics["overall"][metric], "created_at": r.created_at}
-               for r in registry.suite_results(suite=snapshot)
+               for r in registry.suites.results(suite=snapshot)
                if r.model.rpartition("@")[0] == adapter and r.metrics["overall"].get(metric) is not None]
         return sorted(out, key=lambda r: (r["version"], r["snapshot"]))
-    table = registry.evaluation_table([adapter], [snapshot] if snapshot else None, metric)
+    table = registry.evaluations.table([adapter], [snapshot] if snapshot else None, metric)
     out = [r for r in table if r["adapter"] == adapter]
     return sorted(out, key=lambda r: (r["version"], r["snapshot"]))
 

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from portfolio.errors import InvalidState
 from portfolio.registry import entities as E
 from portfolio.registry.taint import taint
+from portfolio.registry.namespace import Namespace
 from portfolio.registry.models import (
     AdapterRow,
     AdapterVersionRow,
@@ -154,23 +155,23 @@ def domains(session: Session) -> list[str]:
     return list(session.scalars(sa.select(AdapterRow.domain).distinct().order_by(AdapterRow.domain)))
 
 
-class BrowseMethods:
+class Browse(Namespace):
     """`Registry`'s paged reads (the dashboard and `/api` call these)."""
 
-    def adapter_page(self, q: str | None = None, domain: str | None = None, status: str | None = None, flag: str | None = None,
+    def adapters(self, q: str | None = None, domain: str | None = None, status: str | None = None, flag: str | None = None,
                      page: int = 1, per_page: int = 50) -> Page:
         """One page of adapters with their versions' statuses, aliases, flags and last evaluation."""
         with self._read() as session:
             return adapter_page(session, q, domain, status, flag, page, per_page)
 
-    def adapter_summary(self, adapter: str) -> AdapterSummary:
+    def summary(self, adapter: str) -> AdapterSummary:
         """One adapter as the overview shows it."""
         from portfolio.registry import queries
 
         with self._read() as session:
             return summaries(session, [queries.adapter_row(session, adapter).id], taint(session))[0]
 
-    def version_page(self, adapter: str, page: int = 1, per_page: int = 50) -> Page:
+    def versions(self, adapter: str, page: int = 1, per_page: int = 50) -> Page:
         """One page of an adapter's versions, newest first."""
         with self._read() as session:
             return version_page(session, adapter, page, per_page)

@@ -39,6 +39,7 @@ from portfolio.errors import InvalidState
 from portfolio.registry import entities as E
 from portfolio.registry import queries, references
 from portfolio.registry.taint import WEIGHT_ROLES, DataRevoked, data_events, downstream_cte, taint
+from portfolio.registry.namespace import Namespace
 from portfolio.registry.models import (
     AdapterRow,
     AdapterVersionRow,
@@ -265,22 +266,22 @@ def list_events(session: Session, ref: str | None = None) -> list[DataEvent]:
     return [to_event(e, s) for e, s in rows]
 
 
-class GovernanceMethods:
+class Governance(Namespace):
     """`Registry`'s data-governance methods (the Python API behind `portfolio data uses/revoke/purge`)."""
 
-    def data_uses(self, ref: str, deployed: bool = False) -> DataUses:
+    def uses(self, ref: str, deployed: bool = False) -> DataUses:
         """Every version downstream of snapshot ``ref`` (trained on it, replayed it, or
         inheriting from one that did), with the edges and the aliases that point at them."""
         with self._read() as session:
             return uses(session, ref, deployed)
 
-    def revoke_data(self, ref: str, reason: str, who: str | None = None) -> tuple[DataEvent, DataUses]:
+    def revoke(self, ref: str, reason: str, who: str | None = None) -> tuple[DataEvent, DataUses]:
         """Revoke snapshot ``ref``; returns the record and the versions it now taints."""
         with self._write() as (session, _put):
             event = revoke(session, ref, reason, who)
-        return event, self.data_uses(ref)
+        return event, self.uses(ref)
 
-    def purge_data(self, refs: list[str], reason: str | None = None, who: str | None = None) -> list[DataEvent]:
+    def purge(self, refs: list[str], reason: str | None = None, who: str | None = None) -> list[DataEvent]:
         """Delete the stored bytes and rows of revoked snapshots, keeping their records."""
         with self._write() as (session, _put):
             snaps, digests = plan_purge(session, list(refs))
@@ -290,10 +291,10 @@ class GovernanceMethods:
         # writer that recorded the same bytes in between keeps them
         with self._write() as (session, _put):
             references.delete_unless_live(session, self.store, digests)
-        self._rows_cache.clear()
+        self._registry.data.forget_rows()
         return events
 
-    def data_events(self, ref: str | None = None) -> list[DataEvent]:
+    def events(self, ref: str | None = None) -> list[DataEvent]:
         """Every revocation and purge (of snapshot ``ref`` only, when given), oldest first."""
         with self._read() as session:
             return list_events(session, ref)

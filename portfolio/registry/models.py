@@ -190,9 +190,9 @@ class GatePolicyRow(Base):
     retention: Mapped[list[Any]] = mapped_column(JSON)
     # the two-sided confidence level of the paired bootstrap intervals gates decide on
     confidence: Mapped[Optional[float]] = mapped_column(Float)
-    # behavioural release criteria (suites and their thresholds), see evaluation/gates.py
+    # behavioural release criteria (suites and their thresholds), see policy/gates.py
     suite_criteria: Mapped[Optional[dict[str, Any]]] = mapped_column(JSON)
-    # the bounded retention set (evaluation/retention.py): rows drawn, and the draw's seed
+    # the bounded retention set (policy/retention.py): rows drawn, and the draw's seed
     retention_size: Mapped[Optional[int]] = mapped_column(Integer)
     retention_seed: Mapped[Optional[int]] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -354,7 +354,7 @@ class SuiteResultRow(Base):
 
 class RetentionSetRow(Base):
     """One version of an adapter's retention set: a fixed-size, seeded sample of held-out rows
-    stratified over the snapshots its versions were trained on (`evaluation.retention`).
+    stratified over the snapshots its versions were trained on (`policy.retention`).
     Append-only: a new stratum, size or seed makes the next version."""
 
     __tablename__ = "retention_sets"

@@ -9,10 +9,12 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from portfolio.errors import InvalidState
-from portfolio.evaluation.gates import DEFAULT_CONFIDENCE
-from portfolio.evaluation.retention import DEFAULT_RETENTION_SEED, DEFAULT_RETENTION_SIZE
+from portfolio.policy.gates import DEFAULT_CONFIDENCE
+from portfolio.policy.retention import DEFAULT_RETENTION_SEED, DEFAULT_RETENTION_SIZE
 from portfolio.registry import entities as E
-from portfolio.registry import queries
+from portfolio.registry import queries, runs, versions
+from portfolio.registry.namespace import Namespace
+from portfolio.registry.queries import model_label
 from portfolio.registry.models import (
     AdapterRow,
     AdapterVersionRow,
@@ -156,3 +158,88 @@ def record_revalidations(session: Session, ref: str, alias: str | None, results:
                                     baseline_snapshot=r["baseline_snapshot"], value=r["value"], threshold=r["threshold"], drifted=r["drifted"]))
     version.drifted = any(r["drifted"] for r in results)
     session.flush()
+
+
+class Evaluations(Namespace):
+    """``reg.evaluations``: stored metric values and the table over them (behind `portfolio eval` and `matrix`)."""
+
+    def record(self, model: str, snapshot: str, metrics: dict[str, float], n_tokens: int | None = None,
+                          row_ids: list[int] | None = None, run_id: int | None = None, eval_key: str | None = None,
+                          per_example: list[list[float]] | None = None) -> list[E.Evaluation]:
+        """Store metric values of ``model`` (a version ref, or ``base:NAME``) on a snapshot, with
+        its per-example scores (for paired gate decisions)."""
+        with self._write() as (session, _put):
+            snap = queries.snapshot_row(session, snapshot)
+            version_id, base_id = versions.eval_target(session, model)
+            rows = [
+                runs.add_evaluation(session, version_id=version_id, base_model_id=base_id, snapshot_id=snap.id, metric=m,
+                                    value=v, n_tokens=n_tokens, row_ids=row_ids, run_id=run_id, eval_key=eval_key, per_example=per_example)
+                for m, v in metrics.items()
+            ]
+            label = model if base_id else model_label(session, version_id)
+            return [queries.to_evaluation(r, label, f"{snap.name}@{snap.version}") for r in rows]
+
+    def list(self, ref: str) -> list[E.Evaluation]:
+        """Every stored evaluation of a version, oldest first."""
+        with self._read() as session:
+            version = queries.version_row(session, ref)
+            label = model_label(session, version.id)
+            return [
+                queries.to_evaluation(e, label, f"{snap.name}@{snap.version}")
+                for e, snap in session.execute(
+                    sa.select(EvaluationRow, DatasetSnapshotRow)
+                    .join(DatasetSnapshotRow, DatasetSnapshotRow.id == EvaluationRow.snapshot_id)
+                    .where(EvaluationRow.version_id == version.id)
+                    .order_by(EvaluationRow.id)
+                )
+            ]
+
+    def find(self, eval_key: str) -> dict[str, Any] | None:
+        """A stored result for exactly these inputs (see `evaluation.evaluate.eval_key`), or None."""
+        with self._read() as session:
+            return find_evaluation(session, eval_key)
+
+    def table(self, adapters: list[str] | None = None, snapshots: list[str] | None = None, metric: str = "loss") -> list[dict[str, Any]]:
+        """Newest stored value of ``metric`` per (model, snapshot); nothing is computed."""
+        with self._read() as session:
+            for name in adapters or []:
+                queries.adapter_row(session, name)
+            snaps = [f"{r.name}@{r.version}" for r in (queries.snapshot_row(session, s) for s in snapshots or [])]
+            return evaluation_table(session, adapters, snaps or None, metric)
+
+
+class Gates(Namespace):
+    """``reg.gates``: gate policies, refused promotions and revalidation results (behind `portfolio gate`)."""
+
+    def set(self, adapter: str, metric: str = "loss", max_regression: float = 0.02, min_gain: float = 0.0,
+                 retention: list[str] | None = None, suite_criteria: dict[str, Any] | None = None,
+                 confidence: float = 0.95, retention_size: int | None = None, retention_seed: int | None = None) -> dict[str, Any]:
+        """Store an adapter's gate policy (replacing any earlier one); ``suite_criteria`` are
+        the behavioural release criteria (`policy.gates.SuiteCriteria` fields);
+        ``confidence`` the level of the paired intervals the loss gates decide on;
+        ``retention_size``/``retention_seed`` shape its bounded retention set."""
+        from portfolio.policy.gates import GatePolicy
+        from portfolio.policy.retention import DEFAULT_RETENTION_SEED, DEFAULT_RETENTION_SIZE
+
+        size = DEFAULT_RETENTION_SIZE if retention_size is None else retention_size
+        seed = DEFAULT_RETENTION_SEED if retention_seed is None else retention_seed
+        GatePolicy(adapter, metric, max_regression, min_gain, list(retention or []), confidence, suite_criteria, size, seed).suites  # validates
+        with self._write() as (session, _put):
+            set_gate(session, adapter, metric, max_regression, min_gain, list(retention or []), suite_criteria, confidence,
+                             size, seed)
+            return get_gate(session, adapter)
+
+    def get(self, adapter: str) -> dict[str, Any] | None:
+        """The adapter's gate policy, or None when it has none (the defaults then apply)."""
+        with self._read() as session:
+            return get_gate(session, adapter)
+
+    def record_refusal(self, adapter: str, alias: str, candidate: str, reason: str) -> None:
+        """Append a refused promotion to the alias history."""
+        with self._write() as (session, _put):
+            record_refusal(session, adapter, alias, candidate, reason)
+
+    def record_revalidations(self, ref: str, alias: str | None, results: list[dict[str, Any]]) -> None:
+        """Store revalidation results of a version; its drifted flag becomes whether any drifted."""
+        with self._write() as (session, _put):
+            record_revalidations(session, ref, alias, results)

@@ -307,3 +307,37 @@ def _chunks(ids: list[int], size: int = 900) -> Iterable[list[int]]:
     # SQLite caps bound parameters per statement; stay well under it.
     for i in range(0, len(ids), size):
         yield ids[i : i + size]
+
+
+def model_label(session: Session, version_id: int) -> str:
+    """``NAME@V`` of a version id."""
+    name, ver = session.execute(
+        sa.select(AdapterRow.name, AdapterVersionRow.version).join(AdapterRow, AdapterRow.id == AdapterVersionRow.adapter_id).where(AdapterVersionRow.id == version_id)
+    ).one()
+    return f"{name}@{ver}"
+
+
+def adapter_summaries(session: Session) -> list[E.Adapter]:
+    """Every adapter with its version count, latest version and aliases."""
+    stats = {
+        aid: (n, latest)
+        for aid, n, latest in session.execute(
+            sa.select(AdapterVersionRow.adapter_id, sa.func.count(), sa.func.max(AdapterVersionRow.version)).group_by(
+                AdapterVersionRow.adapter_id
+            )
+        )
+    }
+    aliases: dict[int, dict[str, int]] = {}
+    for aid, alias, ver in session.execute(
+        sa.select(AliasRow.adapter_id, AliasRow.name, AdapterVersionRow.version).join(
+            AdapterVersionRow, AdapterVersionRow.id == AliasRow.version_id
+        )
+    ):
+        aliases.setdefault(aid, {})[alias] = ver
+    out = []
+    for a, base_name in session.execute(
+        sa.select(AdapterRow, BaseModelRow.name).join(BaseModelRow, BaseModelRow.id == AdapterRow.base_model_id).order_by(AdapterRow.name)
+    ):
+        n, latest = stats.get(a.id, (0, None))
+        out.append(E.Adapter(a.name, a.domain, base_name, a.description, E.as_utc(a.created_at), n, latest, aliases.get(a.id, {})))
+    return out

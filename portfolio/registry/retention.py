@@ -1,5 +1,5 @@
 """Retention sets and the per-example score cache, as session functions exposed by
-`Registry` (like `quality.py`). The sampling itself is `evaluation.retention`."""
+`Registry` (like `quality.py`). The sampling itself is `policy.retention`."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from portfolio.errors import AdapterNotFound, NotFound
-from portfolio.evaluation import retention as sampling
+from portfolio.policy import retention as sampling
 from portfolio.registry import db, queries
 from portfolio.registry.taint import revoked_snapshot_ids
 from portfolio.registry import entities as E
 from portfolio.registry.models import DatasetSnapshotRow, ExampleScoreRow, RetentionSetRow, utcnow
+from portfolio.registry.namespace import Namespace
 
 HeldOut = Callable[[str], Sequence[tuple[int, str]]]  # snapshot ref -> its held-out (row id, row sha)
 
@@ -164,18 +165,18 @@ def record_example_scores(session: Session, model_key: str, scores: dict[str, li
         db.insert_many_ignore(session, ExampleScoreRow.__table__, items[i:i + CHUNK])
 
 
-class RetentionMethods:
+class Retention(Namespace):
     """`Registry`'s retention-set and score-cache methods (behind `portfolio retention ...`)."""
 
-    def retention_set(self, adapter: str, strata: list[str], size: int | None = None, seed: int | None = None) -> RetentionSet:
+    def build(self, adapter: str, strata: list[str], size: int | None = None, seed: int | None = None) -> RetentionSet:
         """The adapter's retention set covering the snapshots ``strata``: the latest one, or
-        the next version extended by the strata it lacks (`evaluation.retention`). Size and
+        the next version extended by the strata it lacks (`policy.retention`). Size and
         seed default to the adapter's gate policy."""
         from portfolio.data.splits import split_rows
-        from portfolio.evaluation.retention import DEFAULT_RETENTION_SEED, DEFAULT_RETENTION_SIZE
+        from portfolio.policy.retention import DEFAULT_RETENTION_SEED, DEFAULT_RETENTION_SIZE
 
         try:
-            gate = self.get_gate(adapter) or {}
+            gate = self._registry.gates.get(adapter) or {}
             exists = True
         except AdapterNotFound:
             gate, exists = {}, False
@@ -183,19 +184,19 @@ class RetentionMethods:
         seed = seed if seed is not None else gate.get("retention_seed", DEFAULT_RETENTION_SEED)
 
         def heldout(ref: str) -> list[tuple[int, str]]:
-            return [(r["row"], r["sha"]) for r in split_rows(self.snapshot_rows(ref))[1]]
+            return [(r["row"], r["sha"]) for r in split_rows(self._registry.data.rows(ref))[1]]
 
         if not exists:  # a new adapter's first version: the same draw its first gate will store
-            return unsaved_set(adapter, [self.get_snapshot(s).ref for s in dict.fromkeys(strata)], size, seed, heldout)
+            return unsaved_set(adapter, [self._registry.data.get(s).ref for s in dict.fromkeys(strata)], size, seed, heldout)
         with self._write() as (session, _put):
             return ensure_set(session, adapter, strata, size, seed, heldout)
 
-    def get_retention_set(self, adapter: str, version: int | None = None) -> RetentionSet:
+    def get(self, adapter: str, version: int | None = None) -> RetentionSet:
         """A stored version of an adapter's retention set (None: the latest)."""
         with self._read() as session:
             return get_set(session, adapter, version)
 
-    def retention_sets(self, adapter: str) -> list[RetentionSet]:
+    def list(self, adapter: str) -> list[RetentionSet]:
         """Every version of an adapter's retention set, oldest first."""
         with self._read() as session:
             return list_sets(session, adapter)

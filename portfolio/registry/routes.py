@@ -15,6 +15,7 @@ from portfolio.registry import changes, db
 from portfolio.registry import entities as E
 from portfolio.registry.models import RequestCountRow, RouteEventRow, RouterRow
 from portfolio.registry.refs import check_name
+from portfolio.registry.namespace import Namespace
 from portfolio.routing import Rule
 
 
@@ -118,10 +119,10 @@ def list_routers(session: Session) -> list[tuple[str, int, int, datetime]]:
     return out
 
 
-class RouteMethods:
+class Routes(Namespace):
     """`Registry`'s router methods (the Python API behind `portfolio route ...`)."""
 
-    def route_set(self, router: str, to: str, when: dict[str, str] | None = None, priority: int = 0,
+    def set(self, router: str, to: str, when: dict[str, str] | None = None, priority: int = 0,
                   reason: str | None = None, force: bool = False) -> RouteEvent:
         """Add or replace the rule of ``router`` with conditions ``when`` (none: the default
         rule) sending requests to ``to`` (a version ref; an alias follows promotions). The
@@ -131,7 +132,7 @@ class RouteMethods:
 
         check_name(router, "router name")
         rule = Rule(to, dict(when or {}), priority)
-        target = self._check_route_target(to, force)
+        target = self._check_target(to, force)
         with self._write() as (session, _put):
             try:
                 rules, _ = current_rules(session, router)
@@ -140,9 +141,9 @@ class RouteMethods:
             forced = force and (target.status == "deprecated" or target.tainted)
             return record(session, router, "set", f"{rule.label} -> {to}", upsert(rules, rule), reason, forced, create=True)
 
-    def _check_route_target(self, to: str, force: bool) -> E.AdapterVersion:
+    def _check_target(self, to: str, force: bool) -> E.AdapterVersion:
         """The version ``to`` reaches, if a route may point at it."""
-        version = self.get_version(to)
+        version = self._registry.get_version(to)
         what = to if to == version.ref else f"{to} is {version.ref}, which"
         if version.status == "archived":
             raise InvalidState(f"{what} is archived and cannot be served; route to its successor")
@@ -154,7 +155,7 @@ class RouteMethods:
             raise InvalidState(f"{what} is deprecated{successor}; pass --force to route to it anyway")
         return version
 
-    def route_remove(self, router: str, when: dict[str, str] | None = None, reason: str | None = None) -> RouteEvent:
+    def remove(self, router: str, when: dict[str, str] | None = None, reason: str | None = None) -> RouteEvent:
         """Remove the rule of ``router`` with conditions ``when`` (none: the default rule)."""
         from portfolio.routing import Rule, without
 
@@ -162,7 +163,7 @@ class RouteMethods:
             rules, _ = current_rules(session, router)
             return record(session, router, "remove", Rule("", dict(when or {})).label, without(rules, dict(when or {})), reason)
 
-    def route_rules(self, router: str) -> tuple[list[Any], int]:
+    def rules(self, router: str) -> tuple[list[Any], int]:
         """(the router's rules in precedence order, its version)."""
         from portfolio.routing import ordered
 
@@ -170,36 +171,36 @@ class RouteMethods:
             rules, version = current_rules(session, router)
         return ordered(rules), version
 
-    def route_resolve(self, router: str, tenant: str | None = None, task: str | None = None,
+    def resolve(self, router: str, tenant: str | None = None, task: str | None = None,
                       risk: str | None = None) -> tuple[Any, E.AdapterVersion]:
         """(the rule that routes this request, the version it reaches now)."""
         from portfolio.routing import check_request, match
 
         request = check_request({"tenant": tenant, "task": task, "risk": risk})
-        rules, _ = self.route_rules(router)
+        rules, _ = self.rules(router)
         rule = match(rules, request)
         if rule is None:
             asked = ",".join(f"{k}={v}" for k, v in request.items()) or "no attributes"
             raise InvalidState(f"router {router} has no rule for {asked} and no default; add one with "
                                f"`portfolio route set {router} --default NAME@ALIAS`")
-        version = self.get_version(rule.to)
+        version = self._registry.get_version(rule.to)
         if version.status == "archived":
             raise InvalidState(f"rule '{rule.label}' of router {router} reaches {version.ref}, which is archived; "
                                "point the alias or the rule at a served version")
         return rule, version
 
-    def route_history(self, router: str) -> list[RouteEvent]:
+    def history(self, router: str) -> list[RouteEvent]:
         """Every change of a router, oldest first."""
         with self._read() as session:
             return history(session, router)
 
-    def route_rollback(self, router: str, reason: str | None = None) -> RouteEvent:
+    def rollback(self, router: str, reason: str | None = None) -> RouteEvent:
         """Restore the router's previous rule set (repeat to walk further back)."""
         with self._write() as (session, _put):
             rules = rollback_rules(session, router)
             return record(session, router, "rollback", None, rules, reason or "rollback")
 
-    def list_routers(self) -> list[tuple[str, int, int, Any]]:
+    def list(self) -> list[tuple[str, int, int, Any]]:
         """(name, version, rules, last change) of every router."""
         with self._read() as session:
             return list_routers(session)
@@ -232,7 +233,7 @@ class RouteMethods:
         return [{"router": r or None, "rule": rule, "requests": int(n), "tokens": int(t), "first_hour": E.as_utc(a), "last_hour": E.as_utc(b)}
                 for r, rule, n, t, a, b in rows]
 
-    def serving_marker(self) -> int:
+    def marker(self) -> int:
         """A counter that moves with every committed change of an alias, a route or a
         version's status (`registry.changes`; one cheap query: a server reads it per request)."""
         with self._read() as session:

@@ -18,10 +18,11 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from portfolio.basemodel import package_version
-from portfolio.errors import NotFound
+from portfolio.errors import InvalidState, NotFound
 from portfolio.registry import entities as E
 from portfolio.registry import queries
 from portfolio.registry.models import AdapterRow, EvaluationRow, RunRow, utcnow
+from portfolio.registry.namespace import Namespace
 
 RUN_STATUSES = ("running", "succeeded", "failed", "interrupted")
 
@@ -122,3 +123,50 @@ def add_evaluation(
     session.add(row)
     session.flush()
     return row
+
+
+class Runs(Namespace):
+    """``reg.runs``: training and merge runs (behind `portfolio runs`)."""
+
+    def start(self, kind: str, adapter: str | None, config: dict[str, Any], seed: int | None = None) -> E.Run:
+        """Record a run as ``running``, with the package versions and git commit it runs on."""
+        with self._write() as (session, _put):
+            return to_run(session, create_run(session, kind, adapter, config, seed))
+
+    def update(self, run_id: int, *, status: str | None = None, metrics: dict[str, Any] | None = None,
+                   error: str | None = None, heartbeat: bool = False) -> E.Run:
+        """Merge ``metrics`` into a run, and/or move it to a final ``status``."""
+        if status is not None and status not in RUN_STATUSES:
+            raise InvalidState(f"unknown run status {status!r}; use one of {', '.join(RUN_STATUSES)}")
+        with self._write() as (session, _put):
+            row = run_row(session, run_id)
+            if metrics:
+                row.metrics = {**row.metrics, **metrics}
+            if error is not None:
+                row.error = error
+            if heartbeat or status:
+                row.heartbeat_at = utcnow()
+            if status is not None:
+                row.status = status
+                if status != "running":
+                    row.finished_at = utcnow()
+            session.flush()
+            return to_run(session, row)
+
+    def claim(self, run_id: int) -> E.Run:
+        """Mark an interrupted or failed run as running in this process (to resume it)."""
+        with self._write() as (session, _put):
+            row = run_row(session, run_id)
+            claim(session, row)
+            session.flush()
+            return to_run(session, row)
+
+    def get(self, run_id: int) -> E.Run:
+        """One run by id."""
+        with self._read() as session:
+            return to_run(session, run_row(session, run_id))
+
+    def list(self, adapter: str | None = None, status: str | None = None, limit: int = 100) -> list[E.Run]:
+        """Runs, newest first."""
+        with self._read() as session:
+            return list_runs(session, adapter, status, limit)

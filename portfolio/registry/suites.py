@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -11,9 +12,11 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from portfolio.errors import NotFound
+from portfolio.registry import db, queries, versions
 from portfolio.registry import entities as E
 from portfolio.registry.models import AdapterRow, AdapterVersionRow, BaseModelRow, SuiteResultRow, SuiteSnapshotRow
-from portfolio.registry.refs import parse_ref
+from portfolio.registry.namespace import Namespace
+from portfolio.registry.refs import check_name, parse_ref
 
 
 class SuiteNotFound(NotFound):
@@ -134,3 +137,64 @@ def latest_results(session: Session, suite: str | None = None, version_ids: list
     if version_ids is not None:
         query = query.where(SuiteResultRow.version_id.in_(version_ids))
     return [to_result(session, r) for r in session.scalars(query)]
+
+
+class Suites(Namespace):
+    """``reg.suites``: behavioural suite snapshots and their stored results (behind `portfolio suite`)."""
+
+    def add(self, name: str, path: str | os.PathLike, description: str | None = None) -> tuple[SuiteSnapshot, bool]:
+        """Register a suite file as the next immutable snapshot of suite ``name`` after
+        validating every case (nothing is stored if one line is bad). Identical bytes return
+        the existing snapshot. Returns (suite, created)."""
+        from portfolio.suites.cases import read_suite_file
+
+        check_name(name, "suite name")
+        data, suite = read_suite_file(path)
+        kinds: dict[str, int] = {}
+        for case in suite.cases:
+            for check in case.checks:
+                kinds[check["kind"]] = kinds.get(check["kind"], 0) + 1
+        with self._write() as (session, put):
+            db.lock_name(session, "suite", name)
+            digest = put(data, "suite_file")  # the sha256 of the file's bytes: the suite's identity
+            return add_suite(session, name, digest, description, len(suite.cases), suite.slices, kinds)
+
+    def get(self, ref: str) -> SuiteSnapshot:
+        """The suite ``NAME@V`` (``NAME`` alone: the latest)."""
+        with self._read() as session:
+            return to_suite(suite_row(session, ref))
+
+    def list(self, name: str | None = None) -> list[SuiteSnapshot]:
+        """Every suite snapshot (of one name)."""
+        with self._read() as session:
+            return list_suites(session, name)
+
+    def cases(self, ref: str):
+        """The parsed cases of a suite snapshot, read back from its checked bytes."""
+        from portfolio.suites.cases import parse_suite
+
+        suite = self.get(ref)
+        return parse_suite(self.store.read_bytes(suite.sha256, f"the file of suite {suite.ref}"), suite.ref)
+
+    def find_result(self, eval_key: str) -> SuiteResult | None:
+        """A stored suite result for exactly these inputs, or None."""
+        with self._read() as session:
+            return find_result(session, eval_key)
+
+    def record_result(self, model: str, suite: str, eval_key: str, settings: dict[str, Any], metrics: dict[str, Any],
+                            cases: list[dict[str, Any]], code_version: str | None = None) -> SuiteResult:
+        """Store a model's (version ref or ``base:NAME``) run of a suite."""
+        with self._write() as (session, _put):
+            version_id, base_id = versions.eval_target(session, model)
+            return record_result(session, version_id, base_id, suite, eval_key, settings, metrics, cases, code_version)
+
+    def results(self, suite: str | None = None, model: str | None = None) -> list[SuiteResult]:
+        """The newest stored result per (model, suite), of one suite and/or one model."""
+        with self._read() as session:
+            version_ids = None
+            if model is not None and not model.startswith("base:"):
+                version_ids = [queries.version_row(session, model).id]
+            results = latest_results(session, suite, version_ids)
+            if model is not None and model.startswith("base:"):
+                results = [r for r in results if r.model == model]
+            return results

@@ -53,8 +53,7 @@ def copy_store(source: ArtifactStore, dest: ArtifactStore, blobs: list[tuple[str
     re-hash every blob in ``dest``."""
     if dest.url == source.url:
         raise InvalidState(f"--to {dest.url} is the store in use; name another folder or bucket")
-    from portfolio.training.checkpoint import FILENAME
-
+    checkpoint = source.CHECKPOINT_FILE
     copied = skipped = moved = 0
     for done, (digest, size) in enumerate(blobs, start=1):
         if dest.exists(digest):
@@ -67,10 +66,10 @@ def copy_store(source: ArtifactStore, dest: ArtifactStore, blobs: list[tuple[str
             progress(done, len(blobs))
     checkpoints = 0
     for run_id in sorted(set(source.work_runs()) & open_runs):
-        source.pull_work(run_id, FILENAME)
-        path = source.work_dir(run_id) / FILENAME
+        source.pull_work(run_id, checkpoint)
+        path = source.work_dir(run_id) / checkpoint
         if path.is_file():
-            target = dest.work_dir(run_id) / FILENAME
+            target = dest.work_dir(run_id) / checkpoint
             if target != path:
                 target.write_bytes(path.read_bytes())
             dest.push_work(run_id, target)

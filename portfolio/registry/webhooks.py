@@ -40,6 +40,7 @@ from portfolio.registry import db
 from portfolio.registry import entities as E
 from portfolio.registry.events import KINDS, SOURCES, Event, latest_cursor, read_events
 from portfolio.registry.models import WebhookDeliveryRow, WebhookRow, utcnow
+from portfolio.registry.namespace import Namespace
 
 MAX_ATTEMPTS = 8
 BACKOFF_S = 5.0
@@ -117,21 +118,24 @@ def _to_delivery(r: WebhookDeliveryRow) -> Delivery:
                     E.as_utc(r.created_at), E.as_utc(r.delivered_at))
 
 
-class WebhookMethods:
-    """`Registry`'s event and webhook methods (behind `portfolio events` and `portfolio webhook`)."""
+class Events(Namespace):
+    """``reg.events``: the change feed (behind `portfolio events`)."""
 
-    def events(self, after: dict[str, int] | None = None, limit: int = 1000) -> tuple[list[Event], dict[str, int]]:
+    def since(self, after: dict[str, int] | None = None, limit: int = 1000) -> tuple[list[Event], dict[str, int]]:
         """Events after a cursor (all when None), oldest first, and the cursor after them."""
         with self._read() as session:
             return read_events(session, after, limit)
 
-    def recent_events(self, limit: int = 200) -> list[Event]:
+    def recent(self, limit: int = 200) -> list[Event]:
         """The newest events, at most ``limit`` per source, newest first."""
         with self._read() as session:
             after = {s: max(0, n - limit) for s, n in latest_cursor(session).items()}
             return list(reversed(read_events(session, after, limit)[0]))
 
-    def add_webhook(self, url: str, kinds: list[str], secret: str | None = None, past: bool = False,
+class Webhooks(Namespace):
+    """``reg.webhooks``: URLs that receive the change feed (behind `portfolio webhook`)."""
+
+    def add(self, url: str, kinds: list[str], secret: str | None = None, past: bool = False,
                     allow_link_local: bool = False) -> tuple[Webhook, str]:
         """Register a URL for these event kinds; returns it and its signing secret (generated
         when not given). Only events from now on are sent, unless ``past``; link-local and
@@ -146,7 +150,7 @@ class WebhookMethods:
             session.flush()
             return _to_webhook(session, row), secret
 
-    def remove_webhook(self, webhook_id: int) -> Webhook:
+    def remove(self, webhook_id: int) -> Webhook:
         """Stop a webhook (its deliveries stay on record)."""
         with self._write() as (session, _put):
             row = session.get(WebhookRow, webhook_id)
@@ -156,7 +160,7 @@ class WebhookMethods:
             session.flush()
             return _to_webhook(session, row)
 
-    def webhooks(self) -> list[Webhook]:
+    def list(self) -> list[Webhook]:
         """Every webhook with its delivery counts."""
         with self._read() as session:
             return [_to_webhook(session, r) for r in session.scalars(sa.select(WebhookRow).order_by(WebhookRow.id))]

@@ -96,7 +96,7 @@ def add_schedule(registry: Registry, adapter: str, watch: str, *, every: str | N
     except NotFound:
         if base is None:
             raise InvalidSchedule(f"adapter {adapter!r} has no version yet: name its base with --base") from None
-        registry.get_base(base)
+        registry.bases.get(base)
     from portfolio.training.config import TrainConfig
 
     TrainConfig(adapter=adapter, data="x@1", **(settings or {}))  # validate the training settings now

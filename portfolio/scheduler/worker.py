@@ -111,7 +111,7 @@ class Worker:
 
     def _deliver_once(self) -> None:
         try:
-            counts = self.registry.deliver()
+            counts = self.registry.webhooks.deliver()
         except Exception as exc:
             self.log(f"[{self.name}] webhook delivery failed: {exc}")
             return
@@ -177,7 +177,7 @@ class Worker:
             rel = path.relative_to(s["watch_dir"]).as_posix()
             if not path.is_file() or sha256_file(path) != expected[rel]:
                 raise PortfolioError(f"{path} changed or vanished since it was queued; the next scan will queue its new content")
-        snapshot, created = reg.add_dataset(s["dataset"], files, s["domain"], source=f"watch:{s['watch_dir']}")
+        snapshot, created = reg.data.add(s["dataset"], files, s["domain"], source=f"watch:{s['watch_dir']}")
         step(f"snapshot {snapshot.ref} ({snapshot.row_count} rows, sha256 {snapshot.sha256[:12]})"
              + ("" if created else " (already registered by an earlier attempt)"), snapshot=snapshot.ref)
 
@@ -198,13 +198,13 @@ class Worker:
         version = None
         run_id = result.get("run_id")
         if run_id is not None:
-            run = reg.get_run(run_id)
+            run = reg.runs.get(run_id)
             if run.status == "succeeded":
                 version = run.metrics.get("version")
                 step(f"run {run_id} of an earlier attempt already made {version}")
             else:
                 if run.status == "running":  # its worker's lease expired: it is dead
-                    reg.update_run(run_id, status="interrupted", error="worker lost its lease")
+                    reg.runs.update(run_id, status="interrupted", error="worker lost its lease")
                 step(f"resuming run {run_id} from its checkpoint")
                 version = train_adapter(reg, resume=run_id, log=lambda *_: None, progress=False,
                                         should_stop=lambda: self.stop_requested).version.ref

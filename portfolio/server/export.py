@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from portfolio.errors import InvalidState
+from portfolio.export import export_version
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 TARGETS = ("vllm", "lorax")
@@ -65,7 +66,7 @@ def export_router(registry, router: str, dest: str | os.PathLike, target: str = 
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise InvalidState(f"{dest} exists and is not an empty folder; choose a new folder or empty it")
-    rules, version_no = registry.route_rules(router)
+    rules, version_no = registry.routes.rules(router)
     if not rules:
         raise InvalidState(f"router {router} has no rules; add one with `portfolio route set {router} --default --to REF`")
     reached = {}
@@ -88,7 +89,7 @@ def export_router(registry, router: str, dest: str | os.PathLike, target: str = 
         names = {}
         for ref, v in versions.items():
             names[ref] = stable_name(v)
-            registry.export(ref, dest / "adapters" / names[ref])
+            export_version(registry, ref, dest / "adapters" / names[ref])
         table = {"router": router, "router_version": version_no,
                  "precedence": "most conditions first, then higher priority, then older rule",
                  "rules": [{"when": r.when, "priority": r.priority, "target": r.to, "adapter": names[reached[r.to].ref],
@@ -139,7 +140,7 @@ class PortfolioLoRAResolver:
             version = self.registry.get_version(lora_name)
         except (NotFound, InvalidState):
             return None
-        base = self.registry.get_base(version.base_model)
+        base = self.registry.bases.get(version.base_model)
         if version.status == "archived" or base_model_name not in (base.model_id, base.name):
             return None
         from portfolio.serving import serving_key
@@ -147,7 +148,7 @@ class PortfolioLoRAResolver:
         key = serving_key(self.registry, version).replace("stack:", "stack-")
         folder = self.cache_dir / key
         if not (folder / "adapter_config.json").is_file():
-            self.registry.export(version.ref, folder)
+            export_version(self.registry, version.ref, folder)
         # vLLM keys loaded adapters by an int id: derive it from the digest so that a name
         # reaching the same weights reuses them
         lora_id = int(key[-12:], 16) % (2**31 - 1) + 1

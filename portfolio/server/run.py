@@ -9,12 +9,12 @@ def pick_base(registry, router: str | None, base_name: str | None):
     """The base to serve: ``base_name``, else the base of the router's default (or first)
     rule's target, else the only registered base."""
     if base_name:
-        return registry.get_base(base_name)
+        return registry.bases.get(base_name)
     if router:
-        rules, _ = registry.route_rules(router)
+        rules, _ = registry.routes.rules(router)
         if rules:
-            return registry.get_base(registry.get_version(rules[-1].to).base_model)
-    bases = registry.list_bases()
+            return registry.bases.get(registry.get_version(rules[-1].to).base_model)
+    bases = registry.bases.list()
     if len(bases) != 1:
         raise InvalidState("several bases are registered: pass --base NAME" if bases else "no base registered: `portfolio base add` first")
     return bases[0]
@@ -32,7 +32,7 @@ def serve(registry, host: str, port: int, *, router: str | None = None, base_nam
 
     base = pick_base(registry, router, base_name)
     if router:
-        registry.route_rules(router)  # fails now, not on the first request, if it does not exist
+        registry.routes.rules(router)  # fails now, not on the first request, if it does not exist
     engine = Engine(registry, base, max_adapters=max_adapters, batch_size=batch_size, device=device, log=log)
     settings = ServerSettings(router=router, api_key=api_key, max_tokens=max_tokens, max_concurrency=max_concurrency,
                               allowed_hosts=tuple(allowed_hosts))

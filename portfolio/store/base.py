@@ -102,6 +102,10 @@ class ArtifactStore(ABC):
         """Abandon one of `stale_uploads`."""
 
     # -- training work folders ----------------------------------------------------------------
+    #: The one file of a run's work folder that outlives the run's process (a resumable
+    #: checkpoint); named here because both training and `copy-store` need it.
+    CHECKPOINT_FILE = "checkpoint.safetensors"
+
     @abstractmethod
     def work_dir(self, run_id: int) -> Path:
         """The run's local work folder (created)."""

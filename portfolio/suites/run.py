@@ -59,15 +59,15 @@ def run_suites(registry, models: list[str], suites: list[str], *, batch_size: in
     from portfolio.evaluation.evaluate import resolve_models
 
     resolved, base = resolve_models(registry, models)
-    snaps = [registry.get_suite(s) for s in suites]
-    parsed = {s.ref: registry.suite_cases(s.ref) for s in snaps}
+    snaps = [registry.suites.get(s) for s in suites]
+    parsed = {s.ref: registry.suites.cases(s.ref) for s in snaps}
     scores: dict[tuple[str, str], SuiteScore] = {}
     pending: list[tuple[str, str | None, str, str, dict[str, Any]]] = []
     for label, _, serving in resolved:
         for snap in snaps:
             settings = {"max_new_tokens": parsed[snap.ref].max_new_tokens, "greedy": True}
             key = suite_eval_key(base.weights_sha256, serving, snap.sha256, settings)
-            stored = registry.find_suite_result(key)
+            stored = registry.suites.find_result(key)
             if stored is not None:
                 scores[(label, snap.ref)] = SuiteScore(label, snap.ref, stored.metrics, stored.cases, True)
             else:
@@ -121,7 +121,7 @@ def _compute(registry, base, pending, parsed: dict[str, Suite], batch_size, devi
             results = [judge_case(case, outputs.get((label, ref, case.id)), choices.get((label, ref, case.id)), suite.refusal_patterns)
                        for case in suite.cases]
             metrics = summarize_by_slice(results)
-            registry.record_suite_result(label, ref, key, settings, metrics, results, code_version=str(SUITES_VERSION))
+            registry.suites.record_result(label, ref, key, settings, metrics, results, code_version=str(SUITES_VERSION))
             scores[(label, ref)] = SuiteScore(label, ref, metrics, results, False)
 
 

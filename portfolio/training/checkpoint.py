@@ -18,9 +18,10 @@ from typing import Any
 import torch
 
 from portfolio.errors import InvalidState
+from portfolio.store.base import ArtifactStore
 
 FORMAT = "portfolio-checkpoint/1"
-FILENAME = "checkpoint.safetensors"
+FILENAME = ArtifactStore.CHECKPOINT_FILE
 
 
 def save_checkpoint(path: Path, step: int, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,

@@ -28,6 +28,7 @@ from portfolio.data.replay import replay_counts, reservoir_sample
 from portfolio.data.splits import split_rows
 from portfolio.data.tokenize import Example, encode_rows
 from portfolio.errors import AdapterNotFound, InvalidDataset, InvalidState
+from portfolio.export import export_version
 from portfolio.registry.entities import AdapterVersion, DatasetSnapshot
 from portfolio.registry.registry import DataSpec, EvalSpec, ParentSpec, Registry
 from portfolio.training.checkpoint import FILENAME as CHECKPOINT_FILE, checkpoint_step
@@ -90,8 +91,8 @@ def _shape(cfg: TrainConfig, parent: AdapterVersion | None, base: str, base_modu
 def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
     """Resolve every reference and default; raise on anything that would fail later."""
     notes: list[str] = []
-    snapshot = registry.get_snapshot(cfg.data)
-    registry.check_usable([snapshot.ref] + list(cfg.replay_from or []), "training or replay")
+    snapshot = registry.data.get(cfg.data)
+    registry.governance.check_usable([snapshot.ref] + list(cfg.replay_from or []), "training or replay")
     try:
         existing = registry.list_versions(adapter=cfg.adapter)
     except AdapterNotFound:
@@ -103,7 +104,7 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
         raise InvalidTrainConfig(f"adapter {cfg.adapter!r} is new: name its base model with --base")
     if existing and existing[0].base_model != base:
         raise InvalidTrainConfig(f"adapter {cfg.adapter!r} is built on {existing[0].base_model!r}, not {base!r}")
-    base_modules = registry.base_modules(base)
+    base_modules = registry.bases.modules(base)
 
     if parent is None and existing:
         active = [v for v in existing if v.status == "active"]
@@ -116,9 +117,9 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
     # edges) and, with replay edges, the retention set's strata (`retention_strata`)
     upstream = [(d.snapshot, d.role) for d in registry.lineage(parent.ref).data if d.role in ("train", "replay")] if parent else []
     if cfg.replay_from:
-        sources = registry.get_snapshots(cfg.replay_from)
+        sources = registry.data.get_many(cfg.replay_from)
     elif parent is not None:
-        sources = registry.get_snapshots(list(dict.fromkeys(ref for ref, role in upstream if role == "train")))
+        sources = registry.data.get_many(list(dict.fromkeys(ref for ref, role in upstream if role == "train")))
     else:
         sources = []
     sources = [s for s in sources if s.ref != snapshot.ref]
@@ -145,7 +146,7 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
         replay_from=[s.ref for s in sources], replay_ratio=cfg.replay_ratio if sources else 0.0,
         kl_weight=kl_weight if replaying else 0.0,
     )
-    revoked = {s.ref for s in registry.get_snapshots(list(dict.fromkeys(ref for ref, _ in upstream))) if s.revoked}
+    revoked = {s.ref for s in registry.data.get_many(list(dict.fromkeys(ref for ref, _ in upstream))) if s.revoked}
     return Plan(cfg, snapshot, sources, parent, notes, [ref for ref in dict.fromkeys(ref for ref, _ in upstream) if ref not in revoked])
 
 
@@ -171,7 +172,7 @@ def prepare_data(registry: Registry, plan: Plan, tokenizer: Any) -> Prepared:
     held-out split of every snapshot involved instead of the retention set)."""
     cfg = plan.cfg
     snapshots = [plan.snapshot] + plan.replay_sources
-    splits = {s.ref: split_rows(registry.snapshot_rows(s)) for s in snapshots}
+    splits = {s.ref: split_rows(registry.data.rows(s)) for s in snapshots}
     train_rows, heldout_rows = splits[plan.snapshot.ref]
     if not heldout_rows:  # nothing to judge the new version on: refused before a run is recorded
         raise InvalidDataset(f"{plan.snapshot.ref} has no held-out rows to score ({len(train_rows)} row); a snapshot to train "
@@ -198,12 +199,12 @@ def prepare_data(registry: Registry, plan: Plan, tokenizer: Any) -> Prepared:
     retention = None
     strata = [] if cfg.full_eval else retention_strata(plan)
     if strata:
-        rset = registry.retention_set(cfg.adapter, strata)
+        rset = registry.retention.build(cfg.adapter, strata)
         examples = []
         members = rset.restricted(strata)
-        for snap in registry.get_snapshots(list(members)):
+        for snap in registry.data.get_many(list(members)):
             keep = set(members[snap.ref])
-            rows = splits[snap.ref][1] if snap.ref in splits else split_rows(registry.snapshot_rows(snap))[1]
+            rows = splits[snap.ref][1] if snap.ref in splits else split_rows(registry.data.rows(snap))[1]
             examples += encode_rows([r for r in rows if r["row"] in keep], snap.format, tokenizer, cfg.seq_len, pack=False)
         retention = (rset.ref, examples)
     return Prepared(fresh, replay, heldout, retention)
@@ -240,14 +241,14 @@ def train_adapter(
         log(note)
     cfg = plan.cfg
 
-    base = registry.get_base(cfg.base)
+    base = registry.bases.get(cfg.base)
     folder, _ = model_folder(base, log)
     tokenizer = load_tokenizer(folder)
     data = prepare_data(registry, plan, tokenizer)
     schedule = make_schedule(len(data.fresh), len(data.replay), cfg)
 
     if resume is None:
-        run_id = registry.start_run("train", cfg.adapter, cfg.to_dict(), seed=cfg.seed).id
+        run_id = registry.runs.start("train", cfg.adapter, cfg.to_dict(), seed=cfg.seed).id
         log(f"run {run_id}: {schedule.steps} steps of {cfg.batch_size}×{cfg.seq_len} on {cfg.data}"
             + (f", replay {cfg.replay_ratio:.0%} from {', '.join(cfg.replay_from)}" if cfg.replay_ratio else "")
             + (f", KL weight {cfg.kl_weight:g}" if cfg.kl_weight else ""))
@@ -278,10 +279,10 @@ def train_adapter(
         }
         version = _register(registry, plan, data, result, lora_folder, run_id, metrics, evals, schedule.steps)
     except KeyboardInterrupt:
-        registry.update_run(run_id, status="interrupted", error="interrupted (Ctrl-C)")
+        registry.runs.update(run_id, status="interrupted", error="interrupted (Ctrl-C)")
         raise InvalidState(f"run {run_id} interrupted; continue it with `portfolio train --resume {run_id}`") from None
     except Exception as exc:
-        registry.update_run(run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        registry.runs.update(run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     shutil.rmtree(workdir, ignore_errors=True)
     return TrainOutcome(version, run_id, parent_name, report, metrics)
@@ -296,7 +297,7 @@ def _new_plan(registry: Registry, cfg: TrainConfig | None) -> Plan:
 def _resumable_plan(registry: Registry, resume: int, log: Callable[[str], None]) -> Plan:
     """The plan of an interrupted run, re-derived from its stored config and checked to be
     unchanged; the run is claimed for this process."""
-    run = registry.get_run(resume)
+    run = registry.runs.get(resume)
     if run.kind != "train":
         raise InvalidState(f"run {resume} is a {run.kind} run, not a training run")
     if run.status == "succeeded":
@@ -307,7 +308,7 @@ def _resumable_plan(registry: Registry, resume: int, log: Callable[[str], None])
     plan = plan_training(registry, cfg)
     if plan.cfg.to_dict() != cfg.to_dict():
         raise InvalidState(f"run {resume} can no longer be resumed: its inputs changed in the registry")
-    registry.claim_run(resume)
+    registry.runs.claim(resume)
     log(f"resuming run {resume}")
     return plan
 
@@ -322,7 +323,7 @@ def _build_model(registry: Registry, plan: Plan, base, workdir: Path, device, lo
     cfg = plan.cfg
     model, _ = load_base(base, log=log)
     if plan.parent is not None:
-        parent_dir = registry.export(plan.parent.ref, Path(tempfile.mkdtemp(dir=workdir)) / "parent", card=False)
+        parent_dir = export_version(registry, plan.parent.ref, Path(tempfile.mkdtemp(dir=workdir)) / "parent", card=False)
         model = PeftModel.from_pretrained(model, parent_dir, adapter_name="default", is_trainable=True)
         model.load_adapter(parent_dir, adapter_name="parent", is_trainable=False)
         model.set_adapter("default")
@@ -366,7 +367,7 @@ def _run_loop(registry: Registry, model, plan: Plan, data: Prepared, schedule, p
         model, data.fresh, data.replay, plan.cfg, schedule, pad_id, checkpoint,
         parent_logits=parent_logits, on_step=step_hook, should_stop=should_stop, run_id=run_id,
         on_checkpoint=lambda step: (registry.store.push_work(run_id, checkpoint),
-                                    registry.update_run(run_id, heartbeat=True, metrics={"checkpoint_step": step})),
+                                    registry.runs.update(run_id, heartbeat=True, metrics={"checkpoint_step": step})),
     )
     bar.close()
     return result, resumed_from
@@ -405,7 +406,7 @@ def _score(registry: Registry, model, plan: Plan, data: Prepared, base, lora_fol
         if row_ids is not None:  # a whole held-out split: recorded as evaluations of the snapshot
             for j, who in enumerate((None, parent_name)):
                 key = eval_key(base.weights_sha256, digests[who], snapshot_sha[ref], row_ids, cfg.seq_len)
-                if who is not None and registry.find_evaluation(key) is not None:
+                if who is not None and registry.evaluations.find(key) is not None:
                     continue  # the parent's own run (or a revalidation) already stored it
                 m = (new, old)[j]
                 evals.append(EvalSpec(who, ref, {k: v for k, v in m.items() if k != "n_tokens"}, int(m["n_tokens"]),

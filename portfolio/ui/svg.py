@@ -57,36 +57,48 @@ def generations(lin: Lineage) -> dict[str, int]:
 
 def lineage_svg(lin: Lineage, version_href: Callable[[str], str], snapshot_href: Callable[[str], str]) -> str:
     """The lineage as an SVG graph; every version and snapshot node is a link."""
+    nodes, links, bottom = _lineage_graph(lin)
+    xy, width, height = _layout(nodes, links, bottom)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="lineage" width="{width:.0f}" height="{height:.0f}" '
+           f'viewBox="0 0 {width:.0f} {height:.0f}" role="img" aria-label="lineage of {escape(lin.root)}">',
+           '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse">'
+           '<path d="M0,0 L10,5 L0,10 z" fill="#6b7280"/></marker></defs>']
+    out += [_edge(xy[src], xy[dst], label, style) for src, dst, label, style in links]
+    out += [_node(n, xy[key], lin.root, version_href, snapshot_href) for key, n in nodes.items()]
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _lineage_graph(lin: Lineage) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str, str, str]], int]:
+    """(nodes keyed ``v:``/``d:``/``b:`` with their layer, links (from what was used, to what
+    was made, label, style), the bottom layer, where the base sits)."""
     versions = {v.ref: v for v in lin.versions}
     layer = generations(lin)
     for ref in versions:  # anything the edges did not reach (should not happen) goes on top
         layer.setdefault(ref, 0)
-    order = list(layer)  # the order the walk met them
     data_users: dict[str, list[Any]] = defaultdict(list)
     for d in lin.data:
         if d.version in versions:
             data_users[d.snapshot].append(d)
     nodes: dict[str, dict[str, Any]] = {}
-    for ref in order:
-        v = versions[ref]
-        nodes["v:" + ref] = {"layer": layer[ref], "kind": "version", "obj": v}
+    for ref in layer:  # the order the walk met them
+        nodes["v:" + ref] = {"layer": layer[ref], "kind": "version", "obj": versions[ref]}
     for snap, edges in data_users.items():
         nodes["d:" + snap] = {"layer": max(layer[e.version] for e in edges) + 1, "kind": "data", "obj": edges[0]}
     bottom = max((n["layer"] for n in nodes.values()), default=0) + 1
-    has_parent = {p.child for p in lin.parents if p.parent in versions}
-    roots = [ref for ref in versions if ref not in has_parent]
     nodes["b:" + lin.base_model.name] = {"layer": bottom, "kind": "base", "obj": lin.base_model}
+    links = [("v:" + p.parent, "v:" + p.child, p.relation, "parent") for p in lin.parents
+             if "v:" + p.parent in nodes and "v:" + p.child in nodes]
+    links += [("d:" + snap, "v:" + e.version, f"{e.role} · {e.n_rows} rows", e.role) for snap, edges in data_users.items() for e in edges]
+    has_parent = {p.child for p in lin.parents if p.parent in versions}
+    links += [("b:" + lin.base_model.name, "v:" + ref, "base", "base") for ref in versions if ref not in has_parent]
+    return nodes, links, bottom
 
-    links: list[tuple[str, str, str, str]] = []  # (from, to, label, style): from = what was used
-    for p in lin.parents:
-        if "v:" + p.parent in nodes and "v:" + p.child in nodes:
-            links.append(("v:" + p.parent, "v:" + p.child, p.relation, "parent"))
-    for snap, edges in data_users.items():
-        for e in edges:
-            links.append(("d:" + snap, "v:" + e.version, f"{e.role} · {e.n_rows} rows", e.role))
-    for ref in roots:
-        links.append(("b:" + lin.base_model.name, "v:" + ref, "base", "base"))
 
+def _layout(nodes: dict[str, dict[str, Any]], links: list[tuple[str, str, str, str]], bottom: int
+            ) -> tuple[dict[str, tuple[float, float]], float, float]:
+    """Each node's top-left corner, layer by layer, each layer ordered by the mean position of
+    what it links to above (fewer crossings); and the drawing's width and height."""
     layers: dict[int, list[str]] = defaultdict(list)
     for key, n in nodes.items():
         layers[n["layer"]].append(key)
@@ -106,53 +118,52 @@ def lineage_svg(lin: Lineage, version_href: Callable[[str], str], snapshot_href:
     height = PAD * 2 + (bottom + 1) * NODE_H + bottom * GAP_Y
     xy: dict[str, tuple[float, float]] = {}
     for depth, keys in layers.items():
-        row_w = len(keys) * NODE_W + (len(keys) - 1) * GAP_X
-        x0 = (width - row_w) / 2
+        x0 = (width - (len(keys) * NODE_W + (len(keys) - 1) * GAP_X)) / 2
         for i, key in enumerate(keys):
             xy[key] = (x0 + i * (NODE_W + GAP_X), PAD + depth * (NODE_H + GAP_Y))
+    return xy, width, height
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="lineage" width="{width:.0f}" height="{height:.0f}" '
-           f'viewBox="0 0 {width:.0f} {height:.0f}" role="img" aria-label="lineage of {escape(lin.root)}">',
-           '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse">'
-           '<path d="M0,0 L10,5 L0,10 z" fill="#6b7280"/></marker></defs>']
-    for src, dst, label, style in links:
-        (sx, sy), (dx, dy) = xy[src], xy[dst]
-        x1, y1, x2, y2 = sx + NODE_W / 2, sy, dx + NODE_W / 2, dy + NODE_H
-        mid = (y1 + y2) / 2
-        dash = ' stroke-dasharray="5,4"' if style in ("replay", "base", "eval") else ""
-        color = {"train": "#2563eb", "replay": "#7c3aed", "parent": "#374151"}.get(style, "#9ca3af")
-        out.append(f'<path class="edge edge-{escape(style)}" d="M{x1:.1f},{y1:.1f} C{x1:.1f},{mid:.1f} {x2:.1f},{mid:.1f} {x2:.1f},{y2:.1f}" '
-                   f'fill="none" stroke="{color}" stroke-width="1.4"{dash} marker-end="url(#arrow)"/>')
-        out.append(_text((x1 + x2) / 2 + 4, mid - 3, label, 10, anchor="start", fill="#4b5563", cls="edge-label"))
-    for key, n in nodes.items():
-        x, y = xy[key]
-        obj = n["obj"]
-        if n["kind"] == "version":
-            fill = "#fee2e2" if obj.tainted else STATUS_FILL.get(obj.status, "#ffffff")
-            stroke = "#1d4ed8" if obj.ref == lin.root else "#6b7280"
-            alias = f" ({', '.join(obj.aliases)})" if obj.aliases else ""
-            flags = " · TAINTED" if obj.tainted else " · drifted" if obj.drifted else ""
-            out.append(f'<a href="{escape(version_href(obj.ref))}" class="node node-version" data-ref="{escape(obj.ref)}">'
-                       f'<rect x="{x:.1f}" y="{y:.1f}" width="{NODE_W}" height="{NODE_H}" rx="6" fill="{fill}" stroke="{stroke}" '
-                       f'stroke-width="{2.2 if obj.ref == lin.root else 1}"/>'
-                       + _text(x + NODE_W / 2, y + 20, _clip(obj.ref + alias), 12, "bold")
-                       + _text(x + NODE_W / 2, y + 37, _clip(f"{obj.status} · {obj.kind} r={obj.rank}{flags}", 32), 10, fill="#374151")
-                       + "</a>")
-        elif n["kind"] == "data":
-            state = " · PURGED" if obj.purged else " · REVOKED" if obj.revoked else ""
-            fill = "#fecaca" if obj.revoked else "#e0f2fe"
-            out.append(f'<a href="{escape(snapshot_href(obj.snapshot))}" class="node node-data" data-ref="{escape(obj.snapshot)}">'
-                       f'<rect x="{x:.1f}" y="{y:.1f}" width="{NODE_W}" height="{NODE_H}" rx="14" fill="{fill}" stroke="#0369a1"/>'
-                       + _text(x + NODE_W / 2, y + 20, _clip(f"{obj.snapshot} [{obj.domain}]"), 12, "bold")
-                       + _text(x + NODE_W / 2, y + 37, f"sha256 {obj.sha256[:16]}{state}", 10, fill="#374151", cls="sha")
-                       + "</a>")
-        else:
-            out.append(f'<g class="node node-base"><rect x="{x:.1f}" y="{y:.1f}" width="{NODE_W}" height="{NODE_H}" rx="2" '
-                       f'fill="#f5f5f4" stroke="#57534e"/>'
-                       + _text(x + NODE_W / 2, y + 20, _clip(f"base {obj.name}"), 12, "bold")
-                       + _text(x + NODE_W / 2, y + 37, f"sha256 {obj.weights_sha256[:16]}", 10, fill="#374151") + "</g>")
-    out.append("</svg>")
-    return "".join(out)
+
+def _edge(src: tuple[float, float], dst: tuple[float, float], label: str, style: str) -> str:
+    """One labelled curve from what was used (below) up to what was made from it."""
+    (sx, sy), (dx, dy) = src, dst
+    x1, y1, x2, y2 = sx + NODE_W / 2, sy, dx + NODE_W / 2, dy + NODE_H
+    mid = (y1 + y2) / 2
+    dash = ' stroke-dasharray="5,4"' if style in ("replay", "base", "eval") else ""
+    color = {"train": "#2563eb", "replay": "#7c3aed", "parent": "#374151"}.get(style, "#9ca3af")
+    return (f'<path class="edge edge-{escape(style)}" d="M{x1:.1f},{y1:.1f} C{x1:.1f},{mid:.1f} {x2:.1f},{mid:.1f} {x2:.1f},{y2:.1f}" '
+            f'fill="none" stroke="{color}" stroke-width="1.4"{dash} marker-end="url(#arrow)"/>'
+            + _text((x1 + x2) / 2 + 4, mid - 3, label, 10, anchor="start", fill="#4b5563", cls="edge-label"))
+
+
+def _node(n: dict[str, Any], at: tuple[float, float], root: str, version_href: Callable[[str], str],
+          snapshot_href: Callable[[str], str]) -> str:
+    """One box: a version (a link, coloured by status, red when tainted), a snapshot (a link,
+    red when revoked) or the base."""
+    (x, y), obj = at, n["obj"]
+    if n["kind"] == "version":
+        fill = "#fee2e2" if obj.tainted else STATUS_FILL.get(obj.status, "#ffffff")
+        stroke = "#1d4ed8" if obj.ref == root else "#6b7280"
+        alias = f" ({', '.join(obj.aliases)})" if obj.aliases else ""
+        flags = " · TAINTED" if obj.tainted else " · drifted" if obj.drifted else ""
+        return (f'<a href="{escape(version_href(obj.ref))}" class="node node-version" data-ref="{escape(obj.ref)}">'
+                f'<rect x="{x:.1f}" y="{y:.1f}" width="{NODE_W}" height="{NODE_H}" rx="6" fill="{fill}" stroke="{stroke}" '
+                f'stroke-width="{2.2 if obj.ref == root else 1}"/>'
+                + _text(x + NODE_W / 2, y + 20, _clip(obj.ref + alias), 12, "bold")
+                + _text(x + NODE_W / 2, y + 37, _clip(f"{obj.status} · {obj.kind} r={obj.rank}{flags}", 32), 10, fill="#374151")
+                + "</a>")
+    if n["kind"] == "data":
+        state = " · PURGED" if obj.purged else " · REVOKED" if obj.revoked else ""
+        fill = "#fecaca" if obj.revoked else "#e0f2fe"
+        return (f'<a href="{escape(snapshot_href(obj.snapshot))}" class="node node-data" data-ref="{escape(obj.snapshot)}">'
+                f'<rect x="{x:.1f}" y="{y:.1f}" width="{NODE_W}" height="{NODE_H}" rx="14" fill="{fill}" stroke="#0369a1"/>'
+                + _text(x + NODE_W / 2, y + 20, _clip(f"{obj.snapshot} [{obj.domain}]"), 12, "bold")
+                + _text(x + NODE_W / 2, y + 37, f"sha256 {obj.sha256[:16]}{state}", 10, fill="#374151", cls="sha")
+                + "</a>")
+    return (f'<g class="node node-base"><rect x="{x:.1f}" y="{y:.1f}" width="{NODE_W}" height="{NODE_H}" rx="2" '
+            f'fill="#f5f5f4" stroke="#57534e"/>'
+            + _text(x + NODE_W / 2, y + 20, _clip(f"base {obj.name}"), 12, "bold")
+            + _text(x + NODE_W / 2, y + 37, f"sha256 {obj.weights_sha256[:16]}", 10, fill="#374151") + "</g>")
 
 
 def _color(goodness: float) -> str:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from portfolio.errors import PortfolioError
-from portfolio.evaluation.retention import DEFAULT_RETENTION_SEED, DEFAULT_RETENTION_SIZE, MAX_RETENTION_SIZE
+from portfolio.policy.retention import DEFAULT_RETENTION_SEED, DEFAULT_RETENTION_SIZE, MAX_RETENTION_SIZE
 
 LOWER_IS_BETTER = {"loss": True, "perplexity": True, "accuracy": False}
 EPS = 1e-9  # a change exactly at the limit passes, whatever the float rounding
@@ -56,7 +56,7 @@ class GatePolicy:
     retention: list[str] = field(default_factory=list)
     confidence: float = DEFAULT_CONFIDENCE
     suite_criteria: dict[str, Any] | None = None
-    retention_size: int = DEFAULT_RETENTION_SIZE  # rows in the bounded retention set (evaluation/retention.py)
+    retention_size: int = DEFAULT_RETENTION_SIZE  # rows in the bounded retention set (policy/retention.py)
     retention_seed: int = DEFAULT_RETENTION_SEED
 
     @property
