@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install browser demo test test-sqlite bench screenshots study clean
+.PHONY: install browser engines demo test test-sqlite bench screenshots study clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,7 +37,18 @@ browser:
 	    echo "could not install chromium: the browser tests will skip"; \
 	  else echo "no chromium and not root: the browser tests will skip"; fi; }
 
-test: install browser
+# llama.cpp through llama-cpp-python (an sdist: a C++ build of several minutes on two cores, the
+# first time; pip keeps the wheel in its cache, so later installs take seconds). The engine
+# tests skip without it, except in CI (PORTFOLIO_REQUIRE_ENGINES=1).
+$(VENV)/.engines: | $(VENV)/.installed
+	@echo "building llama-cpp-python (first time: several minutes; pip caches the wheel)"
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+	  $(BIN)/pip install -q 'llama-cpp-python>=0.3.16'
+	touch $@
+
+engines: $(VENV)/.engines
+
+test: install browser engines
 	$(BIN)/python -m pytest -q
 
 # Screenshots of the dashboard for docs/ (taken by the browser tests themselves).

@@ -132,6 +132,7 @@ class Generation:
     text: str
     new_tokens: int
     seconds: float
+    token_ids: list[int] = field(default_factory=list)  # the new tokens, to compare engines token by token
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for --json."""
@@ -178,4 +179,4 @@ def generate(
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=rt.pad_id, **sampling)
         new = out[0, inputs["input_ids"].shape[1]:]
         text = tokenizer.decode(new, skip_special_tokens=True).strip()
-        return Generation(ref, prompt, text, int(new.numel()), time.perf_counter() - start)
+        return Generation(ref, prompt, text, int(new.numel()), time.perf_counter() - start, new.tolist())

@@ -92,8 +92,8 @@ LAYERS = [
                     "portfolio.adapter_files", "portfolio.basemodel", "portfolio.webhook_http", "portfolio.web_guard"]),
     ("registry", ["portfolio.registry"]),
     ("models", ["portfolio.runtime", "portfolio.modeling", "portfolio.serving", "portfolio.compose", "portfolio.model_card",
-                "portfolio.export", "portfolio.lineage_format"]),
-    ("workflows", ["portfolio.evaluation", "portfolio.suites", "portfolio.training"]),
+                "portfolio.export", "portfolio.gguf_lora", "portfolio.lineage_format"]),
+    ("workflows", ["portfolio.evaluation", "portfolio.suites", "portfolio.training", "portfolio.engines"]),
     ("services", ["portfolio.scheduler", "portfolio.server", "portfolio.ui"]),
     ("entry points", ["portfolio.cli", "portfolio.__main__", "portfolio"]),
 ]

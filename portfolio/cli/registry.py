@@ -311,13 +311,15 @@ def deprecate(ctx: click.Context, ref: str, reason: str, successor: str | None) 
 @cli.command()
 @click.argument("ref")
 @click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--format", "format_", type=click.Choice(["peft", "gguf"]), default="peft", show_default=True,
+              help="peft: a folder PeftModel.from_pretrained and vLLM load; gguf: adapter.gguf for llama.cpp plus an Ollama Modelfile")
 @click.pass_context
-def export(ctx: click.Context, ref: str, dest: str) -> None:
-    """Write a version as a PEFT folder that PeftModel.from_pretrained and vLLM load."""
+def export(ctx: click.Context, ref: str, dest: str, format_: str) -> None:
+    """Write a version (with its model card) for the engine that serves it."""
     from portfolio.export import export_version
 
-    path = export_version(_registry(ctx), ref, dest)
-    click.echo(f"exported {ref} to {path}")
+    path = export_version(_registry(ctx), ref, dest, format=format_)
+    click.echo(f"exported {ref} to {path}" + (" (adapter.gguf, Modelfile)" if format_ == "gguf" else ""))
 
 
 @cli.group("runs", invoke_without_command=True)

@@ -6,7 +6,7 @@ import ipaddress
 
 import click
 
-from portfolio.cli._base import _registry, cli
+from portfolio.cli._base import _emit_json, _registry, cli, json_option
 from portfolio.training.config import DEVICES
 
 
@@ -43,3 +43,30 @@ def serve(ctx: click.Context, host: str, port: int, router: str | None, base_nam
     run_server(_registry(ctx), host, port, router=router, base_name=base_name, api_key=api_key, max_adapters=max_adapters,
                batch_size=batch_size, max_tokens=max_tokens, max_concurrency=max_concurrency, device=device,
                allowed_hosts=allowed_hosts, log=lambda m: click.echo(m, err=True))
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--engine", type=click.Choice(["llamacpp"]), default="llamacpp", show_default=True,
+              help="The engine to compare with: llama.cpp over the base's GGUF as shipped, with the version's GGUF adapter.")
+@click.option("--prompts", "prompts_file", type=click.File("r", encoding="utf-8"), default=None,
+              help="One prompt per line (default: a fixed set of 12 varied prompts).")
+@click.option("--max-new-tokens", type=click.IntRange(1, 512), default=16, show_default=True)
+@json_option
+@click.pass_context
+def parity(ctx: click.Context, ref: str, engine: str, prompts_file, max_new_tokens: int, as_json: bool) -> None:
+    """Compare REF's greedy answers in a serving engine with portfolio's reference model,
+    token by token (REF: a version, or base:NAME)."""
+    from portfolio.engines.parity import llamacpp_parity
+
+    prompts = [line.rstrip("\n").replace("\\n", "\n") for line in prompts_file if line.strip()] if prompts_file else None
+    report = llamacpp_parity(_registry(ctx), ref, prompts, max_new_tokens, log=lambda *_: None)
+    if as_json:
+        _emit_json(report.to_dict())
+        return
+    click.echo(f"{ref} on {engine} over {report.base_file}: {report.identical_share:.0%} of prompts token-identical, "
+               f"{report.token_share:.0%} of tokens before the first difference")
+    for p in report.prompts:
+        where = "identical" if p.first_difference is None else f"differs at token {p.first_difference}"
+        click.echo(f"  {where:>20}  {p.prompt[:40]!r} -> {p.reference_text[:60]!r}"
+                   + ("" if p.first_difference is None else f" | engine {p.engine_text[:60]!r}"))

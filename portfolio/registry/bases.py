@@ -4,6 +4,7 @@ identified by the sha256 of its weights."""
 from __future__ import annotations
 
 import os
+from typing import Any
 from dataclasses import asdict
 
 import sqlalchemy as sa
@@ -59,3 +60,8 @@ class Bases(Namespace):
         """The base's linear layers, ``name -> [out, in]``."""
         with self._read() as session:
             return dict(queries.base_row(session, name).modules)
+
+    def config(self, name: str) -> dict[str, Any]:
+        """The base's Hugging Face config, as recorded when it was registered."""
+        with self._read() as session:
+            return dict(queries.base_row(session, name).config)
