@@ -43,7 +43,7 @@ browser:
 $(VENV)/.engines: | $(VENV)/.installed
 	@echo "building llama-cpp-python (first time: several minutes; pip caches the wheel)"
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF" \
-	  $(BIN)/pip install -q 'llama-cpp-python>=0.3.16'
+	  $(BIN)/pip install -q 'llama-cpp-python==0.3.36'
 	touch $@
 
 engines: $(VENV)/.engines

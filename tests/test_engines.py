@@ -120,11 +120,14 @@ def test_llama_cpp_answers_like_portfolio_generate_over_the_q4_1_base(llama_cpp_
         peft_model.save_pretrained(tmp_path / "adapter", safe_serialization=True)
         v = reg.import_adapter("noisy", tmp_path / "adapter", base="smollm2-135m")
         quiet = lambda *_: None  # noqa: E731
-        adapted = llamacpp_parity(reg, v.ref, max_new_tokens=12, log=quiet)
-        plain = llamacpp_parity(reg, "base:smollm2-135m", max_new_tokens=12, log=quiet)
+        adapted = llamacpp_parity(reg, v.ref, max_new_tokens=16, log=quiet)
+        plain = llamacpp_parity(reg, "base:smollm2-135m", max_new_tokens=16, log=quiet)
+    # measured (docs/benchmarks.md): 89% and 55% of tokens before the first difference; a wrong
+    # Q/K permutation or scale in the adapter would send the adapted answers off at once
+    assert adapted.token_share >= 0.6, adapted.to_dict()
+    assert plain.token_share >= 0.35, plain.to_dict()
+    assert sum(p.first_difference != 0 for p in adapted.prompts) >= 0.75 * len(adapted.prompts)
     # the adapter changes what portfolio answers, and llama.cpp follows it
-    assert any(a.reference != p.reference for a, p in zip(adapted.prompts, plain.prompts))
-    assert adapted.identical_share >= 0.5 and adapted.token_share >= 0.7, adapted.to_dict()
-    assert plain.identical_share >= 0.5, plain.to_dict()
+    changed = sum(a.reference != p.reference for a, p in zip(adapted.prompts, plain.prompts))
     moved = sum(a.engine != p.engine for a, p in zip(adapted.prompts, plain.prompts))
-    assert moved >= sum(a.reference != p.reference for a, p in zip(adapted.prompts, plain.prompts)) // 2
+    assert changed >= len(adapted.prompts) // 2 and moved >= changed // 2
