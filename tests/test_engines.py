@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from conftest import cli_invoker, make_lora
-from portfolio.export import export_version
 from portfolio.gguf_lora import permute_rows
 
 REQUIRE = os.environ.get("PORTFOLIO_REQUIRE_ENGINES") == "1"
@@ -99,15 +98,19 @@ def llama_cpp_ok():
         pytest.skip(problem)
 
 
-def test_llama_cpp_answers_like_portfolio_generate_over_the_q4_1_base(llama_cpp_ok, tmp_path):
+@pytest.fixture(scope="module")
+def smollm2_world(llama_cpp_ok, tmp_path_factory):
+    """A registry (SQLite) with the embedded base, a random rank-8 adapter version on every
+    linear layer and a small suite of generated and choice cases."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from portfolio import Registry
-    from portfolio.engines.parity import llamacpp_parity
     from portfolio.modeling import load_base
 
-    with Registry.open(f"sqlite:///{tmp_path}/r.db", tmp_path / "store") as reg:
+    root = tmp_path_factory.mktemp("smollm2")
+    db, store = f"sqlite:///{root}/r.db", root / "store"
+    with Registry.open(db, store) as reg:
         base, _ = reg.bases.add("smollm2-135m")
         model, _ = load_base(base, log=lambda *_: None)
         torch.manual_seed(3)
@@ -117,10 +120,66 @@ def test_llama_cpp_answers_like_portfolio_generate_over_the_q4_1_base(llama_cpp_
             for name, param in peft_model.named_parameters():
                 if "lora_B" in name:
                     param.normal_(0, 0.02)
-        peft_model.save_pretrained(tmp_path / "adapter", safe_serialization=True)
-        v = reg.import_adapter("noisy", tmp_path / "adapter", base="smollm2-135m")
-        quiet = lambda *_: None  # noqa: E731
-        adapted = llamacpp_parity(reg, v.ref, max_new_tokens=16, log=quiet)
+        peft_model.save_pretrained(root / "adapter", safe_serialization=True)
+        reg.import_adapter("noisy", root / "adapter", base="smollm2-135m")
+        lines = [{"suite": {"max_new_tokens": 12}}]
+        lines += [{"id": f"gen-{i}", "prompt": p, "checks": [{"kind": "contains", "value": v}]} for i, (p, v) in enumerate([
+            ("What is the capital of France?", "Paris"), ("Name a primary color.", "red"), ("What is 2 + 2?", "4"),
+            ("Say hello.", "ello"), ("What language is spoken in Spain?", "Spanish"), ("Name a planet.", "Mars")])]
+        lines += [{"id": f"choice-{i}", "prompt": q, "checks": [{"kind": "choice", "options": o, "answer": 0}]} for i, (q, o) in enumerate([
+            ("Is the sky blue on a clear day?", ["yes", "no"]), ("Is fire cold?", ["no", "yes"]),
+            ("Which is a fruit?", ["apple", "chair"]), ("Which is bigger?", ["the sun", "a pea"])])]
+        (root / "suite.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+        reg.suites.add("sanity", root / "suite.jsonl")
+    return {"db": db, "store": store, "run": cli_invoker(db, store)}
+
+
+def test_suites_run_on_llama_cpp_and_are_stored_beside_the_reference(smollm2_world):
+    run = smollm2_world["run"]
+    served = json.loads(run("eval", "noisy@1", "base:smollm2-135m", "--suite", "sanity@1", "--engine", "llamacpp", "--json").stdout)
+    reference = json.loads(run("eval", "noisy@1", "--suite", "sanity@1", "--json").stdout)
+    [ref_noisy] = reference["suites"]
+    assert {r["engine"] for r in served["suites"]} == {"llamacpp:Q4_1"} and ref_noisy["engine"] is None
+    assert not any(r["reused"] for r in served["suites"])
+    noisy = next(r for r in served["suites"] if r["model"] == "noisy@1")
+    assert noisy["metrics"]["overall"]["n"] == 10 and 0 <= noisy["metrics"]["overall"]["pass_rate"] <= 1
+    # the engine gave choice log-probabilities too: every choice case has a prediction
+    cases = json.loads(run("suite", "results", "noisy@1", "--suite", "sanity@1", "--engine", "llamacpp", "--json").stdout)
+    assert cases["engine"] == "llamacpp:Q4_1"
+    assert all(c["choice"] and abs(sum(c["choice"]["probs"]) - 1) < 1e-6 for c in cases["cases"] if c["id"].startswith("choice"))
+    assert all(c["output"] for c in cases["cases"] if c["id"].startswith("gen"))
+    # identical inputs on the same engine are reused; the reference result is still its own
+    again = json.loads(run("eval", "noisy@1", "--suite", "sanity@1", "--engine", "llamacpp:Q4_1", "--json").stdout)
+    assert again["suites"][0]["reused"] and again["suites"][0]["metrics"] == noisy["metrics"]
+    shown = run("suite", "show", "sanity@1").output
+    assert "noisy@1 on llamacpp:Q4_1" in shown and "base:smollm2-135m on llamacpp:Q4_1" in shown
+    matrix = json.loads(run("matrix", "--metric", "pass_rate", "--json").stdout)
+    assert "noisy@1" in matrix["rows"] and "noisy@1 on llamacpp:Q4_1" in matrix["rows"]
+    diff = json.loads(run("diff", "noisy@1", "noisy@1", "--suite", "sanity@1", "--engine", "llamacpp", "--json").stdout)
+    assert diff["b_engine"] == "llamacpp:Q4_1" and diff["b"] == "noisy@1 on llamacpp:Q4_1"
+    refused = run("eval", "noisy@1", "--suite", "sanity@1", "--engine", "llamacpp:Q8_0", ok=False)
+    assert refused.exit_code == 1 and "Q4_1" in refused.output
+
+
+def test_promotion_runs_the_parity_gate_on_the_engine(smollm2_world):
+    run = smollm2_world["run"]
+    out = run("gate", "set", "noisy", "--suite", "sanity@1", "--allow-critical-failures", "--parity", "llamacpp",
+              "--max-parity-drop", "1.0").output
+    assert "served pass rate ≤100% below the reference model's (on llamacpp)" in out
+    promoted = run("promote", "noisy@1", ok=False)
+    [row] = [line for line in promoted.output.splitlines() if line.startswith("parity")]
+    assert "sanity@1 on llamacpp:Q4_1" in row and "n=10" in row and "drop ≤ 100%" in row and row.rstrip().endswith("pass")
+    bad = run("gate", "set", "noisy", "--suite", "sanity@1", "--parity", "vllm", "--max-parity-drop", "0.1", ok=False)
+    assert bad.exit_code == 1 and "--parity 'vllm'" in bad.output
+
+
+def test_llama_cpp_answers_like_portfolio_generate_over_the_q4_1_base(smollm2_world):
+    from portfolio import Registry
+    from portfolio.engines.parity import llamacpp_parity
+
+    quiet = lambda *_: None  # noqa: E731
+    with Registry.open(smollm2_world["db"], smollm2_world["store"]) as reg:
+        adapted = llamacpp_parity(reg, "noisy@1", max_new_tokens=16, log=quiet)
         plain = llamacpp_parity(reg, "base:smollm2-135m", max_new_tokens=16, log=quiet)
     # measured (docs/benchmarks.md): 89% and 55% of tokens before the first difference; a wrong
     # Q/K permutation or scale in the adapter would send the adapted answers off at once

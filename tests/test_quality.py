@@ -252,10 +252,13 @@ def test_every_behavioural_criterion_is_one_table_entry():
 
     kinds = [c.kind for c in CRITERIA]
     assert len(kinds) == len(set(kinds))
-    settings = [f.name for f in dataclasses.fields(SuiteCriteria) if f.name != "suites"]
+    # suites and parity_engine say where criteria apply; every other field switches one criterion
+    settings = [f.name for f in dataclasses.fields(SuiteCriteria) if f.name not in ("suites", "parity_engine")]
     assert sorted(c.setting for c in CRITERIA if c.setting) == sorted(settings)
     for c in CRITERIA:
         assert c.value(0.25) and c.limit(0.1)
     line = describe_criteria(SuiteCriteria(["s@1"], 0.9, {"risk=high": 1.0}, True, 0.05, 0.5, 0.1, 0.2).to_dict())
     assert line == ("suites s@1; pass ≥ 90%; risk=high pass ≥ 100%; every critical case passes; refusal rate rises ≤5%; "
                     "mean words change ≤ ±50%; pass rate drops ≤10%; ECE ≤0.200")
+    parity = describe_criteria(SuiteCriteria(["s@1"], parity_engine="llamacpp", max_parity_drop=0.05).to_dict())
+    assert parity.endswith("served pass rate ≤5% below the reference model's (on llamacpp)")

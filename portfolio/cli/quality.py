@@ -20,19 +20,23 @@ ALL_METRICS = ["loss", "perplexity", "accuracy", "pass_rate", "critical_failures
 @click.argument("refs", nargs=-1, required=True, metavar="REF...")
 @click.option("--data", "data", multiple=True, metavar="NAME@V", help="Snapshot whose held-out rows to score (repeatable).")
 @click.option("--suite", "suites", multiple=True, metavar="NAME@V", help="Behavioural suite to run (repeatable).")
+@click.option("--engine", default=None, metavar="ENGINE",
+              help="Run the suites on a serving engine instead of the reference model: llamacpp[:QUANT] (over the base's GGUF as shipped).")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar while generating.")
 @json_option
 @click.pass_context
-def eval_cmd(ctx: click.Context, refs: tuple[str, ...], data: tuple[str, ...], suites: tuple[str, ...], seq_len: int, device: str,
-             progress: bool, as_json: bool) -> None:
+def eval_cmd(ctx: click.Context, refs: tuple[str, ...], data: tuple[str, ...], suites: tuple[str, ...], engine: str | None,
+             seq_len: int, device: str, progress: bool, as_json: bool) -> None:
     """Score versions (NAME@V) or a base (base:NAME) on held-out rows and/or behavioural suites;
     stored results for identical inputs are reused."""
     from portfolio.errors import InvalidState
 
     if not data and not suites:
         raise InvalidState("nothing to evaluate on; give --data NAME@V (held-out loss) and/or --suite NAME@V (behaviour)")
+    if engine and not suites:
+        raise InvalidState("--engine runs behavioural suites; give --suite NAME@V")
     reg, log = _registry(ctx), (lambda m: click.echo(m, err=True))
     out: dict = {}
     if data:
@@ -48,11 +52,13 @@ def eval_cmd(ctx: click.Context, refs: tuple[str, ...], data: tuple[str, ...], s
         from portfolio.cli.suites import METRIC_HEADERS, metrics_rows
         from portfolio.suites.run import run_suites
 
-        results = run_suites(reg, list(refs), list(suites), device=device, log=log, progress=progress and not as_json)
-        out["suites"] = [{"model": r.model, "suite": r.suite, "metrics": r.metrics, "reused": r.reused} for r in results]
+        results = run_suites(reg, list(refs), list(suites), device=device, log=log, progress=progress and not as_json, engine=engine)
+        out["suites"] = [{"model": r.model, "suite": r.suite, "engine": r.engine or None, "metrics": r.metrics, "reused": r.reused}
+                         for r in results]
         if not as_json:
             for r in results:
-                click.echo(f"\n{r.model} on {r.suite} ({'stored' if r.reused else 'computed'})")
+                where = f" on {r.engine}" if r.engine else ""
+                click.echo(f"\n{r.model} on {r.suite}{where} ({'stored' if r.reused else 'computed'})")
                 click.echo(_table(metrics_rows(r.model, r.metrics), METRIC_HEADERS))
     if as_json:
         _emit_json(out["loss"] if not suites else out)
@@ -135,22 +141,27 @@ def gate_group() -> None:
 @click.option("--max-verbosity-change", type=float, default=None, help="Largest allowed relative change of mean answer words, e.g. 0.5.")
 @click.option("--max-pass-regression", type=float, default=None, help="Largest allowed drop of the pass rate vs the incumbent (0..1).")
 @click.option("--max-ece", type=float, default=None, help="Largest allowed expected calibration error on choice cases (0..1).")
+@click.option("--parity", "parity_engine", default=None, metavar="ENGINE",
+              help="Deployment parity: also run the suites on this engine (llamacpp[:QUANT]) at promotion.")
+@click.option("--max-parity-drop", type=float, default=None,
+              help="Largest allowed drop of the served pass rate below the reference model's (0..1); needs --parity.")
 @click.pass_context
 def gate_set(ctx: click.Context, name: str, max_regression: float, min_gain: float, retention: tuple[str, ...], metric: str,
              confidence: float, retention_size: int | None, retention_seed: int | None, suites: tuple[str, ...], min_pass: float | None, slice_min_pass: tuple[str, ...], allow_critical_failures: bool,
              max_refusal_increase: float | None, max_verbosity_change: float | None, max_pass_regression: float | None,
-             max_ece: float | None) -> None:
+             max_ece: float | None, parity_engine: str | None, max_parity_drop: float | None) -> None:
     """Store the gate policy of adapter NAME: loss gates, and with --suite, behavioural ones."""
     from portfolio.errors import InvalidState
     from portfolio.policy.gates import SuiteCriteria, parse_slice_min_pass
 
-    behaviour = [min_pass, max_refusal_increase, max_verbosity_change, max_pass_regression, max_ece]
+    behaviour = [min_pass, max_refusal_increase, max_verbosity_change, max_pass_regression, max_ece, parity_engine, max_parity_drop]
     if not suites and (slice_min_pass or allow_critical_failures or any(v is not None for v in behaviour)):
         raise InvalidState("behavioural criteria need the suites they apply to; add --suite NAME@V")
     criteria = None
     if suites:
         criteria = SuiteCriteria(list(suites), min_pass, parse_slice_min_pass(list(slice_min_pass)), not allow_critical_failures,
-                                 max_refusal_increase, max_verbosity_change, max_pass_regression, max_ece).to_dict()
+                                 max_refusal_increase, max_verbosity_change, max_pass_regression, max_ece, parity_engine,
+                                 max_parity_drop).to_dict()
     g = _registry(ctx).gates.set(name, metric, max_regression, min_gain, list(retention), criteria, confidence, retention_size, retention_seed)
     where = ", ".join(g["retention"]) or f"a retention set of {g['retention_size']} earlier held-out rows (seed {g['retention_seed']})"
     click.echo(f"gate for {name}: {metric} may regress ≤ {g['max_regression']:.1%} on {where}; "

@@ -6,7 +6,7 @@ import ipaddress
 
 import click
 
-from portfolio.cli._base import _emit_json, _registry, cli, json_option
+from portfolio.cli._base import _emit_json, _registry, _table, _when, cli, json_option
 from portfolio.training.config import DEVICES
 
 
@@ -47,8 +47,9 @@ def serve(ctx: click.Context, host: str, port: int, router: str | None, base_nam
 
 @cli.command()
 @click.argument("ref")
-@click.option("--engine", type=click.Choice(["llamacpp"]), default="llamacpp", show_default=True,
-              help="The engine to compare with: llama.cpp over the base's GGUF as shipped, with the version's GGUF adapter.")
+@click.option("--engine", type=click.Choice(["llamacpp", "vllm"]), default="llamacpp", show_default=True,
+              help="llamacpp: llama.cpp over the base's GGUF as shipped, with the version's GGUF adapter; "
+                   "vllm: a vllm serve over the base's folder, the version loaded at runtime.")
 @click.option("--prompts", "prompts_file", type=click.File("r", encoding="utf-8"), default=None,
               help="One prompt per line (default: a fixed set of 12 varied prompts).")
 @click.option("--max-new-tokens", type=click.IntRange(1, 512), default=16, show_default=True)
@@ -57,10 +58,10 @@ def serve(ctx: click.Context, host: str, port: int, router: str | None, base_nam
 def parity(ctx: click.Context, ref: str, engine: str, prompts_file, max_new_tokens: int, as_json: bool) -> None:
     """Compare REF's greedy answers in a serving engine with portfolio's reference model,
     token by token (REF: a version, or base:NAME)."""
-    from portfolio.engines.parity import llamacpp_parity
+    from portfolio.engines.parity import engine_parity
 
     prompts = [line.rstrip("\n").replace("\\n", "\n") for line in prompts_file if line.strip()] if prompts_file else None
-    report = llamacpp_parity(_registry(ctx), ref, prompts, max_new_tokens, log=lambda *_: None)
+    report = engine_parity(_registry(ctx), ref, engine, prompts, max_new_tokens, log=lambda *_: None)
     if as_json:
         _emit_json(report.to_dict())
         return
@@ -70,3 +71,70 @@ def parity(ctx: click.Context, ref: str, engine: str, prompts_file, max_new_toke
         where = "identical" if p.first_difference is None else f"differs at token {p.first_difference}"
         click.echo(f"  {where:>20}  {p.prompt[:40]!r} -> {p.reference_text[:60]!r}"
                    + ("" if p.first_difference is None else f" | engine {p.engine_text[:60]!r}"))
+
+
+@cli.group("deploy")
+def deploy_group() -> None:
+    """Keep running serving engines in step with the registry, and say what they held when."""
+
+
+@deploy_group.command("vllm")
+@click.argument("url")
+@click.option("--router", required=True, help="The router whose rule targets (e.g. py@production) the engine serves by name.")
+@click.option("--once", is_flag=True, help="Sync once and exit (default: follow every promotion, rollback, route change, archive).")
+@click.option("--poll", "poll_s", type=float, default=2.0, show_default=True, help="Seconds between looks at the registry's change counter.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+              help="Where adapter folders are exported for vLLM to read [~/.cache/portfolio/vllm-loras].")
+@click.pass_context
+def deploy_vllm(ctx: click.Context, url: str, router: str, once: bool, poll_s: float, cache_dir: str | None) -> None:
+    """Load into the vLLM at URL, under each name ROUTER's rules send to, the version that name
+    reaches now; reload on every change (vLLM needs --enable-lora and
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING=True). Every load is recorded: `portfolio deploy history`."""
+    from pathlib import Path
+
+    from portfolio.engines.deploy import follow_vllm, sync_vllm
+
+    cache = cache_dir or str(Path.home() / ".cache" / "portfolio" / "vllm-loras")
+    reg = _registry(ctx)
+    if once:
+        changes = sync_vllm(reg, url, router, cache, log=click.echo)
+        click.echo(f"{url} in step with router {router} ({len(changes)} change(s))")
+        return
+    click.echo(f"following router {router} for {url} (Ctrl-C stops)")
+    try:
+        follow_vllm(reg, url, router, cache, poll_s, log=click.echo)
+    except KeyboardInterrupt:
+        click.echo("stopped")
+
+
+@deploy_group.command("history")
+@click.option("--url", default=None, help="Only this engine.")
+@click.option("--name", default=None, help="Only this served name.")
+@click.option("--at", "at", default=None, metavar="TIME", help="Which version answered --name on --url at this time (ISO 8601, UTC).")
+@json_option
+@click.pass_context
+def deploy_history(ctx: click.Context, url: str | None, name: str | None, at: str | None, as_json: bool) -> None:
+    """Every load and unload `portfolio deploy` made, oldest first (or, with --at, one answer)."""
+    from datetime import datetime, timezone
+
+    from portfolio.errors import InvalidState
+
+    reg = _registry(ctx)
+    if at is not None:
+        if not (url and name):
+            raise InvalidState("--at needs --url and --name: which engine, which served name")
+        try:
+            when = datetime.fromisoformat(at)
+        except ValueError:
+            raise InvalidState(f"--at {at!r} is not a time; write e.g. 2026-12-01T14:30:00") from None
+        when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+        version = reg.deployments.at(url, name, when)
+        if as_json:
+            return _emit_json({"engine_url": url, "name": name, "at": when, "version": version})
+        click.echo(f"{name} on {url} at {when:%Y-%m-%d %H:%M:%S} UTC: {version or 'nothing loaded'}")
+        return
+    events = reg.deployments.history(url, name)
+    if as_json:
+        return _emit_json([e.to_dict() for e in events])
+    click.echo(_table([[_when(e.created_at), e.engine_url, e.name, e.action, e.version or "-"] for e in events],
+                      ["WHEN (UTC)", "ENGINE", "NAME", "ACTION", "VERSION"]))

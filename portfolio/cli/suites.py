@@ -75,14 +75,16 @@ def suite_show(ctx: click.Context, ref: str, as_json: bool) -> None:
     suite, parsed, results = reg.suites.get(ref), reg.suites.cases(ref), reg.suites.results(ref)
     if as_json:
         return _emit_json({**suite.to_dict(), "cases": [c.__dict__ for c in parsed.cases],
-                           "results": [{"model": r.model, "metrics": r.metrics, "created_at": r.created_at} for r in results]})
+                           "results": [{"model": r.model, "engine": r.engine or None, "metrics": r.metrics, "created_at": r.created_at}
+                                       for r in results]})
     click.echo(f"{suite.ref}  {suite.n_cases} cases  sha256 {suite.sha256}\n{suite.description or ''}".rstrip())
     click.echo(_table([[c.id, ",".join(f"{k}={v}" for k, v in c.slice.items()) or "-", "yes" if c.critical else "",
                         " ".join(ch["kind"] for ch in c.checks), _short(c.prompt or c.messages[-1]["content"], 50)] for c in parsed.cases],
                       ["CASE", "SLICE", "CRITICAL", "CHECKS", "PROMPT"]))
     if results:
         click.echo("")
-        click.echo(_table([row for r in results for row in metrics_rows(r.model, {"overall": r.metrics["overall"], "slices": {}})], METRIC_HEADERS))
+        click.echo(_table([row for r in results for row in metrics_rows(_served_label(r), {"overall": r.metrics["overall"], "slices": {}})],
+                          METRIC_HEADERS))
 
 
 @suite_group.command("results")
@@ -90,16 +92,22 @@ def suite_show(ctx: click.Context, ref: str, as_json: bool) -> None:
 @click.option("--suite", "suite", required=True, metavar="NAME@V", help="The suite.")
 @click.option("--failed", is_flag=True, help="Only the cases that failed.")
 @click.option("--slice", "slice_", default=None, metavar="LABEL=VALUE", help="Only one slice, e.g. risk=high.")
+@click.option("--engine", default=None, metavar="ENGINE", help="The run on a serving engine: llamacpp[:QUANT].")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @json_option
 @click.pass_context
-def suite_results(ctx: click.Context, ref: str, suite: str, failed: bool, slice_: str | None, device: str, as_json: bool) -> None:
+def suite_results(ctx: click.Context, ref: str, suite: str, failed: bool, slice_: str | None, engine: str | None, device: str,
+                  as_json: bool) -> None:
     """REF's outputs and verdicts on a suite (run now if no stored result matches)."""
     from portfolio.suites.report import answer_text, case_results
 
-    score, cases = case_results(_registry(ctx), ref, suite, failed=failed, slice_=slice_, device=device, log=lambda m: click.echo(m, err=True))
+    score, cases = case_results(_registry(ctx), ref, suite, failed=failed, slice_=slice_, device=device,
+                                log=lambda m: click.echo(m, err=True), engine=engine)
     if as_json:
-        return _emit_json({"model": score.model, "suite": score.suite, "metrics": score.metrics, "cases": cases})
+        return _emit_json({"model": score.model, "suite": score.suite, "engine": score.engine or None, "metrics": score.metrics,
+                           "cases": cases})
+    if score.engine:
+        click.echo(f"{score.model} on {score.suite}, served by {score.engine}")
     click.echo(_table(metrics_rows(score.model, score.metrics), METRIC_HEADERS))
     for c in cases:
         verdicts = " ".join(f"{v['kind']}:{'ok' if v['passed'] else 'FAIL'}" + (f"({v['note']})" if v["note"] and not v["passed"] else "")
@@ -114,16 +122,21 @@ def suite_results(ctx: click.Context, ref: str, suite: str, failed: bool, slice_
 @click.argument("a")
 @click.argument("b")
 @click.option("--suite", "suite", required=True, metavar="NAME@V", help="The suite to compare on.")
+@click.option("--engine", default=None, metavar="ENGINE",
+              help="Run B on a serving engine (llamacpp[:QUANT]) and A on the reference model; `diff X X --engine llamacpp` "
+                   "shows what serving X there changes.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @json_option
 @click.pass_context
-def diff_cmd(ctx: click.Context, a: str, b: str, suite: str, device: str, as_json: bool) -> None:
+def diff_cmd(ctx: click.Context, a: str, b: str, suite: str, engine: str | None, device: str, as_json: bool) -> None:
     """Cases where A and B differ in verdict or output on a suite: what changed in behaviour."""
     from portfolio.suites.report import diff
 
-    sa, sb, changes = diff(_registry(ctx), a, b, suite, device=device, log=lambda m: click.echo(m, err=True))
+    sa, sb, changes = diff(_registry(ctx), a, b, suite, device=device, log=lambda m: click.echo(m, err=True), engine=engine)
+    if engine:
+        sb = type(sb)(f"{sb.model} on {sb.engine}", sb.suite, sb.metrics, sb.cases, sb.reused, sb.engine)
     if as_json:
-        return _emit_json({"a": sa.model, "b": sb.model, "suite": sa.suite, "a_metrics": sa.metrics["overall"],
+        return _emit_json({"a": sa.model, "b": sb.model, "b_engine": sb.engine or None, "suite": sa.suite, "a_metrics": sa.metrics["overall"],
                            "b_metrics": sb.metrics["overall"], "changes": [{**c.__dict__, "kind": c.kind} for c in changes]})
     click.echo(_table(metrics_rows(sa.model, {"overall": sa.overall, "slices": {}}) + metrics_rows(sb.model, {"overall": sb.overall, "slices": {}}),
                       METRIC_HEADERS))
@@ -136,3 +149,8 @@ def diff_cmd(ctx: click.Context, a: str, b: str, suite: str, device: str, as_jso
     broke = sum(c.kind == "broke" for c in changes)
     click.echo(f"\n{len(changes)} case(s) differ: {broke} broke, {sum(c.kind == 'fixed' for c in changes)} fixed, "
                f"{sum(c.kind == 'changed' for c in changes)} changed output only")
+
+
+def _served_label(result) -> str:
+    """A result's model, with the engine it ran on when it is not the reference model."""
+    return f"{result.model} on {result.engine}" if result.engine else result.model

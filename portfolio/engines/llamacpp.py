@@ -6,9 +6,59 @@ compares the models, not two tokenizers."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+from portfolio.basemodel import resolve_source
 from portfolio.errors import InvalidState
+
+
+@dataclass(frozen=True)
+class Target:
+    """A base as llama.cpp serves it: a result label (``llamacpp:Q4_1``), the identity a
+    stored result is keyed by, and the GGUF file."""
+
+    label: str
+    identity: dict[str, str]
+    base_file: Path
+
+
+def target(base, spec: str) -> Target:
+    """``llamacpp`` or ``llamacpp:QUANT`` over ``base``'s registered GGUF file."""
+    name, _, quant = spec.partition(":")
+    if name != "llamacpp":
+        raise InvalidState(f"unknown engine {spec!r}; use llamacpp or llamacpp:QUANT (the base's own GGUF file)")
+    problem = available()
+    if problem:
+        raise InvalidState(problem)
+    if not base.gguf_file:
+        raise InvalidState(f"base {base.name} has no GGUF file; llama.cpp serves GGUF bases (register one with --gguf-file)")
+    base_file = resolve_source(base.source) / base.gguf_file
+    found = quantization(base_file)
+    if quant and quant.upper() != found:
+        raise InvalidState(f"base {base.name} is a {found} GGUF; llamacpp:{quant} needs that quantisation's file: "
+                           "register it as a base of its own")
+    return Target(f"llamacpp:{found}", identity(base_file, base.weights_sha256), base_file)
+
+
+def quantization(path: str | os.PathLike) -> str:
+    """The GGUF file's weight type as llama.cpp names it (``Q4_1``, ``F16``, …)."""
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields.get("general.file_type")
+    if field is None:
+        return "unknown"
+    name = gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+def identity(base_file: str | os.PathLike, base_sha256: str) -> dict[str, str]:
+    """What a result on llama.cpp depends on beyond the model: the engine, its version, the
+    base file's sha256 and its quantisation."""
+    import llama_cpp
+
+    return {"engine": "llamacpp", "version": llama_cpp.__version__, "base_sha256": base_sha256,
+            "quantization": quantization(base_file)}
 
 
 def available() -> str | None:
@@ -24,7 +74,7 @@ class LlamaCpp:
     """One llama.cpp model: ``base`` (a GGUF file) with ``adapter`` (a GGUF LoRA) or none."""
 
     def __init__(self, base: str | os.PathLike, adapter: str | os.PathLike | None = None, n_ctx: int = 2048,
-                 threads: int | None = None):
+                 threads: int | None = None, logits_all: bool = False):
         problem = available()
         if problem:
             raise InvalidState(problem)
@@ -34,7 +84,8 @@ class LlamaCpp:
             if not Path(path).is_file():
                 raise InvalidState(f"{path} does not exist; export the version with `portfolio export REF DIR --format gguf`")
         self.llm = Llama(model_path=str(base), lora_path=str(adapter) if adapter else None, n_ctx=n_ctx, seed=0,
-                         n_threads=threads or max(1, (os.cpu_count() or 2)), verbose=False, logits_all=False)
+                         n_threads=threads or max(1, (os.cpu_count() or 2)), verbose=False, logits_all=logits_all)
+        self.n_ctx = n_ctx
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         """The greedy continuation of ``prompt_ids`` (stops at end-of-sequence)."""
@@ -47,6 +98,24 @@ class LlamaCpp:
             out.append(int(token))
             if len(out) >= max_new_tokens:
                 break
+        return out
+
+    def option_logprobs(self, prompt_ids: list[int], options: list[list[int]]) -> list[float]:
+        """For each option (token ids), the summed log-probability of its tokens after the
+        prompt, from llama.cpp's own logits (needs ``logits_all``)."""
+        import numpy as np
+
+        out = []
+        for option in options:
+            seq = prompt_ids + option
+            if len(seq) > self.n_ctx:
+                raise InvalidState(f"a prompt with its option is {len(seq)} tokens, over llama.cpp's context of {self.n_ctx}")
+            self.llm.reset()
+            self.llm.eval(seq)
+            logits = np.asarray(self.llm.scores[len(prompt_ids) - 1:len(seq) - 1], dtype=np.float64)
+            logits -= logits.max(axis=1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+            out.append(float(logp[np.arange(len(option)), option].sum()))
         return out
 
     def close(self) -> None:

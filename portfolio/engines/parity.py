@@ -2,9 +2,10 @@
 
 For each prompt, the greedy continuation from portfolio's float32 model (the base's GGUF
 dequantised, the adapter attached by PEFT: what every gate judges) is compared token by
-token with the engine's over the base file as shipped (the embedded default is Q4_1, which
-llama.cpp multiplies in its quantised form, with activations quantised to 8 bits). Both are
-fed the same prompt token ids, so only the models differ."""
+token with the engine's: llama.cpp over the base file as shipped (the embedded default is
+Q4_1, multiplied in its quantised form with activations quantised to 8 bits), or a real
+``vllm serve`` over the base's Hugging Face folder with the version loaded at runtime. Both
+sides are fed the same prompt token ids, so only the models differ."""
 
 from __future__ import annotations
 
@@ -85,17 +86,17 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def llamacpp_parity(registry, ref: str, prompts: list[str] | None = None, max_new_tokens: int = 16, log=print) -> ParityReport:
+def engine_parity(registry, ref: str, engine: str = "llamacpp", prompts: list[str] | None = None, max_new_tokens: int = 16,
+                  log=print) -> ParityReport:
     """Greedy parity of version ``ref`` (or ``base:NAME``) between portfolio's reference model
-    and llama.cpp over the base's GGUF with the version's exported GGUF adapter."""
+    and ``engine`` (a key of `ENGINES`), on the same prompt token ids."""
+    if engine not in ENGINES:
+        raise InvalidState(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
     prompts = list(prompts or DEFAULT_PROMPTS)
     if not prompts or max_new_tokens < 1:
         raise InvalidState("parity needs at least one prompt and --max-new-tokens >= 1")
     base_name = ref[5:] if ref.startswith("base:") else registry.get_version(ref).base_model
     base = registry.bases.get(base_name)
-    if not base.gguf_file:
-        raise InvalidState(f"base {base.name} has no GGUF file; llama.cpp serves GGUF bases (register one with --gguf-file)")
-    base_file = resolve_source(base.source) / base.gguf_file
     refs = [] if ref.startswith("base:") else [ref]
     with loaded(registry, base, refs, "auto", log, prefix="p") as rt:
         if refs:
@@ -105,17 +106,64 @@ def llamacpp_parity(registry, ref: str, prompts: list[str] | None = None, max_ne
         tokenizer = rt.tokenizer
     work = Path(tempfile.mkdtemp(prefix="portfolio-parity-"))
     try:
-        adapter = export_version(registry, ref, work / "gguf", card=False, format="gguf") / GGUF_FILE if refs else None
-        engine = LlamaCpp(base_file, adapter)
-        try:
-            served = [engine.greedy(ids, max_new_tokens) for ids in encoded]
-        finally:
-            engine.close()
+        where, served = ENGINES[engine](registry, base, ref if refs else None, encoded, max_new_tokens, work, log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = [PromptParity(p, r, s, _first_difference(r, s), tokenizer.decode(r, skip_special_tokens=True),
                          tokenizer.decode(s, skip_special_tokens=True)) for p, r, s in zip(prompts, reference, served)]
-    return ParityReport(ref, "llamacpp", str(base_file), max_new_tokens, rows)
+    return ParityReport(ref, engine, where, max_new_tokens, rows)
+
+
+def llamacpp_parity(registry, ref: str, prompts: list[str] | None = None, max_new_tokens: int = 16, log=print) -> ParityReport:
+    """`engine_parity` on llama.cpp over the base's GGUF as shipped."""
+    return engine_parity(registry, ref, "llamacpp", prompts, max_new_tokens, log)
+
+
+def _llamacpp_answers(registry, base, ref, encoded, max_new_tokens, work: Path, log) -> tuple[str, list[list[int]]]:
+    if not base.gguf_file:
+        raise InvalidState(f"base {base.name} has no GGUF file; llama.cpp serves GGUF bases (register one with --gguf-file)")
+    base_file = resolve_source(base.source) / base.gguf_file
+    adapter = export_version(registry, ref, work / "gguf", card=False, format="gguf") / GGUF_FILE if ref else None
+    engine = LlamaCpp(base_file, adapter)
+    try:
+        return str(base_file), [engine.greedy(ids, max_new_tokens) for ids in encoded]
+    finally:
+        engine.close()
+
+
+def _vllm_answers(registry, base, ref, encoded, max_new_tokens, work: Path, log) -> tuple[str, list[list[int]]]:
+    from portfolio.engines.vllm import VllmServer
+    from portfolio.modeling import model_folder
+
+    folder, _ = model_folder(base, log)
+    rank = registry.get_version(ref).rank if ref else 8
+    server = VllmServer(folder, _free_port(), base.name, max_lora_rank=_vllm_rank(rank), log_path=work / "vllm.log")
+    client = server.start()
+    try:
+        name = base.name
+        if ref:
+            client.load("candidate", export_version(registry, ref, work / "peft", card=False))
+            name = "candidate"
+        return f"vllm over {folder}", [client.greedy(name, ids, max_new_tokens)[0] for ids in encoded]
+    finally:
+        server.stop()
+
+
+def _vllm_rank(rank: int) -> int:
+    from portfolio.engines.vllm import VLLM_LORA_RANKS
+
+    return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ENGINES = {"llamacpp": _llamacpp_answers, "vllm": _vllm_answers}
 
 
 def _greedy(rt, ids: list[int], max_new_tokens: int) -> list[int]:

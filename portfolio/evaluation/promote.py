@@ -86,9 +86,13 @@ def promote(registry: Registry, ref: str, alias: str = "production", *, force: b
         from portfolio.suites.run import run_suites
 
         suite_scores = run_suites(registry, [candidate.ref, incumbent], criteria.suites, device=device, log=log)
-        for cand_score, inc_score in zip(suite_scores[: len(criteria.suites)], suite_scores[len(criteria.suites):]):
+        # deployment parity: the candidate as it will be served, on the engine that serves it
+        served = (run_suites(registry, [candidate.ref], criteria.suites, log=log, engine=criteria.parity_engine)
+                  if criteria.parity_engine else [None] * len(criteria.suites))
+        for cand_score, inc_score, on_engine in zip(suite_scores[: len(criteria.suites)], suite_scores[len(criteria.suites):], served):
             checks += check_suite_gates(criteria, cand_score.suite, cand_score.metrics, inc_score.metrics, cand_score.cases,
-                                        inc_score.cases, policy.confidence)
+                                        inc_score.cases, policy.confidence, on_engine)
+        suite_scores += [s for s in served if s is not None]
     passed = all(c.passed for c in checks)
     if passed or force:
         # name the retention set version, so that the decision can be replayed on its exact rows

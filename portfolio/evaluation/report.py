@@ -44,8 +44,9 @@ def _lower(metric: str) -> bool:
 def _version_key(model: str) -> tuple:
     if model.startswith("base:"):
         return (0, model, 0)
+    model, _, engine = model.partition(" on ")  # an engine's row sorts right after its reference row
     name, _, ver = model.rpartition("@")
-    return (1, name, int(ver))
+    return (1, name, int(ver), engine)
 
 
 def build_matrix(registry: Registry, adapters: list[str] | None = None, snapshots: list[str] | None = None, metric: str = "loss",
@@ -90,7 +91,8 @@ def build_matrix(registry: Registry, adapters: list[str] | None = None, snapshot
 def _suite_matrix(registry: Registry, adapters: list[str] | None, suites: list[str] | None, metric: str) -> Matrix:
     """Models × suites of a behavioural metric (overall), from stored suite results."""
     results = [r for s in (suites or [None]) for r in registry.suites.results(suite=s)]
-    values = {(r.model, r.suite): r.metrics["overall"][metric] for r in results
+    # a result on a serving engine is its own row, next to the reference model's
+    values = {(f"{r.model} on {r.engine}" if r.engine else r.model, r.suite): r.metrics["overall"][metric] for r in results
               if r.metrics["overall"].get(metric) is not None and (not adapters or r.model.startswith("base:") or r.model.rpartition("@")[0] in adapters)}
     rows = sorted({m for m, _ in values}, key=_version_key)
     cols = sorted({s for _, s in values}, key=lambda s: (s.rpartition("@")[0], int(s.rpartition("@")[2])))
@@ -102,7 +104,7 @@ def build_history(registry: Registry, adapter: str, metric: str = "loss", snapsh
     if metric in SUITE_METRICS:
         out = [{"model": r.model, "adapter": adapter, "version": int(r.model.rpartition("@")[2]), "snapshot": r.suite,
                 "value": r.metrics["overall"][metric], "created_at": r.created_at}
-               for r in registry.suites.results(suite=snapshot)
+               for r in registry.suites.results(suite=snapshot, engine="")
                if r.model.rpartition("@")[0] == adapter and r.metrics["overall"].get(metric) is not None]
         return sorted(out, key=lambda r: (r["version"], r["snapshot"]))
     table = registry.evaluations.table([adapter], [snapshot] if snapshot else None, metric)

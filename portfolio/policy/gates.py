@@ -21,7 +21,9 @@ estimate, as an unpaired gate would.
 Behavioural criteria (`SuiteCriteria`) gate on suite runs of candidate and incumbent: a
 minimum pass rate overall and per slice, every critical case passing, a maximum rise in the
 refusal rate, a maximum relative change in mean answer length, a maximum drop in pass rate
-against the incumbent, and a maximum expected calibration error.
+against the incumbent, a maximum expected calibration error, and deployment parity: the
+candidate's pass rate on the engine it is served by (``parity_engine``, e.g. llama.cpp over a
+Q4_1 base) may fall at most ``max_parity_drop`` below its pass rate on the reference model.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ EPS = 1e-9  # a change exactly at the limit passes, whatever the float rounding
 DEFAULT_CONFIDENCE = 0.95
 MIN_PAIRED = 8  # fewer paired examples than this give no useful interval
 BOOTSTRAP = 2000
+PARITY_ENGINES = ("llamacpp",)  # engines a parity gate can run suites on (`engines/`)
 
 
 class InvalidGate(PortfolioError, ValueError):
@@ -95,12 +98,18 @@ class SuiteCriteria:
     max_verbosity_change: float | None = None
     max_pass_regression: float | None = None
     max_ece: float | None = None
+    parity_engine: str | None = None  # the engine the adapter is served by, e.g. "llamacpp"
+    max_parity_drop: float | None = None
 
     def __post_init__(self) -> None:
         problems = []
         if not self.suites:
             problems.append("behavioural criteria need at least one --suite NAME@V")
-        for name in ("min_pass_rate", "max_refusal_increase", "max_pass_regression", "max_ece"):
+        if (self.parity_engine is None) != (self.max_parity_drop is None):
+            problems.append("deployment parity needs both --parity ENGINE and --max-parity-drop D")
+        if self.parity_engine is not None and self.parity_engine.partition(":")[0] not in PARITY_ENGINES:
+            problems.append(f"--parity {self.parity_engine!r}: use one of {', '.join(PARITY_ENGINES)} (optionally :QUANT)")
+        for name in ("min_pass_rate", "max_refusal_increase", "max_pass_regression", "max_ece", "max_parity_drop"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
                 problems.append(f"--{name.replace('_', '-')} must be a share from 0 to 1 (got {value})")
@@ -233,6 +242,9 @@ class SuiteInputs:
     candidate_cases: list[dict[str, Any]]
     incumbent_cases: list[dict[str, Any]]
     confidence: float
+    served: dict[str, Any] | None = None  # the candidate's metrics on the parity engine
+    served_cases: list[dict[str, Any]] | None = None
+    engine: str = ""
 
     @property
     def cand(self) -> dict[str, Any]:
@@ -300,6 +312,26 @@ def _pass_regression(limit: float, x: SuiteInputs) -> list[GateCheck]:
                       f"too few paired cases to decide ({len(pairs)} < {MIN_PAIRED}): decided on the point estimate", n=len(pairs))]
 
 
+def _parity(limit: float, x: SuiteInputs) -> list[GateCheck]:
+    """The candidate served (on the parity engine) against the candidate on the reference
+    model, case by case: refused only when the served pass rate is significantly more than
+    ``limit`` below (paired over the same cases)."""
+    if x.served is None:
+        return []
+    served, reference = x.served["overall"]["pass_rate"], x.cand["pass_rate"]
+    where = f"{x.suite} on {x.engine}"
+    by_id = {c["id"]: c["passed"] for c in x.candidate_cases}
+    pairs = [(float(c["passed"]), float(by_id[c["id"]])) for c in x.served_cases or [] if c["id"] in by_id]
+    changed = [c["id"] for c in x.served_cases or [] if c["id"] in by_id and c["passed"] != by_id[c["id"]]]
+    detail = f"verdict differs on: {', '.join(changed[:10])}" if changed else ""
+    if len(pairs) >= MIN_PAIRED:
+        lo, hi = paired_difference_interval([p[0] for p in pairs], [p[1] for p in pairs], x.confidence)
+        return [GateCheck("parity", where, served, reference, served - reference, limit, hi >= -limit - EPS, detail, (lo, hi), len(pairs))]
+    why = f"too few paired cases to decide ({len(pairs)} < {MIN_PAIRED}): decided on the point estimate"
+    return [GateCheck("parity", where, served, reference, served - reference, limit, reference - served <= limit + EPS,
+                      "; ".join(filter(None, [why, detail])), n=len(pairs))]
+
+
 def _ece(limit: float, x: SuiteInputs) -> list[GateCheck]:
     if x.cand["ece"] is None:
         return []
@@ -343,17 +375,22 @@ CRITERIA: tuple[Criterion, ...] = (
     Criterion("pass_regression", "max_pass_regression", _pass_regression, _percent, lambda v: f"drop ≤ {v:.0%}",
               lambda v: [f"pass rate drops ≤{v:.0%}"]),
     Criterion("ece", "max_ece", _ece, lambda v: f"{v:.3f}", lambda v: f"≤ {v:.3f}", lambda v: [f"ECE ≤{v:.3f}"]),
+    Criterion("parity", "max_parity_drop", _parity, _percent, lambda v: f"drop ≤ {v:.0%}",
+              lambda v: [f"served pass rate ≤{v:.0%} below the reference model's"]),
 )
 CRITERION = {c.kind: c for c in CRITERIA}
 
 
 def check_suite_gates(criteria: SuiteCriteria, suite: str, candidate: dict[str, Any], incumbent: dict[str, Any],
                       candidate_cases: list[dict[str, Any]], incumbent_cases: list[dict[str, Any]] | None = None,
-                      confidence: float = DEFAULT_CONFIDENCE) -> list[GateCheck]:
+                      confidence: float = DEFAULT_CONFIDENCE, served: Any = None) -> list[GateCheck]:
     """Behavioural checks of one suite, one `CRITERIA` entry at a time, for each criterion
     the policy switches on. ``change`` is candidate − incumbent in absolute share (relative
-    for verbosity)."""
-    inputs = SuiteInputs(suite, candidate, incumbent, candidate_cases, incumbent_cases or [], confidence)
+    for verbosity; served − reference for parity). ``served`` is the candidate's run on the
+    parity engine (a `SuiteScore`), when the policy names one."""
+    inputs = SuiteInputs(suite, candidate, incumbent, candidate_cases, incumbent_cases or [], confidence,
+                         served.metrics if served is not None else None, served.cases if served is not None else None,
+                         served.engine if served is not None else "")
     checks: list[GateCheck] = []
     for c in CRITERIA:
         setting = getattr(criteria, c.setting) if c.setting else None
@@ -371,6 +408,8 @@ def describe_criteria(criteria: dict[str, Any]) -> str:
             setting = criteria.get(c.setting, defaults.get(c.setting))
             if setting is not None:
                 parts += c.describe(setting)
+                if c.kind == "parity":
+                    parts[-1] += f" (on {criteria['parity_engine']})"
     return "; ".join(parts)
 
 

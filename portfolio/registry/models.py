@@ -350,6 +350,7 @@ class SuiteResultRow(Base):
     cases: Mapped[list[Any]] = mapped_column(JSON)
     code_version: Mapped[Optional[str]] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    engine: Mapped[str] = mapped_column(String(100), default="", server_default="")  # "" = portfolio's reference model
 
 
 class RetentionSetRow(Base):
@@ -428,6 +429,21 @@ class RequestCountRow(Base):
     hour: Mapped[datetime] = mapped_column()
     requests: Mapped[int] = mapped_column(BigInteger)
     tokens: Mapped[int] = mapped_column(BigInteger)
+
+
+class EngineLoadRow(Base):
+    """A version loaded into (or unloaded from) a running serving engine under a name, by
+    `portfolio deploy`: what a vLLM at ``engine_url`` answered with, and since when.
+    Append-only."""
+
+    __tablename__ = "engine_loads"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    engine_url: Mapped[str] = mapped_column(String(500), index=True)
+    name: Mapped[str] = mapped_column(String(300))  # the model name clients send, e.g. py@production
+    version_id: Mapped[Optional[int]] = mapped_column(ForeignKey("adapter_versions.id"))
+    action: Mapped[str] = mapped_column(String(20))  # load | unload
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class WebhookRow(Base):

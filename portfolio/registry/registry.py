@@ -24,6 +24,7 @@ from portfolio.registry import entities as E
 from portfolio.registry.bases import Bases
 from portfolio.registry.browse import Browse
 from portfolio.registry.datasets import Datasets
+from portfolio.registry.deployments import Deployments
 from portfolio.registry.governance import DataRevoked, Governance
 from portfolio.registry.lineage import lineage as _lineage
 from portfolio.registry.quality import Evaluations, Gates
@@ -59,7 +60,8 @@ class Registry:
     The core (versions, aliases, lineage, lifecycle) is here; the rest is grouped the way
     the CLI is: ``reg.bases``, ``reg.data``, ``reg.runs``, ``reg.evaluations``,
     ``reg.gates``, ``reg.suites``, ``reg.retention``, ``reg.routes``, ``reg.governance``,
-    ``reg.events``, ``reg.webhooks`` and ``reg.browse`` (read-only pages for the dashboard)."""
+    ``reg.events``, ``reg.webhooks``, ``reg.deployments`` (what running engines hold) and ``reg.browse``
+    (read-only pages for the dashboard)."""
 
     def __init__(self, engine: sa.Engine, store: ArtifactStore):
         self.engine = engine
@@ -79,6 +81,7 @@ class Registry:
         self.events = Events(self)
         self.webhooks = Webhooks(self)
         self.browse = Browse(self)
+        self.deployments = Deployments(self)
 
     @classmethod
     def open(cls, db_url: str | None = None, store: str | os.PathLike | None = None, *, check: bool = True) -> "Registry":

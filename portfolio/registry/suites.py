@@ -53,6 +53,7 @@ class SuiteResult(E.Entity):
     metrics: dict[str, Any]
     cases: list[dict[str, Any]]
     created_at: datetime
+    engine: str = ""  # the serving engine that produced it ("llamacpp:Q4_1"); "" = portfolio's reference model
 
 
 def to_suite(row: SuiteSnapshotRow) -> SuiteSnapshot:
@@ -109,7 +110,7 @@ def to_result(session: Session, row: SuiteResultRow) -> SuiteResult:
     """Row -> entity."""
     suite = session.get(SuiteSnapshotRow, row.suite_id)
     return SuiteResult(_label(session, row), f"{suite.name}@{suite.version}", row.eval_key, dict(row.settings),
-                       dict(row.metrics), list(row.cases), E.as_utc(row.created_at))
+                       dict(row.metrics), list(row.cases), E.as_utc(row.created_at), row.engine or "")
 
 
 def find_result(session: Session, eval_key: str) -> SuiteResult | None:
@@ -119,19 +120,25 @@ def find_result(session: Session, eval_key: str) -> SuiteResult | None:
 
 
 def record_result(session: Session, version_id: int | None, base_id: int | None, suite: str, eval_key: str,
-                  settings: dict[str, Any], metrics: dict[str, Any], cases: list[dict[str, Any]], code_version: str | None) -> SuiteResult:
-    """Store one model's run of one suite."""
+                  settings: dict[str, Any], metrics: dict[str, Any], cases: list[dict[str, Any]], code_version: str | None,
+                  engine: str = "") -> SuiteResult:
+    """Store one model's run of one suite (on ``engine``; "" is portfolio's reference model)."""
     row = SuiteResultRow(suite_id=suite_row(session, suite).id, version_id=version_id, base_model_id=base_id, eval_key=eval_key,
-                         settings=settings, metrics=metrics, cases=cases, code_version=code_version)
+                         settings=settings, metrics=metrics, cases=cases, code_version=code_version, engine=engine)
     session.add(row)
     session.flush()
     return to_result(session, row)
 
 
-def latest_results(session: Session, suite: str | None = None, version_ids: list[int] | None = None) -> list[SuiteResult]:
-    """The newest result per (model, suite), optionally of one suite or some versions."""
-    newest = sa.select(sa.func.max(SuiteResultRow.id)).group_by(SuiteResultRow.suite_id, SuiteResultRow.version_id, SuiteResultRow.base_model_id)
+def latest_results(session: Session, suite: str | None = None, version_ids: list[int] | None = None,
+                   engine: str | None = None) -> list[SuiteResult]:
+    """The newest result per (model, suite, engine), optionally of one suite, some versions or
+    one engine ("": the reference model's only)."""
+    newest = sa.select(sa.func.max(SuiteResultRow.id)).group_by(SuiteResultRow.suite_id, SuiteResultRow.version_id,
+                                                               SuiteResultRow.base_model_id, SuiteResultRow.engine)
     query = sa.select(SuiteResultRow).where(SuiteResultRow.id.in_(newest)).order_by(SuiteResultRow.id)
+    if engine is not None:
+        query = query.where(SuiteResultRow.engine == engine)
     if suite:
         query = query.where(SuiteResultRow.suite_id == suite_row(session, suite).id)
     if version_ids is not None:
@@ -182,19 +189,21 @@ class Suites(Namespace):
             return find_result(session, eval_key)
 
     def record_result(self, model: str, suite: str, eval_key: str, settings: dict[str, Any], metrics: dict[str, Any],
-                            cases: list[dict[str, Any]], code_version: str | None = None) -> SuiteResult:
-        """Store a model's (version ref or ``base:NAME``) run of a suite."""
+                      cases: list[dict[str, Any]], code_version: str | None = None, engine: str = "") -> SuiteResult:
+        """Store a model's (version ref or ``base:NAME``) run of a suite, on ``engine`` ("" for
+        portfolio's reference model)."""
         with self._write() as (session, _put):
             version_id, base_id = versions.eval_target(session, model)
-            return record_result(session, version_id, base_id, suite, eval_key, settings, metrics, cases, code_version)
+            return record_result(session, version_id, base_id, suite, eval_key, settings, metrics, cases, code_version, engine)
 
-    def results(self, suite: str | None = None, model: str | None = None) -> list[SuiteResult]:
-        """The newest stored result per (model, suite), of one suite and/or one model."""
+    def results(self, suite: str | None = None, model: str | None = None, engine: str | None = None) -> list[SuiteResult]:
+        """The newest stored result per (model, suite, engine), of one suite and/or one model
+        and/or one engine ("": the reference model's only; None: every engine)."""
         with self._read() as session:
             version_ids = None
             if model is not None and not model.startswith("base:"):
                 version_ids = [queries.version_row(session, model).id]
-            results = latest_results(session, suite, version_ids)
+            results = latest_results(session, suite, version_ids, engine)
             if model is not None and model.startswith("base:"):
                 results = [r for r in results if r.model == model]
             return results

@@ -28,10 +28,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from portfolio.engines.vllm import VLLM_LORA_RANKS
 from portfolio.errors import InvalidState
 from portfolio.export import export_version
 
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 TARGETS = ("vllm", "lorax")
 
 

