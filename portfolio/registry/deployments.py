@@ -11,7 +11,8 @@ import sqlalchemy as sa
 
 from portfolio.registry import entities as E
 from portfolio.registry import queries
-from portfolio.registry.models import AdapterRow, AdapterVersionRow, EngineLoadRow
+from portfolio.registry.models import AdapterRow, AdapterVersionRow
+from portfolio.registry.serving_rows import EngineLoadRow
 from portfolio.registry.namespace import Namespace
 
 

@@ -21,10 +21,9 @@ from portfolio.registry.models import (
     DataEventRow,
     DatasetSnapshotRow,
     RevalidationRow,
-    RouteEventRow,
-    RouterRow,
     SuiteSnapshotRow,
 )
+from portfolio.registry.serving_rows import RouteEventRow, RouterRow
 
 SOURCES = ("alias", "route", "drift", "data")
 KINDS = ("set", "promote", "refused", "override", "rollback", "remove", "route", "drift", "revoke", "purge")

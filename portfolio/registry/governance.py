@@ -173,7 +173,7 @@ def uses(session: Session, ref: str, deployed: bool = False) -> DataUses:
 def _routed(session: Session) -> dict[str, list[str]]:
     """Route target (``NAME@V`` or ``NAME@alias``, as written in the rule) -> the router rules
     sending requests there, from each router's current rule set."""
-    from portfolio.registry.models import RouteEventRow, RouterRow
+    from portfolio.registry.serving_rows import RouteEventRow, RouterRow
     from portfolio.routing import Rule
 
     latest = sa.select(RouteEventRow.router_id, sa.func.max(RouteEventRow.version).label("v")).group_by(RouteEventRow.router_id).subquery()

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from portfolio.errors import InvalidState, NotFound
 from portfolio.registry import changes, db
 from portfolio.registry import entities as E
-from portfolio.registry.models import RequestCountRow, RouteEventRow, RouterRow
+from portfolio.registry.serving_rows import RequestCountRow, RouteEventRow, RouterRow
 from portfolio.registry.refs import check_name
 from portfolio.registry.namespace import Namespace
 from portfolio.routing import Rule

@@ -39,7 +39,8 @@ from portfolio.errors import InvalidState, NotFound
 from portfolio.registry import db
 from portfolio.registry import entities as E
 from portfolio.registry.events import KINDS, SOURCES, Event, latest_cursor, read_events
-from portfolio.registry.models import WebhookDeliveryRow, WebhookRow, utcnow
+from portfolio.registry.models import utcnow
+from portfolio.registry.serving_rows import WebhookDeliveryRow, WebhookRow
 from portfolio.registry.namespace import Namespace
 
 MAX_ATTEMPTS = 8
