@@ -1,15 +1,15 @@
 """Deployment parity: llama.cpp over the shipped Q4_1 SmolLM2 against portfolio's reference
 model, for the base alone and for a LoRA version exported with `export --format gguf`.
 
-    python bench/engines.py [--max-new-tokens 16] [--rank 8] [--scale 0.02]
+    python bench/engines.py [--engines llamacpp,vllm] [--max-new-tokens 16] [--rank 8] [--scale 0.02]
 
 A registry with the embedded base and one imported PEFT adapter (rank ``--rank`` on every
 linear layer, B drawn with standard deviation ``--scale`` so it changes answers without
 wrecking them). For the fixed prompt set of `engines.parity`, it prints the share of prompts
 whose greedy continuations are token-identical between the two, the share of tokens before
 the first difference, how many answers the adapter changed in each, and each side's time
-(the reference: float32 PyTorch; llama.cpp: Q4_1 with Q8_1 activations). Needs
-llama-cpp-python (`make engines`).
+(the reference: float32 PyTorch; llama.cpp: Q4_1 with Q8_1 activations; vLLM: float32 over
+the dequantised folder, started for the run). Needs `make engines`.
 """
 
 from __future__ import annotations
@@ -46,30 +46,37 @@ def random_adapter(base, folder: Path, rank: int, scale: float, seed: int = 3) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engines", default="llamacpp,vllm", help="Comma-separated: llamacpp, vllm.")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--scale", type=float, default=0.02)
     args = parser.parse_args()
 
     from portfolio import Registry
-    from portfolio.engines.parity import llamacpp_parity
+    from portfolio.engines.parity import engine_parity
 
     with tempfile.TemporaryDirectory() as tmp, Registry.open(f"sqlite:///{tmp}/r.db", f"{tmp}/store") as reg:
         base, _ = reg.bases.add("smollm2-135m")
         v = reg.import_adapter("noisy", random_adapter(base, Path(tmp) / "adapter", args.rank, args.scale), base=base.name)
-        reports = {}
-        for ref in (f"base:{base.name}", v.ref):
-            start = time.perf_counter()
-            reports[ref] = llamacpp_parity(reg, ref, max_new_tokens=args.max_new_tokens, log=lambda *_: None)
-            reports[ref] = (reports[ref], time.perf_counter() - start)
-    plain, adapted = reports[f"base:{base.name}"][0], reports[v.ref][0]
-    print(f"llama.cpp vs portfolio's reference model, {len(plain.prompts)} prompts, {args.max_new_tokens} new tokens, greedy")
+        for engine in args.engines.split(","):
+            reports = {}
+            for ref in (f"base:{base.name}", v.ref):
+                start = time.perf_counter()
+                report = engine_parity(reg, ref, engine, max_new_tokens=args.max_new_tokens, log=lambda *_: None)
+                reports[ref] = (report, time.perf_counter() - start)
+            show(engine, reports, base.name, v.ref, args.max_new_tokens)
+
+
+def show(engine: str, reports: dict, base_name: str, ref: str, max_new_tokens: int) -> None:
+    """Print one engine's table."""
+    plain, adapted = reports[f"base:{base_name}"][0], reports[ref][0]
+    print(f"\n{engine} vs portfolio's reference model, {len(plain.prompts)} prompts, {max_new_tokens} new tokens, greedy")
     print(f"{'model':<24} {'identical prompts':>18} {'tokens before 1st diff':>24} {'seconds':>8}")
-    for ref, (report, seconds) in reports.items():
-        print(f"{ref:<24} {report.identical_share:>18.0%} {report.token_share:>24.0%} {seconds:>8.1f}")
+    for name, (report, seconds) in reports.items():
+        print(f"{name:<24} {report.identical_share:>18.0%} {report.token_share:>24.0%} {seconds:>8.1f}")
     changed_ref = sum(a.reference != p.reference for a, p in zip(adapted.prompts, plain.prompts))
     changed_eng = sum(a.engine != p.engine for a, p in zip(adapted.prompts, plain.prompts))
-    print(f"answers the adapter changed: reference {changed_ref}/{len(plain.prompts)}, llama.cpp {changed_eng}/{len(plain.prompts)}")
+    print(f"answers the adapter changed: reference {changed_ref}/{len(plain.prompts)}, {engine} {changed_eng}/{len(plain.prompts)}")
     for p in adapted.prompts:
         if p.first_difference is not None:
             print(f"  differs at token {p.first_difference}: {p.prompt[:30]!r}: {p.reference_text!r} | {p.engine_text!r}")

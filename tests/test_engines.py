@@ -151,6 +151,8 @@ def test_suites_run_on_llama_cpp_and_are_stored_beside_the_reference(smollm2_wor
     # identical inputs on the same engine are reused; the reference result is still its own
     again = json.loads(run("eval", "noisy@1", "--suite", "sanity@1", "--engine", "llamacpp:Q4_1", "--json").stdout)
     assert again["suites"][0]["reused"] and again["suites"][0]["metrics"] == noisy["metrics"]
+    version = run("show", "noisy@1").output
+    assert "sanity@1 pass" in version and "on llamacpp:Q4_1" in version
     shown = run("suite", "show", "sanity@1").output
     assert "noisy@1 on llamacpp:Q4_1" in shown and "base:smollm2-135m on llamacpp:Q4_1" in shown
     matrix = json.loads(run("matrix", "--metric", "pass_rate", "--json").stdout)

@@ -112,6 +112,9 @@ def test_deploy_follows_promotions_into_a_running_vllm(world):
     assert at["version"] == "noisy@1"
     now = run("deploy", "history", "--url", url, "--name", "noisy@production", "--at", datetime.now(timezone.utc).isoformat()).output
     assert "noisy@2" in now
+    shown = run("show", "noisy@2").output
+    assert "loaded in" in shown and f"{url} as noisy@production" in shown
+    assert "loaded in" not in run("show", "noisy@1").output
     # a rollback reaches it too, and a rule removed unloads its name
     run("rollback", "noisy", "--reason", "back")
     assert "noisy@production: noisy@2 -> noisy@1" in run("deploy", "vllm", url, "--router", "web", "--once", "--cache", cache).output
@@ -166,3 +169,15 @@ def test_router_export_and_the_resolver_plugin_in_a_real_vllm(world):
         assert _share(by_alias, reference) >= 0.8
     finally:
         server.stop()
+
+
+def test_follow_survives_an_engine_that_is_down(world):
+    """The follower logs the failure and keeps trying instead of dying."""
+    from portfolio import Registry
+    from portfolio.engines.deploy import follow_vllm
+
+    lines = []
+    with Registry.open(world["db"], world["store"]) as reg:
+        passes = follow_vllm(reg, f"http://127.0.0.1:{free_port()}", "web", world["root"] / "c", poll_s=0.05, max_passes=3,
+                             log=lines.append)
+    assert passes == 3 and len(lines) == 3 and all(line.startswith("error: ") and "does not answer" in line for line in lines)

@@ -188,9 +188,15 @@ def show(ctx: click.Context, ref: str, as_json: bool) -> None:
     reg = _registry(ctx)
     v = reg.get_version(ref)
     traffic = reg.routes.traffic(v.ref)
+    suites = reg.suites.results(model=v.ref)
+    engines = [(url, name) for url in {e.engine_url for e in reg.deployments.history()}
+               for name, ref in reg.deployments.current(url).items() if ref == v.ref]
     if as_json:
         return _emit_json(v.to_dict() | {"traffic": [t | {"first_hour": str(t["first_hour"]), "last_hour": str(t["last_hour"])}
-                                                     for t in traffic]})
+                                                     for t in traffic],
+                                         "suites": [{"suite": r.suite, "engine": r.engine or None, "pass_rate": r.metrics["overall"]["pass_rate"]}
+                                                    for r in suites],
+                                         "loaded_in": [{"engine_url": u, "name": n} for u, n in engines]})
     served = sum(t["requests"] for t in traffic)
     fields = [
         ("version", v.ref), ("status", v.status + (f" ({v.status_reason})" if v.status_reason else "")),
@@ -208,6 +214,9 @@ def show(ctx: click.Context, ref: str, as_json: bool) -> None:
                     f"{_when(max(t['last_hour'] for t in traffic))} (" + "; ".join(
                         f"{t['requests']:,} via {t['router'] + ' ' + t['rule'] if t['router'] else 'its own name'}" for t in traffic) + ")"
          if served else None),
+        ("suites", "; ".join(f"{r.suite} pass {r.metrics['overall']['pass_rate']:.0%}" + (f" on {r.engine}" if r.engine else "")
+                             for r in suites)),
+        ("loaded in", ", ".join(f"{u} as {n}" for u, n in sorted(engines))),
     ]
     for key, value in fields:
         if value not in (None, ""):

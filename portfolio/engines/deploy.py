@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from portfolio.engines.vllm import VllmClient
-from portfolio.errors import InvalidState, NotFound
+from portfolio.errors import InvalidState, NotFound, PortfolioError
 from portfolio.export import export_version
 from portfolio.serving import serving_key
 
@@ -84,15 +84,20 @@ def sync_vllm(registry, url: str, router: str, cache_dir: str | Path, log: Calla
 def follow_vllm(registry, url: str, router: str, cache_dir: str | Path, poll_s: float = 2.0, max_passes: int | None = None,
                 log: Callable[[str], None] = print) -> int:
     """Sync now, then again each time the serving change counter moves (checked every
-    ``poll_s``); stops after ``max_passes`` syncs when given. Returns the passes made."""
+    ``poll_s``); a sync that fails (the engine down or restarting) is logged and retried.
+    Stops after ``max_passes`` attempts when given. Returns the attempts made."""
     if poll_s <= 0:
         raise InvalidState("--poll must be a positive number of seconds")
     marker, passes = None, 0
     while max_passes is None or passes < max_passes:
         now = registry.routes.marker()
         if now != marker:
-            sync_vllm(registry, url, router, cache_dir, log)
-            marker, passes = now, passes + 1
-            continue
+            passes += 1
+            try:
+                sync_vllm(registry, url, router, cache_dir, log)
+                marker = now
+                continue
+            except PortfolioError as exc:  # the engine restarting or down: keep following, try again
+                log(f"error: {exc}; retrying in {poll_s:g} s")
         time.sleep(poll_s)
     return passes
