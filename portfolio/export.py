@@ -39,6 +39,15 @@ def export_version(registry, ref: str, dest: str | os.PathLike, card: bool = Tru
     return folder
 
 
+def export_rank(registry, version) -> int:
+    """The rank a version exports at (a stack: the sum of its parts')."""
+    if version.kind == "stack":
+        from portfolio.serving import components
+
+        return sum(part.rank for part, _ in components(registry, version))
+    return version.rank
+
+
 def peft_folder(registry, ref: str, dest: Path) -> Path:
     """The version as a PEFT folder (a stack as its exact cat merge)."""
     version = registry.get_version(ref)

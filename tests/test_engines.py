@@ -171,8 +171,8 @@ def test_promotion_runs_the_parity_gate_on_the_engine(smollm2_world):
     promoted = run("promote", "noisy@1", ok=False)
     [row] = [line for line in promoted.output.splitlines() if line.startswith("parity")]
     assert "sanity@1 on llamacpp:Q4_1" in row and "n=10" in row and "drop ≤ 100%" in row and row.rstrip().endswith("pass")
-    bad = run("gate", "set", "noisy", "--suite", "sanity@1", "--parity", "vllm", "--max-parity-drop", "0.1", ok=False)
-    assert bad.exit_code == 1 and "--parity 'vllm'" in bad.output
+    bad = run("gate", "set", "noisy", "--suite", "sanity@1", "--parity", "ollama", "--max-parity-drop", "0.1", ok=False)
+    assert bad.exit_code == 1 and "--parity 'ollama'" in bad.output
 
 
 def test_llama_cpp_answers_like_portfolio_generate_over_the_q4_1_base(smollm2_world):

@@ -240,3 +240,31 @@ def test_a_keyless_server_answers_only_loopback_host_names(portfolio_of_versions
             assert client.get("/v1/models", headers={"Host": host}).status_code == 200, host
     finally:
         stop_server(proc, client)
+
+
+def test_a_version_archived_while_its_bytes_are_read_is_a_refusal_not_damage(registry_with_base, tiny_base, tmp_path):
+    """The interleaving the soak found under load: the version's row is read as active, then
+    another writer archives it (its bytes deleted) before the blob is opened. The reader gets
+    the archived refusal (a server answers 409), never "artifact missing" (503)."""
+    from portfolio.compose.merge import source_of
+    from portfolio.errors import InvalidState
+
+    reg = registry_with_base
+    v = reg.import_adapter("a", make_lora(tiny_base, tmp_path / "l1", seed=1), "tiny")
+    v2 = reg.import_adapter("b", make_lora(tiny_base, tmp_path / "l2", seed=2), "tiny")
+    original, pending = reg.store.verified_path, []
+
+    def archive_first(digest, what):
+        if pending:  # another writer archives the version in the window
+            other = Registry.open(str(reg.engine.url), reg.store.url)
+            other.archive(pending.pop(), reason="retired meanwhile", force=True)
+            other.close()
+        return original(digest, what)
+
+    reg.store.verified_path = archive_first
+    pending.append(v.ref)
+    with pytest.raises(InvalidState, match="archived while it was being read"):
+        reg.export_weights(v.ref, tmp_path / "out")
+    pending.append(v2.ref)
+    with pytest.raises(InvalidState, match="archived while it was being read"):
+        source_of(reg, v2, 1.0)

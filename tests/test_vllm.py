@@ -181,3 +181,22 @@ def test_follow_survives_an_engine_that_is_down(world):
         passes = follow_vllm(reg, f"http://127.0.0.1:{free_port()}", "web", world["root"] / "c", poll_s=0.05, max_passes=3,
                              log=lines.append)
     assert passes == 3 and len(lines) == 3 and all(line.startswith("error: ") and "does not answer" in line for line in lines)
+
+
+def test_suites_run_on_vllm_answer_like_the_reference(world):
+    """`eval --suite --engine vllm` starts a server for the run, loads the version, answers every
+    case there (choice cases from vLLM's prompt log-probabilities) and stores it as vLLM's."""
+    root, run = world["root"], world["run"]
+    lines = [{"suite": {"max_new_tokens": 10}}]
+    lines += [{"id": f"gen-{i}", "prompt": p, "checks": [{"kind": "contains", "value": "a"}]}
+              for i, p in enumerate(["Name a fruit.", "Say hello.", "What is 2 + 2?"])]
+    lines += [{"id": "choice-0", "prompt": "Is fire cold?", "checks": [{"kind": "choice", "options": ["no", "yes"], "answer": 0}]}]
+    (root / "suite.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    run("suite", "add", "tiny-vllm", root / "suite.jsonl")
+    served = json.loads(run("eval", "noisy@1", "--suite", "tiny-vllm@1", "--engine", "vllm", "--json").stdout)["suites"][0]
+    assert served["engine"] == "vllm:float32"
+    on_vllm = json.loads(run("suite", "results", "noisy@1", "--suite", "tiny-vllm@1", "--engine", "vllm", "--json").stdout)["cases"]
+    reference = json.loads(run("suite", "results", "noisy@1", "--suite", "tiny-vllm@1", "--json").stdout)["cases"]
+    assert [c["output"] for c in on_vllm] == [c["output"] for c in reference]
+    [a], [b] = [c["choice"]["probs"] for c in on_vllm if c["choice"]], [c["choice"]["probs"] for c in reference if c["choice"]]
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3

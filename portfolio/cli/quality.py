@@ -21,7 +21,8 @@ ALL_METRICS = ["loss", "perplexity", "accuracy", "pass_rate", "critical_failures
 @click.option("--data", "data", multiple=True, metavar="NAME@V", help="Snapshot whose held-out rows to score (repeatable).")
 @click.option("--suite", "suites", multiple=True, metavar="NAME@V", help="Behavioural suite to run (repeatable).")
 @click.option("--engine", default=None, metavar="ENGINE",
-              help="Run the suites on a serving engine instead of the reference model: llamacpp[:QUANT] (over the base's GGUF as shipped).")
+              help="Run the suites on a serving engine instead of the reference model: llamacpp[:QUANT] (over the base's GGUF "
+                   "as shipped) or vllm (a vllm serve over the base's folder, started for the run).")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar while generating.")
@@ -142,7 +143,7 @@ def gate_group() -> None:
 @click.option("--max-pass-regression", type=float, default=None, help="Largest allowed drop of the pass rate vs the incumbent (0..1).")
 @click.option("--max-ece", type=float, default=None, help="Largest allowed expected calibration error on choice cases (0..1).")
 @click.option("--parity", "parity_engine", default=None, metavar="ENGINE",
-              help="Deployment parity: also run the suites on this engine (llamacpp[:QUANT]) at promotion.")
+              help="Deployment parity: also run the suites on this engine (llamacpp[:QUANT] or vllm) at promotion.")
 @click.option("--max-parity-drop", type=float, default=None,
               help="Largest allowed drop of the served pass rate below the reference model's (0..1); needs --parity.")
 @click.pass_context

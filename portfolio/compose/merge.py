@@ -35,7 +35,7 @@ from portfolio.compose.lora_files import (
     union_modules,
     write_lora,
 )
-from portfolio.errors import IncompatibleAdapter, InvalidAdapter, InvalidState
+from portfolio.errors import IncompatibleAdapter, InvalidAdapter, InvalidState, PortfolioError
 from portfolio.registry.specs import ParentSpec
 
 DEFAULT_DENSITY = 0.5
@@ -300,5 +300,10 @@ def source_of(registry, version, weight: float) -> LoraSource:
     if version.status == "archived" or version.artifact_digest is None:
         what = "is archived and its bytes are gone" if version.status == "archived" else f"is a {version.kind} version"
         raise InvalidState(f"{version.ref} {what}; it cannot be read as an adapter")
-    path = registry.store.verified_path(version.artifact_digest, f"the weights of {version.ref}")
+    try:
+        path = registry.store.verified_path(version.artifact_digest, f"the weights of {version.ref}")
+    except PortfolioError:
+        if registry.get_version(version.ref).status == "archived":  # archived since it was read: a refusal, not damage
+            raise InvalidState(f"{version.ref} was archived while it was being read; it cannot be read as an adapter") from None
+        raise
     return LoraSource(version.ref, path, dict(version.lora_config), weight)

@@ -6,6 +6,8 @@ compares the models, not two tokenizers."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,23 @@ class Target:
     label: str
     identity: dict[str, str]
     base_file: Path
+
+    @contextmanager
+    def session(self, registry, work: Path, log=print, max_rank: int = 8) -> Iterator["Target"]:
+        """Nothing to start: llama.cpp runs in this process, one model at a time."""
+        yield self
+
+    @contextmanager
+    def model(self, registry, ref: str | None, work: Path, logits: bool) -> Iterator["LlamaCpp"]:
+        """The base file with ``ref``'s GGUF adapter (None: the base alone), answering."""
+        from portfolio.export import GGUF_FILE, export_version
+
+        adapter = export_version(registry, ref, work / "gguf", card=False, format="gguf") / GGUF_FILE if ref else None
+        engine = LlamaCpp(self.base_file, adapter, logits_all=logits)
+        try:
+            yield engine
+        finally:
+            engine.close()
 
 
 def target(base, spec: str) -> Target:

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +83,25 @@ class VllmClient:
             raise InvalidState(f"vLLM at {self.url} did not load {name} ({status}): {str(body)[:300]}; it needs "
                                "--enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")
 
+    def version(self) -> str:
+        """The server's vLLM version."""
+        status, body = self._call("GET", "/version")
+        return body.get("version", "unknown") if status == 200 and isinstance(body, dict) else "unknown"
+
+    def option_logprobs(self, model: str, prompt_ids: list[int], options: list[list[int]]) -> list[float]:
+        """For each option (token ids), the summed log-probability of its tokens after the
+        prompt, from the server's prompt log-probabilities."""
+        out = []
+        for option in options:
+            seq = prompt_ids + option
+            status, body = self._call("POST", "/v1/completions", {"model": model, "prompt": seq, "max_tokens": 1, "temperature": 0.0,
+                                                                  "prompt_logprobs": 0})
+            if status != 200:
+                raise InvalidState(f"vLLM at {self.url} refused prompt log-probabilities ({status}): {str(body)[:300]}")
+            per_token = body["choices"][0].get("prompt_logprobs") or []
+            out.append(float(sum(per_token[i][str(seq[i])]["logprob"] for i in range(len(prompt_ids), len(seq)))))
+        return out
+
     def unload(self, name: str) -> None:
         """Drop the adapter loaded under ``name``."""
         status, body = self._call("POST", "/v1/unload_lora_adapter", {"lora_name": name})
@@ -139,3 +162,77 @@ class VllmServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class VllmModel:
+    """One model (the base, or a version loaded under a name) on a running vLLM."""
+
+    def __init__(self, client: VllmClient, name: str):
+        self.client, self.name = client, name
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        """The greedy continuation's token ids."""
+        return self.client.greedy(self.name, prompt_ids, max_new_tokens)[0]
+
+    def option_logprobs(self, prompt_ids: list[int], options: list[list[int]]) -> list[float]:
+        """Summed log-probabilities of each option after the prompt."""
+        return self.client.option_logprobs(self.name, prompt_ids, options)
+
+
+@dataclass
+class Target:
+    """A base as vLLM serves it: float32 over its Hugging Face folder (for a GGUF base, the
+    dequantised cache), a server started for the run."""
+
+    label: str
+    identity: dict[str, str]
+    folder: Path
+    base_name: str
+    client: VllmClient | None = None
+
+    @contextmanager
+    def session(self, registry, work: Path, log=print, max_rank: int = 8) -> Iterator["Target"]:
+        """Start a server for the run (stopped after), sized for adapters up to ``max_rank``."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log(f"starting vLLM over {self.folder}")
+        rank = next((r for r in VLLM_LORA_RANKS if r >= max_rank), None)
+        if rank is None:
+            raise InvalidState(f"vLLM loads LoRA ranks up to {VLLM_LORA_RANKS[-1]}; this run needs {max_rank}")
+        server = VllmServer(self.folder, port, self.base_name, max_lora_rank=rank, log_path=work / "vllm.log")
+        self.client = server.start()
+        self.identity = {**self.identity, "version": self.client.version()}
+        try:
+            yield self
+        finally:
+            server.stop()
+            self.client = None
+
+    @contextmanager
+    def model(self, registry, ref: str | None, work: Path, logits: bool) -> Iterator[VllmModel]:
+        """``ref`` loaded under a name of its own (None: the base), answering."""
+        from portfolio.export import export_version
+
+        if ref is None:
+            yield VllmModel(self.client, self.base_name)
+            return
+        name = f"eval-{ref}"
+        self.client.load(name, export_version(registry, ref, work / name.replace("@", "-"), card=False))
+        try:
+            yield VllmModel(self.client, name)
+        finally:
+            self.client.unload(name)
+
+
+def target(base, spec: str, log=print) -> Target:
+    """``vllm`` over ``base``'s folder."""
+    from portfolio.modeling import model_folder
+
+    if spec != "vllm":
+        raise InvalidState(f"unknown engine {spec!r}; vLLM runs float32 over the base's folder: use vllm")
+    problem = available()
+    if problem:
+        raise InvalidState(problem)
+    folder, _ = model_folder(base, log)
+    return Target("vllm:float32", {"engine": "vllm", "base_sha256": base.weights_sha256, "quantization": "float32"}, folder, base.name)

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from portfolio import adapter_files
 from portfolio.data import formats
-from portfolio.errors import InvalidState
+from portfolio.errors import InvalidState, PortfolioError
 from portfolio.registry import changes, db, lifecycle, quality, queries, taint, transfer, versions
 from portfolio.registry import entities as E
 from portfolio.registry.bases import Bases
@@ -431,9 +431,18 @@ class Registry:
             if row.kind == "stack":
                 raise InvalidState(f"{ref} is a stack of other versions; export it with `portfolio export`, which writes its merge")
             base = session.get(BaseModelRow, session.get(AdapterRow, row.adapter_id).base_model_id)
-            digest, config, model_id = row.artifact_digest, dict(row.lora_config), base.model_id
+            digest, config, model_id, row_id = row.artifact_digest, dict(row.lora_config), base.model_id, row.id
             row_label = model_label(session, row.id)
-        weights = self.store.verified_path(digest, f"the weights of {row_label}")
+        try:
+            weights = self.store.verified_path(digest, f"the weights of {row_label}")
+        except PortfolioError:
+            # archived between the read above and now: its bytes went with it, which is a
+            # refusal (the version is no longer served), not damage
+            with self._read() as session:
+                if session.get(AdapterVersionRow, row_id).status == "archived":
+                    raise InvalidState(f"{row_label} was archived while it was being read; "
+                                       "export the version that replaced it") from None
+            raise
         return adapter_files.write_peft_folder(dest, weights, config, model_id, digest=digest)
 
     def archive(self, ref: str, reason: str | None = None, force: bool = False) -> lifecycle.ArchiveResult:

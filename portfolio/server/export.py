@@ -30,7 +30,7 @@ from pathlib import Path
 
 from portfolio.engines.vllm import VLLM_LORA_RANKS
 from portfolio.errors import InvalidState
-from portfolio.export import export_version
+from portfolio.export import export_rank, export_version
 
 TARGETS = ("vllm", "lorax")
 
@@ -48,15 +48,6 @@ class RouterExport:
 def stable_name(version) -> str:
     """The name a GPU server knows a version by: ``NAME-vN``."""
     return f"{version.adapter}-v{version.version}"
-
-
-def export_rank(registry, version) -> int:
-    """The rank a version exports at (a stack: the sum of its parts')."""
-    if version.kind == "stack":
-        from portfolio.serving import components
-
-        return sum(part.rank for part, _ in components(registry, version))
-    return version.rank
 
 
 def export_router(registry, router: str, dest: str | os.PathLike, target: str = "vllm") -> RouterExport:

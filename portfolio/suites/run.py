@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from portfolio import runtime
-from portfolio.engines import llamacpp
+from portfolio import engines
 from portfolio.serving import activate, loaded
 from portfolio.suites.cases import Case, Suite
 from portfolio.suites.checks import FORMAT_KINDS, is_refusal, judge, parse_json_output, words
@@ -65,7 +65,7 @@ def run_suites(registry, models: list[str], suites: list[str], *, batch_size: in
     from portfolio.evaluation.evaluate import resolve_models
 
     resolved, base = resolve_models(registry, models)
-    served = llamacpp.target(base, engine) if engine else None
+    served = engines.target(base, engine, log) if engine else None
     label_of = served.label if served else ""
     snaps = [registry.suites.get(s) for s in suites]
     parsed = {s.ref: registry.suites.cases(s.ref) for s in snaps}
@@ -142,26 +142,26 @@ def _record(registry, item, suite: Suite, outputs, choices, scores, engine: str)
     scores[(label, ref)] = SuiteScore(label, ref, metrics, results, False, engine)
 
 
-def _compute_on_engine(registry, base, pending, parsed: dict[str, Suite], served: llamacpp.Target, scores, log) -> None:
-    """Each model's cases on llama.cpp: the version exported as a GGUF adapter over the base
-    file, the same prompt token ids as the reference model gets, greedy."""
+def _compute_on_engine(registry, base, pending, parsed: dict[str, Suite], served, scores, log) -> None:
+    """Each model's cases on the serving engine (`engines.target`): the version exported for
+    it, the same prompt token ids as the reference model gets, greedy; choice cases from the
+    engine's own log-probabilities."""
     from portfolio.data.tokenize import chat_prompt_ids
-    from portfolio.export import GGUF_FILE, export_version
-    from portfolio.modeling import load_tokenizer
+    from portfolio.modeling import load_tokenizer, model_folder
 
-    tokenizer = load_tokenizer(served.base_file.parent, served.base_file.name)
-    for label in dict.fromkeys(item[0] for item in pending):
-        items = [item for item in pending if item[0] == label]
-        cases = [(ref, case) for _, _, ref, _, _ in items for case in parsed[ref].cases]
-        outputs: dict[tuple[str, str, str], str] = {}
-        choices: dict[tuple[str, str, str], list[float]] = {}
-        with tempfile.TemporaryDirectory(prefix="portfolio-engine-") as work:
-            adapter = None if label.startswith("base:") else export_version(
-                registry, label, Path(work) / "gguf", card=False, format="gguf") / GGUF_FILE
+    from portfolio.export import export_rank
+
+    tokenizer = load_tokenizer(*model_folder(base, log))
+    ranks = [export_rank(registry, registry.get_version(label)) for label in {item[0] for item in pending} if not label.startswith("base:")]
+    with tempfile.TemporaryDirectory(prefix="portfolio-engine-") as work, served.session(registry, Path(work), log, max(ranks, default=8)):
+        for label in dict.fromkeys(item[0] for item in pending):
+            items = [item for item in pending if item[0] == label]
+            cases = [(ref, case) for _, _, ref, _, _ in items for case in parsed[ref].cases]
+            outputs: dict[tuple[str, str, str], str] = {}
+            choices: dict[tuple[str, str, str], list[float]] = {}
             log(f"answering {len(cases)} cases of {label} on {served.label}")
-            engine = llamacpp.LlamaCpp(served.base_file, adapter, logits_all=any(
-                c["kind"] == "choice" for _, case in cases for c in case.checks))
-            try:
+            logits = any(c["kind"] == "choice" for _, case in cases for c in case.checks)
+            with served.model(registry, None if label.startswith("base:") else label, Path(work), logits) as engine:
                 for ref, case in cases:
                     prompt = chat_prompt_ids(tokenizer, case.chat())
                     if case.generates:
@@ -170,10 +170,8 @@ def _compute_on_engine(registry, base, pending, parsed: dict[str, Suite], served
                     if any(c["kind"] == "choice" for c in case.checks):
                         options = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in _choice(case)["options"]]
                         choices[(label, ref, case.id)] = engine.option_logprobs(prompt, options)
-            finally:
-                engine.close()
-        for item in items:
-            _record(registry, item, parsed[item[2]], outputs, choices, scores, served.label)
+            for item in items:
+                _record(registry, item, parsed[item[2]], outputs, choices, scores, served.label)
 
 
 def _choice(case: Case) -> dict[str, Any]:
