@@ -24,6 +24,11 @@ class Target:
     identity: dict[str, str]
     base_file: Path
 
+    @property
+    def source(self) -> str:
+        """What the engine serves from: the GGUF file."""
+        return str(self.base_file)
+
     @contextmanager
     def session(self, registry, work: Path, log=print, max_rank: int = 8) -> Iterator["Target"]:
         """Nothing to start: llama.cpp runs in this process, one model at a time."""

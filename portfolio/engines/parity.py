@@ -9,16 +9,14 @@ sides are fed the same prompt token ids, so only the models differ."""
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from portfolio.basemodel import resolve_source
-from portfolio.engines.llamacpp import LlamaCpp
+from portfolio import engines
 from portfolio.errors import InvalidState
-from portfolio.export import GGUF_FILE, export_version
+from portfolio.export import export_rank
 from portfolio.serving import activate, loaded
 
 #: A fixed, varied prompt set (code, prose, lists, facts, numbers) for parity checks.
@@ -89,9 +87,8 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
 def engine_parity(registry, ref: str, engine: str = "llamacpp", prompts: list[str] | None = None, max_new_tokens: int = 16,
                   log=print) -> ParityReport:
     """Greedy parity of version ``ref`` (or ``base:NAME``) between portfolio's reference model
-    and ``engine`` (a key of `ENGINES`), on the same prompt token ids."""
-    if engine not in ENGINES:
-        raise InvalidState(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    and ``engine`` (``llamacpp[:QUANT]`` or ``vllm``, see `engines.target`), on the same prompt
+    token ids."""
     prompts = list(prompts or DEFAULT_PROMPTS)
     if not prompts or max_new_tokens < 1:
         raise InvalidState("parity needs at least one prompt and --max-new-tokens >= 1")
@@ -104,66 +101,19 @@ def engine_parity(registry, ref: str, engine: str = "llamacpp", prompts: list[st
         encoded = [rt.tokenizer(p)["input_ids"] for p in prompts]
         reference = [_greedy(rt, ids, max_new_tokens) for ids in encoded]
         tokenizer = rt.tokenizer
-    work = Path(tempfile.mkdtemp(prefix="portfolio-parity-"))
-    try:
-        where, served = ENGINES[engine](registry, base, ref if refs else None, encoded, max_new_tokens, work, log)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    served = engines.target(base, engine, log)
+    with tempfile.TemporaryDirectory(prefix="portfolio-parity-") as work, \
+            served.session(registry, Path(work), log, export_rank(registry, registry.get_version(ref)) if refs else 8), \
+            served.model(registry, ref if refs else None, Path(work), False) as model:
+        answers = [model.greedy(ids, max_new_tokens) for ids in encoded]
     rows = [PromptParity(p, r, s, _first_difference(r, s), tokenizer.decode(r, skip_special_tokens=True),
-                         tokenizer.decode(s, skip_special_tokens=True)) for p, r, s in zip(prompts, reference, served)]
-    return ParityReport(ref, engine, where, max_new_tokens, rows)
+                         tokenizer.decode(s, skip_special_tokens=True)) for p, r, s in zip(prompts, reference, answers)]
+    return ParityReport(ref, served.label, served.source, max_new_tokens, rows)
 
 
 def llamacpp_parity(registry, ref: str, prompts: list[str] | None = None, max_new_tokens: int = 16, log=print) -> ParityReport:
     """`engine_parity` on llama.cpp over the base's GGUF as shipped."""
     return engine_parity(registry, ref, "llamacpp", prompts, max_new_tokens, log)
-
-
-def _llamacpp_answers(registry, base, ref, encoded, max_new_tokens, work: Path, log) -> tuple[str, list[list[int]]]:
-    if not base.gguf_file:
-        raise InvalidState(f"base {base.name} has no GGUF file; llama.cpp serves GGUF bases (register one with --gguf-file)")
-    base_file = resolve_source(base.source) / base.gguf_file
-    adapter = export_version(registry, ref, work / "gguf", card=False, format="gguf") / GGUF_FILE if ref else None
-    engine = LlamaCpp(base_file, adapter)
-    try:
-        return str(base_file), [engine.greedy(ids, max_new_tokens) for ids in encoded]
-    finally:
-        engine.close()
-
-
-def _vllm_answers(registry, base, ref, encoded, max_new_tokens, work: Path, log) -> tuple[str, list[list[int]]]:
-    from portfolio.engines.vllm import VllmServer
-    from portfolio.modeling import model_folder
-
-    folder, _ = model_folder(base, log)
-    rank = registry.get_version(ref).rank if ref else 8
-    server = VllmServer(folder, _free_port(), base.name, max_lora_rank=_vllm_rank(rank), log_path=work / "vllm.log")
-    client = server.start()
-    try:
-        name = base.name
-        if ref:
-            client.load("candidate", export_version(registry, ref, work / "peft", card=False))
-            name = "candidate"
-        return f"vllm over {folder}", [client.greedy(name, ids, max_new_tokens)[0] for ids in encoded]
-    finally:
-        server.stop()
-
-
-def _vllm_rank(rank: int) -> int:
-    from portfolio.engines.vllm import VLLM_LORA_RANKS
-
-    return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-ENGINES = {"llamacpp": _llamacpp_answers, "vllm": _vllm_answers}
 
 
 def _greedy(rt, ids: list[int], max_new_tokens: int) -> list[int]:

@@ -190,6 +190,11 @@ class Target:
     base_name: str
     client: VllmClient | None = None
 
+    @property
+    def source(self) -> str:
+        """What the engine serves from: the base's folder."""
+        return str(self.folder)
+
     @contextmanager
     def session(self, registry, work: Path, log=print, max_rank: int = 8) -> Iterator["Target"]:
         """Start a server for the run (stopped after), sized for adapters up to ``max_rank``."""
