@@ -21,8 +21,9 @@ ALL_METRICS = ["loss", "perplexity", "accuracy", "pass_rate", "critical_failures
 @click.option("--data", "data", multiple=True, metavar="NAME@V", help="Snapshot whose held-out rows to score (repeatable).")
 @click.option("--suite", "suites", multiple=True, metavar="NAME@V", help="Behavioural suite to run (repeatable).")
 @click.option("--engine", default=None, metavar="ENGINE",
-              help="Run the suites on a serving engine instead of the reference model: llamacpp[:QUANT] (over the base's GGUF "
-                   "as shipped) or vllm (a vllm serve over the base's folder, started for the run).")
+              help="Run the suites on a serving engine instead of the reference model: llamacpp[:QUANT] (the base's GGUF as "
+                   "shipped, or requantised to QUANT), vllm (a vllm serve over the base's folder, started for the run) or "
+                   "openai:URL (a running OpenAI-compatible server that serves the versions by name).")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar while generating.")
@@ -61,6 +62,10 @@ def eval_cmd(ctx: click.Context, refs: tuple[str, ...], data: tuple[str, ...], s
                 where = f" on {r.engine}" if r.engine else ""
                 click.echo(f"\n{r.model} on {r.suite}{where} ({'stored' if r.reused else 'computed'})")
                 click.echo(_table(metrics_rows(r.model, r.metrics), METRIC_HEADERS))
+                if r.metrics.get("skipped"):
+                    skipped = r.metrics["skipped"]
+                    click.echo(f"choice checks skipped on {len(skipped['choice'])} cases ({skipped['reason']}): "
+                               + ", ".join(skipped["choice"][:10]) + (" …" if len(skipped["choice"]) > 10 else ""))
     if as_json:
         _emit_json(out["loss"] if not suites else out)
 
@@ -143,7 +148,7 @@ def gate_group() -> None:
 @click.option("--max-pass-regression", type=float, default=None, help="Largest allowed drop of the pass rate vs the incumbent (0..1).")
 @click.option("--max-ece", type=float, default=None, help="Largest allowed expected calibration error on choice cases (0..1).")
 @click.option("--parity", "parity_engine", default=None, metavar="ENGINE",
-              help="Deployment parity: also run the suites on this engine (llamacpp[:QUANT] or vllm) at promotion.")
+              help="Deployment parity: also run the suites on this engine (llamacpp[:QUANT], vllm or openai:URL) at promotion.")
 @click.option("--max-parity-drop", type=float, default=None,
               help="Largest allowed drop of the served pass rate below the reference model's (0..1); needs --parity.")
 @click.pass_context

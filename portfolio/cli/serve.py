@@ -27,6 +27,8 @@ def _loopback(host: str) -> bool:
 @click.option("--api-key", envvar="PORTFOLIO_API_KEY", default=None, help="Require 'Authorization: Bearer KEY' [env PORTFOLIO_API_KEY].")
 @click.option("--max-adapters", type=click.IntRange(1, 256), default=8, show_default=True, help="Adapter versions kept loaded (LRU).")
 @click.option("--batch-size", type=click.IntRange(1, 256), default=8, show_default=True, help="Requests generated together at most.")
+@click.option("--batch-wait-ms", type=click.FloatRange(0, 10000), default=5.0, show_default=True,
+              help="How long a batch waits for more requests to join it before generating.")
 @click.option("--max-tokens", type=click.IntRange(1, 32768), default=512, show_default=True, help="Largest max_tokens a request may ask.")
 @click.option("--max-concurrency", type=click.IntRange(1, 10000), default=64, show_default=True, help="Requests in flight before 429.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
@@ -34,22 +36,24 @@ def _loopback(host: str) -> bool:
               help="A Host name to answer beside loopback ones when there is no API key (repeatable).")
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int, router: str | None, base_name: str | None, api_key: str | None, max_adapters: int,
-          batch_size: int, max_tokens: int, max_concurrency: int, device: str, allowed_hosts: tuple[str, ...]) -> None:
+          batch_size: int, batch_wait_ms: float, max_tokens: int, max_concurrency: int, device: str,
+          allowed_hosts: tuple[str, ...]) -> None:
     """Serve the portfolio over HTTP with OpenAI-style endpoints, routed by tenant, task and risk."""
     from portfolio.server.run import serve as run_server
 
     if not _loopback(host) and not api_key:
         raise click.UsageError(f"--host {host} is reachable from other machines: set --api-key (or PORTFOLIO_API_KEY)")
     run_server(_registry(ctx), host, port, router=router, base_name=base_name, api_key=api_key, max_adapters=max_adapters,
-               batch_size=batch_size, max_tokens=max_tokens, max_concurrency=max_concurrency, device=device,
+               batch_size=batch_size, batch_wait_s=batch_wait_ms / 1000, max_tokens=max_tokens, max_concurrency=max_concurrency, device=device,
                allowed_hosts=allowed_hosts, log=lambda m: click.echo(m, err=True))
 
 
 @cli.command()
 @click.argument("ref")
-@click.option("--engine", type=click.Choice(["llamacpp", "vllm"]), default="llamacpp", show_default=True,
-              help="llamacpp: llama.cpp over the base's GGUF as shipped, with the version's GGUF adapter; "
-                   "vllm: a vllm serve over the base's folder, the version loaded at runtime.")
+@click.option("--engine", default="llamacpp", show_default=True, metavar="ENGINE",
+              help="llamacpp[:QUANT]: llama.cpp over the base's GGUF as shipped (or requantised), with the version's GGUF "
+                   "adapter; vllm: a vllm serve over the base's folder, the version loaded at runtime; openai:URL: a running "
+                   "OpenAI-compatible server that serves REF by name.")
 @click.option("--prompts", "prompts_file", type=click.File("r", encoding="utf-8"), default=None,
               help="One prompt per line (default: a fixed set of 12 varied prompts).")
 @click.option("--max-new-tokens", type=click.IntRange(1, 512), default=16, show_default=True)

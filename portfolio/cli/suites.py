@@ -92,7 +92,7 @@ def suite_show(ctx: click.Context, ref: str, as_json: bool) -> None:
 @click.option("--suite", "suite", required=True, metavar="NAME@V", help="The suite.")
 @click.option("--failed", is_flag=True, help="Only the cases that failed.")
 @click.option("--slice", "slice_", default=None, metavar="LABEL=VALUE", help="Only one slice, e.g. risk=high.")
-@click.option("--engine", default=None, metavar="ENGINE", help="The run on a serving engine: llamacpp[:QUANT] or vllm.")
+@click.option("--engine", default=None, metavar="ENGINE", help="The run on a serving engine: llamacpp[:QUANT], vllm or openai:URL.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @json_option
 @click.pass_context
@@ -123,7 +123,7 @@ def suite_results(ctx: click.Context, ref: str, suite: str, failed: bool, slice_
 @click.argument("b")
 @click.option("--suite", "suite", required=True, metavar="NAME@V", help="The suite to compare on.")
 @click.option("--engine", default=None, metavar="ENGINE",
-              help="Run B on a serving engine (llamacpp[:QUANT] or vllm) and A on the reference model; `diff X X --engine llamacpp` "
+              help="Run B on a serving engine (llamacpp[:QUANT], vllm or openai:URL) and A on the reference model; `diff X X --engine llamacpp` "
                    "shows what serving X there changes.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @json_option

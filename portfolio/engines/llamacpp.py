@@ -47,11 +47,14 @@ class Target:
             engine.close()
 
 
-def target(base, spec: str) -> Target:
-    """``llamacpp`` or ``llamacpp:QUANT`` over ``base``'s registered GGUF file."""
+def target(base, spec: str, log=print) -> Target:
+    """``llamacpp`` (the base's registered GGUF file as it is) or ``llamacpp:QUANT`` over
+    ``base``: another quantisation type is made from the registered file by llama.cpp's own
+    quantize (cached by the file's sha256 and the type), so a gate can judge the model a
+    coarser deployment would serve."""
     name, _, quant = spec.partition(":")
     if name != "llamacpp":
-        raise InvalidState(f"unknown engine {spec!r}; use llamacpp or llamacpp:QUANT (the base's own GGUF file)")
+        raise InvalidState(f"unknown engine {spec!r}; use llamacpp or llamacpp:QUANT (e.g. llamacpp:Q2_K)")
     problem = available()
     if problem:
         raise InvalidState(problem)
@@ -59,10 +62,50 @@ def target(base, spec: str) -> Target:
         raise InvalidState(f"base {base.name} has no GGUF file; llama.cpp serves GGUF bases (register one with --gguf-file)")
     base_file = resolve_source(base.source) / base.gguf_file
     found = quantization(base_file)
-    if quant and quant.upper() != found:
-        raise InvalidState(f"base {base.name} is a {found} GGUF; llamacpp:{quant} needs that quantisation's file: "
-                           "register it as a base of its own")
-    return Target(f"llamacpp:{found}", identity(base_file, base.weights_sha256), base_file)
+    if not quant or quant.upper() == found:
+        return Target(f"llamacpp:{found}", identity(base_file, base.weights_sha256), base_file)
+    made = requantized(base_file, base.weights_sha256, quant.upper(), log)
+    return Target(f"llamacpp:{quant.upper()}", {**identity(made, base.weights_sha256), "requantized_from": found}, made)
+
+
+def quant_types() -> dict[str, int]:
+    """llama.cpp's quantisation types by name (``Q2_K``, ``Q4_K_M``, ``Q8_0``, ``F16``, …)."""
+    import llama_cpp
+
+    prefix = "LLAMA_FTYPE_MOSTLY_"
+    return {k[len(prefix):]: v for k, v in vars(llama_cpp).items() if k.startswith(prefix) and isinstance(v, int)}
+
+
+def requantized(base_file: Path, base_sha256: str, quant: str, log=print) -> Path:
+    """``base_file`` quantised to ``quant`` by llama.cpp's quantize API (requantising an
+    already quantised file, as `llama-quantize --allow-requantize` does), cached under
+    portfolio's cache by the source's sha256. A finer type made from a coarser file cannot
+    restore what was lost: it measures the engine's arithmetic, not a better base."""
+    import llama_cpp
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    from portfolio.store.cache import cache_root
+
+    types = quant_types()
+    if quant not in types:
+        raise InvalidState(f"llama.cpp has no quantisation type {quant!r}; use one of {', '.join(sorted(types))}")
+    out = cache_root() / "gguf" / f"{base_sha256}.{quant}.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log(f"quantising {base_file.name} to {quant} with llama.cpp (cached in {out.parent})")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.allow_requantize, params.nthread = types[quant], True, max(1, os.cpu_count() or 1)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with suppress_stdout_stderr(disable=False):
+            code = llama_cpp.llama_model_quantize(str(base_file).encode(), str(tmp).encode(), params)
+        if code != 0 or not tmp.is_file():
+            raise InvalidState(f"llama.cpp could not quantise {base_file.name} to {quant} (code {code})")
+        os.replace(tmp, out)  # whole or absent: a crash midway leaves no half file in the cache
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
 
 
 def quantization(path: str | os.PathLike) -> str:
@@ -78,11 +121,13 @@ def quantization(path: str | os.PathLike) -> str:
 
 def identity(base_file: str | os.PathLike, base_sha256: str) -> dict[str, str]:
     """What a result on llama.cpp depends on beyond the model: the engine, its version, the
-    base file's sha256 and its quantisation."""
+    registered base's sha256, the served file's quantisation and sha256."""
     import llama_cpp
 
+    from portfolio.store.digests import sha256_file
+
     return {"engine": "llamacpp", "version": llama_cpp.__version__, "base_sha256": base_sha256,
-            "quantization": quantization(base_file)}
+            "quantization": quantization(base_file), "file_sha256": sha256_file(base_file)}
 
 
 def available() -> str | None:

@@ -8,19 +8,17 @@ transformers), so it is started as a process of that interpreter, never imported
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from portfolio.engines.http import JsonClient
 from portfolio.errors import InvalidState
 
 #: The ranks vLLM accepts for ``--max-lora-rank``.
@@ -44,23 +42,11 @@ def available() -> str | None:
     return None
 
 
-class VllmClient:
+class VllmClient(JsonClient):
     """The calls portfolio makes to a running vLLM's OpenAI-compatible server."""
 
     def __init__(self, url: str, timeout_s: float = 120.0):
-        self.url, self.timeout_s = url.rstrip("/"), timeout_s
-
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                text = response.read().decode()
-                return response.status, (json.loads(text) if text.strip().startswith(("{", "[")) else text)
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode(errors="replace")
-        except (urllib.error.URLError, OSError) as exc:
-            raise InvalidState(f"vLLM at {self.url} does not answer ({exc}); start it, or check the URL") from None
+        super().__init__(url, "vLLM", timeout_s)
 
     def healthy(self) -> bool:
         """Whether the server answers its health check."""

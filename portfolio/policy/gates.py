@@ -41,7 +41,7 @@ EPS = 1e-9  # a change exactly at the limit passes, whatever the float rounding
 DEFAULT_CONFIDENCE = 0.95
 MIN_PAIRED = 8  # fewer paired examples than this give no useful interval
 BOOTSTRAP = 2000
-PARITY_ENGINES = ("llamacpp", "vllm")  # engines a parity gate can run suites on (`engines/`)
+PARITY_ENGINES = ("llamacpp", "vllm", "openai")  # engines a parity gate can run suites on (`engines/`)
 
 
 class InvalidGate(PortfolioError, ValueError):

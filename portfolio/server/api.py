@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from portfolio.server.engine import Completion, Engine
-from portfolio.server.state import ApiError, ServerState, Target
+from portfolio.server.state import ApiError, ServerState, Target, TokenStream
 
 router = APIRouter()
 
@@ -120,17 +120,20 @@ def completions(body: CompletionBody, request: Request):
         raise ApiError(400, f"prompt: one prompt per request (got {len(body.prompt)})")
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     target = state.resolver.resolve(body.model, _attributes(request, body))
-    c = state.run(target, state.engine.encode_text(prompt), body.max_tokens, body.temperature, body.seed)
-    state.stats.served(target, c, time.perf_counter() - started)
     rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    prompt_ids = state.engine.encode_text(prompt)
     if body.stream:
-        def events():
-            yield _sse({"id": rid, "object": "text_completion", "created": created, "model": target.label,
-                        "choices": [{"index": 0, "text": c.text, "finish_reason": None}], "portfolio": _trace(target)})
-            yield _sse({"id": rid, "object": "text_completion", "created": created, "model": target.label,
-                        "choices": [{"index": 0, "text": "", "finish_reason": c.finish_reason}], "usage": _usage(c)})
-            yield "data: [DONE]\n\n"
-        return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(target))
+        stream = state.stream(target, prompt_ids, body.max_tokens, body.temperature, body.seed)
+        base = {"id": rid, "object": "text_completion", "created": created, "model": target.label}
+
+        def chunk(piece: str | None, c: Completion | None) -> dict[str, Any]:
+            if c is None:
+                return base | {"choices": [{"index": 0, "text": piece, "finish_reason": None}]}
+            return base | {"choices": [{"index": 0, "text": "", "finish_reason": c.finish_reason}], "usage": _usage(c)}
+
+        return _streaming(state, target, stream, started, [base | {"choices": [{"index": 0, "text": "", "finish_reason": None}], "portfolio": _trace(target)}], chunk)
+    c = state.run(target, prompt_ids, body.max_tokens, body.temperature, body.seed)
+    state.stats.served(target, c, time.perf_counter() - started)
     return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": target.label,
                          "choices": [{"index": 0, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}],
                          "usage": _usage(c), "portfolio": _trace(target)}, headers=_headers(target))
@@ -142,18 +145,21 @@ def chat(body: ChatBody, request: Request):
     state, started = _state(request), time.perf_counter()
     target = state.resolver.resolve(body.model, _attributes(request, body))
     max_tokens = body.max_completion_tokens or body.max_tokens or 64
-    c = state.run(target, state.engine.encode_chat([m.model_dump() for m in body.messages]), max_tokens, body.temperature, body.seed)
-    state.stats.served(target, c, time.perf_counter() - started)
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    prompt_ids = state.engine.encode_chat([m.model_dump() for m in body.messages])
     if body.stream:
-        def events():
-            base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": target.label}
-            yield _sse(base | {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}], "portfolio": _trace(target)})
-            for piece in _pieces(state.engine, c.token_ids):
-                yield _sse(base | {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
-            yield _sse(base | {"choices": [{"index": 0, "delta": {}, "finish_reason": c.finish_reason}], "usage": _usage(c)})
-            yield "data: [DONE]\n\n"
-        return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(target))
+        stream = state.stream(target, prompt_ids, max_tokens, body.temperature, body.seed)
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": target.label}
+
+        def chunk(piece: str | None, c: Completion | None) -> dict[str, Any]:
+            if c is None:
+                return base | {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+            return base | {"choices": [{"index": 0, "delta": {}, "finish_reason": c.finish_reason}], "usage": _usage(c)}
+
+        opening = base | {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}], "portfolio": _trace(target)}
+        return _streaming(state, target, stream, started, [opening], chunk)
+    c = state.run(target, prompt_ids, max_tokens, body.temperature, body.seed)
+    state.stats.served(target, c, time.perf_counter() - started)
     return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": target.label,
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}],
                          "usage": _usage(c), "portfolio": _trace(target)}, headers=_headers(target))
@@ -163,13 +169,37 @@ def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def _pieces(engine: Engine, token_ids: list[int]) -> list[str]:
-    """The completion as incremental text pieces, one per token (decoded by prefix, so that
-    multi-token characters come out whole)."""
-    out, previous = [], ""
-    for i in range(1, len(token_ids) + 1):
-        text = engine.tokenizer.decode(token_ids[:i], skip_special_tokens=True)
+def _streaming(state: ServerState, target: Target, stream: TokenStream, started: float, opening: list[dict[str, Any]],
+               chunk) -> StreamingResponse:
+    """Server-sent events: the opening chunks, one chunk per piece of text as its tokens are
+    generated, the finishing chunk with usage, ``[DONE]``. A failure after the stream has
+    started (there is no status left to send) is an ``error`` event before ``[DONE]``."""
+
+    def events():
+        for data in opening:
+            yield _sse(data)
+        try:
+            for piece in _pieces(state.engine, stream.tokens()):
+                yield _sse(chunk(piece, None))
+            c = stream.completion()
+        except ApiError as exc:
+            state.stats.failed(exc.status, time.perf_counter() - started)
+            yield _sse({"error": {"message": exc.message, "type": exc.kind, "code": exc.status}})
+        else:
+            state.stats.served(target, c, time.perf_counter() - started)
+            yield _sse(chunk(None, c))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(target))
+
+
+def _pieces(engine: Engine, token_ids):
+    """Incremental text pieces of a token stream, one per token that completes some text
+    (decoded by prefix, so that a character spread over several tokens comes out whole)."""
+    ids, previous = [], ""
+    for token in token_ids:
+        ids.append(token)
+        text = engine.tokenizer.decode(ids, skip_special_tokens=True)
         if text.startswith(previous) and len(text) > len(previous):
-            out.append(text[len(previous):])
+            yield text[len(previous):]
             previous = text
-    return out

@@ -36,6 +36,13 @@ class Request:
     temperature: float = 0.0
     seed: int = 0
     future: Future = field(default_factory=Future)
+    #: Where each new token id goes as it is generated, then `END` once the future is
+    #: resolved (None: the request waits for the whole completion).
+    sink: queue.Queue | None = None
+
+
+#: What a request's sink receives after its last token (its future is resolved by then).
+END = object()
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,14 @@ class Engine:
             self._run(batch)
 
     def _run(self, batch: list[Request]) -> None:
+        try:
+            self._run_groups(batch)
+        finally:
+            for req in batch:
+                if req.sink is not None:
+                    req.sink.put(END)
+
+    def _run_groups(self, batch: list[Request]) -> None:
         groups: dict[Any, list[tuple[Request, list[str]]]] = {}
         in_use: set[str] = set()
         for req in batch:
@@ -213,6 +228,8 @@ class Engine:
         width = ids.shape[1]
         # the base alone in a batch of its own (a sampled request): no adapter may be active
         base_only = self.model.disable_adapter() if not mixed and not items[0][1] and peft else nullcontext()
+        if any(r.sink is not None for r in reqs):
+            extra["streamer"] = BatchStreamer(reqs, self.tokenizer.eos_token_id)
         with torch.no_grad(), base_only:
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                       max_new_tokens=max(r.max_tokens for r in reqs), pad_token_id=self.pad_id, **sampling, **extra)
@@ -227,3 +244,35 @@ class Engine:
             text = self.tokenizer.decode(new, skip_special_tokens=True)
             results.append(Completion(text, new, "stop" if stop else "length", len(r.prompt_ids)))
         return results
+
+
+class BatchStreamer:
+    """transformers' streamer protocol (``put``/``end``) for a whole batch: ``generate``
+    hands it the prompt once and then each step's new token of every row, and each row's
+    token goes to its request's sink until that row's end of sequence or ``max_tokens`` —
+    so every request of a mixed-adapter batch streams as it is generated."""
+
+    def __init__(self, requests: list[Request], eos_id: int | None):
+        self.requests, self.eos_id = requests, eos_id
+        self.counts = [0] * len(requests)
+        self.done = [r.sink is None for r in requests]
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        """One step's tokens (the first call is the prompt, which is not streamed)."""
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        tokens = value.reshape(len(self.requests), -1)[:, -1].tolist()
+        for row, (req, token) in enumerate(zip(self.requests, tokens)):
+            if self.done[row]:
+                continue
+            if token == self.eos_id:
+                self.done[row] = True
+                continue
+            req.sink.put(int(token))
+            self.counts[row] += 1
+            self.done[row] = self.counts[row] >= req.max_tokens
+
+    def end(self) -> None:
+        """Generation is over; the engine signals each sink itself once results are set."""

@@ -21,7 +21,7 @@ def pick_base(registry, router: str | None, base_name: str | None):
 
 
 def serve(registry, host: str, port: int, *, router: str | None = None, base_name: str | None = None, api_key: str | None = None,
-          max_adapters: int = 8, batch_size: int = 8, max_tokens: int = 512, max_concurrency: int = 64, device: str = "auto",
+          max_adapters: int = 8, batch_size: int = 8, batch_wait_s: float = 0.005, max_tokens: int = 512, max_concurrency: int = 64, device: str = "auto",
           allowed_hosts: tuple[str, ...] = (), log=print) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM finish the requests in flight, then flush the
     request log)."""
@@ -33,7 +33,8 @@ def serve(registry, host: str, port: int, *, router: str | None = None, base_nam
     base = pick_base(registry, router, base_name)
     if router:
         registry.routes.rules(router)  # fails now, not on the first request, if it does not exist
-    engine = Engine(registry, base, max_adapters=max_adapters, batch_size=batch_size, device=device, log=log)
+    engine = Engine(registry, base, max_adapters=max_adapters, batch_size=batch_size, max_wait_s=batch_wait_s,
+                    device=device, log=log)
     settings = ServerSettings(router=router, api_key=api_key, max_tokens=max_tokens, max_concurrency=max_concurrency,
                               allowed_hosts=tuple(allowed_hosts))
     app = create_app(registry, engine, settings, log=log)

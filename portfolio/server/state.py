@@ -18,7 +18,7 @@ from typing import Any
 
 from portfolio.errors import InvalidState, NotFound, PortfolioError
 from portfolio.routing import InvalidRoute, check_request, match
-from portfolio.server.engine import Completion, Engine
+from portfolio.server.engine import END, Completion, Engine
 from portfolio.server.engine import Request as EngineRequest
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -229,8 +229,8 @@ class ServerState:
         while not self.stop.wait(self.settings.flush_s):
             self.flush()
 
-    def run(self, target: Target, prompt_ids: list[int], max_tokens: int, temperature: float, seed: int) -> Completion:
-        """Generate for one request within the server's limits (ApiError when refused)."""
+    def _admit(self, prompt_ids: list[int], max_tokens: int) -> None:
+        """Refuse a request beyond the server's limits, else take one of its slots."""
         settings = self.settings
         if not prompt_ids:
             raise ApiError(400, "the prompt is empty: there is nothing to complete")
@@ -241,13 +241,66 @@ class ServerState:
         if not self.slots.acquire(blocking=False):
             raise ApiError(429, f"the server is at its limit of {settings.max_concurrency} requests in flight; retry shortly",
                            "rate_limit_error")
+
+    def run(self, target: Target, prompt_ids: list[int], max_tokens: int, temperature: float, seed: int) -> Completion:
+        """Generate for one request within the server's limits (ApiError when refused)."""
+        self._admit(prompt_ids, max_tokens)
         try:
             future = self.engine.submit(EngineRequest(target.version, prompt_ids, max_tokens, temperature, seed))
-            try:
-                return future.result(timeout=settings.request_timeout_s)
-            except InvalidState as exc:  # archived since it was resolved: its bytes are gone
-                raise ApiError(409, str(exc), "conflict_error") from None
-            except PortfolioError as exc:  # e.g. a damaged blob: this request fails, the server goes on
-                raise ApiError(503, str(exc), "server_error") from None
+            return self._result(future)
         finally:
             self.slots.release()
+
+    def stream(self, target: Target, prompt_ids: list[int], max_tokens: int, temperature: float, seed: int) -> "TokenStream":
+        """Start one request whose tokens arrive as they are generated. Returns once the
+        first token (or the end) is there, so that a refusal (an archived version, damaged
+        bytes) is still an HTTP status rather than a broken stream."""
+        import queue
+
+        self._admit(prompt_ids, max_tokens)
+        request = EngineRequest(target.version, prompt_ids, max_tokens, temperature, seed, sink=queue.Queue())
+        # the slot is the engine's work, not the client's reading: it is free once generation ends,
+        # even when the client has gone away mid-stream
+        request.future.add_done_callback(lambda _: self.slots.release())
+        self.engine.submit(request)
+        stream = TokenStream(request, self)
+        stream.first = stream.next()
+        if stream.first is END:
+            self._result(request.future)
+        return stream
+
+    def _result(self, future) -> Completion:
+        try:
+            return future.result(timeout=self.settings.request_timeout_s)
+        except InvalidState as exc:  # archived since it was resolved: its bytes are gone
+            raise ApiError(409, str(exc), "conflict_error") from None
+        except PortfolioError as exc:  # e.g. a damaged blob: this request fails, the server goes on
+            raise ApiError(503, str(exc), "server_error") from None
+
+
+class TokenStream:
+    """A request's token ids as the engine generates them (`tokens`), then its `Completion`."""
+
+    def __init__(self, request: EngineRequest, state: ServerState):
+        self.request, self.state, self.first = request, state, None
+
+    def tokens(self):
+        """Each new token id, until the request is done."""
+        item = self.first
+        while item is not END:
+            yield item
+            item = self.next()
+
+    def next(self):
+        """The next token id, or `END` (ApiError 504 when none comes within the request timeout)."""
+        import queue
+
+        try:
+            return self.request.sink.get(timeout=self.state.settings.request_timeout_s)
+        except queue.Empty:
+            raise ApiError(504, f"no token within {self.state.settings.request_timeout_s:.0f} s; the server is overloaded",
+                           "server_error") from None
+
+    def completion(self) -> Completion:
+        """The finished request (ApiError when it failed midway)."""
+        return self.state._result(self.request.future)

@@ -134,10 +134,22 @@ def _compute(registry, base, pending, parsed: dict[str, Suite], batch_size, devi
 
 def _record(registry, item, suite: Suite, outputs, choices, scores, engine: str) -> None:
     """Judge every case of one (model, suite) from its outputs and option scores, store it."""
+    import dataclasses
+
     label, _, ref, key, settings = item
-    results = [judge_case(case, outputs.get((label, ref, case.id)), choices.get((label, ref, case.id)), suite.refusal_patterns)
-               for case in suite.cases]
+    results, skipped = [], []
+    for case in suite.cases:
+        logps = choices.get((label, ref, case.id))
+        if logps is None and any(c["kind"] == "choice" for c in case.checks):
+            # the engine gave no log-probabilities: its choice checks are skipped, not failed
+            skipped.append(case.id)
+            case = dataclasses.replace(case, checks=[c for c in case.checks if c["kind"] != "choice"])
+            if not case.checks:
+                continue
+        results.append(judge_case(case, outputs.get((label, ref, case.id)), logps, suite.refusal_patterns))
     metrics = summarize_by_slice(results)
+    if skipped:
+        metrics["skipped"] = {"choice": skipped, "reason": f"{engine} returns no prompt log-probabilities"}
     registry.suites.record_result(label, ref, key, settings, metrics, results, code_version=str(SUITES_VERSION), engine=engine)
     scores[(label, ref)] = SuiteScore(label, ref, metrics, results, False, engine)
 
@@ -169,7 +181,9 @@ def _compute_on_engine(registry, base, pending, parsed: dict[str, Suite], served
                         outputs[(label, ref, case.id)] = tokenizer.decode(ids, skip_special_tokens=True).strip()
                     if any(c["kind"] == "choice" for c in case.checks):
                         options = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in _choice(case)["options"]]
-                        choices[(label, ref, case.id)] = engine.option_logprobs(prompt, options)
+                        logps = engine.option_logprobs(prompt, options)  # None: the engine cannot score them
+                        if logps is not None:
+                            choices[(label, ref, case.id)] = logps
             for item in items:
                 _record(registry, item, parsed[item[2]], outputs, choices, scores, served.label)
 
