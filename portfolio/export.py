@@ -65,11 +65,14 @@ def gguf_folder(registry, ref: str, dest: Path) -> Path:
     work = Path(tempfile.mkdtemp(prefix="portfolio-gguf-"))
     try:
         peft = peft_folder(registry, ref, work / "peft")
+        write_gguf_adapter(peft, work / GGUF_FILE, base.architecture, registry.bases.config(base.name), version.ref)
+        (work / "Modelfile").write_text(modelfile(version, base), encoding="utf-8")
+        # written in full before anything appears at dest: a refused or failed export leaves nothing
         dest.mkdir(parents=True, exist_ok=True)
-        write_gguf_adapter(peft, dest / GGUF_FILE, base.architecture, registry.bases.config(base.name), version.ref)
+        for name in (GGUF_FILE, "Modelfile"):
+            shutil.move(str(work / name), dest / name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    (dest / "Modelfile").write_text(modelfile(version, base), encoding="utf-8")
     return dest
 
 

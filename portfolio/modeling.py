@@ -24,7 +24,7 @@ from typing import Any
 import json
 
 from portfolio.basemodel import resolve_source
-from portfolio.errors import BaseModelNotFound, IntegrityFailure
+from portfolio.errors import BaseModelNotFound, IntegrityFailure, PortfolioError
 from portfolio.registry.entities import BaseModel
 from portfolio.store.cache import cache_root
 from portfolio.store.digests import sha256_file, verify_file
@@ -35,6 +35,28 @@ CACHE_MANIFEST = "portfolio-cache.json"
 def cache_dir(base: BaseModel) -> Path:
     """Where the dequantised copy of a GGUF base lives."""
     return cache_root() / "models" / base.weights_sha256
+
+
+def is_base(base: BaseModel, model: str) -> bool:
+    """Whether an engine's model (its name, or the folder it was started on: vLLM's
+    ``--model``) is this base: the base's model id or name, its own folder, or its
+    dequantised cache."""
+    if model in (base.model_id, base.name):
+        return True
+    try:
+        given = Path(model).resolve()
+        return given == cache_dir(base).resolve() or given == resolve_source(base.source).resolve()
+    except (OSError, ValueError, PortfolioError):  # a base whose files are not on this host is not this one
+        return False
+
+
+def serving_files(base: BaseModel, log=print) -> dict[str, str | None]:
+    """What serving engines load for ``base``: ``folder``, a Hugging Face folder (vLLM's
+    ``--model``; for a GGUF base its dequantised copy) and ``gguf``, the GGUF file as
+    registered (llama.cpp, Ollama) or None."""
+    folder, _ = model_folder(base, log)
+    gguf = resolve_source(base.source) / base.gguf_file if base.gguf_file else None
+    return {"folder": str(folder), "gguf": str(gguf) if gguf else None}
 
 
 def model_folder(base: BaseModel, log=print) -> tuple[Path, str | None]:

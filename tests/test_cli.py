@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 
 import click
 import pytest
@@ -58,6 +59,12 @@ def test_list_show_and_json(run, populated):
     assert (shown["adapter"], shown["version"], shown["rank"]) == ("py", 1, 4)
     assert "candidate" in run("show", "py").output
     assert json.loads(run("base", "list", "--json").output)[0]["name"] == "tiny"
+    base = json.loads(run("base", "show", "tiny", "--json").output)
+    assert base["gguf"] is None and (Path(base["folder"]) / "config.json").is_file()
+    assert run("base", "show", "tiny", "--folder").output.strip() == base["folder"]
+    assert "vllm serve " + base["folder"] in run("base", "show", "tiny").output
+    missing = run("base", "show", "nope", ok=False)
+    assert missing.exit_code != 0 and missing.output.startswith("error:")
 
 
 def test_alias_tag_deprecate_flow(run, populated, lora_dir):

@@ -159,8 +159,24 @@ def test_suites_run_on_llama_cpp_and_are_stored_beside_the_reference(smollm2_wor
     assert "noisy@1" in matrix["rows"] and "noisy@1 on llamacpp:Q4_1" in matrix["rows"]
     diff = json.loads(run("diff", "noisy@1", "noisy@1", "--suite", "sanity@1", "--engine", "llamacpp", "--json").stdout)
     assert diff["b_engine"] == "llamacpp:Q4_1" and diff["b"] == "noisy@1 on llamacpp:Q4_1"
-    refused = run("eval", "noisy@1", "--suite", "sanity@1", "--engine", "llamacpp:Q8_0", ok=False)
-    assert refused.exit_code == 1 and "Q4_1" in refused.output
+    refused = run("eval", "noisy@1", "--suite", "sanity@1", "--engine", "llamacpp:Q9_X", ok=False)
+    assert refused.exit_code == 1 and "no quantisation type 'Q9_X'" in refused.output and "Q2_K" in refused.output
+
+
+def test_a_coarser_quantisation_is_made_by_llama_cpp_and_judged_as_its_own_engine(smollm2_world):
+    from portfolio import Registry
+    from portfolio.engines.llamacpp import quantization, target
+
+    run = smollm2_world["run"]
+    coarse = json.loads(run("eval", "noisy@1", "--suite", "sanity@1", "--engine", "llamacpp:Q2_K", "--json").stdout)
+    [row] = coarse["suites"]
+    assert row["engine"] == "llamacpp:Q2_K" and not row["reused"]
+    with Registry.open(smollm2_world["db"], smollm2_world["store"]) as reg:
+        served = target(reg.bases.get("smollm2-135m"), "llamacpp:Q2_K", log=lambda *_: None)
+    assert quantization(served.base_file) == "Q2_K" and served.identity["requantized_from"] == "Q4_1"
+    assert served.identity["file_sha256"] != served.identity["base_sha256"]  # keyed by the file it served
+    both = json.loads(run("matrix", "--metric", "pass_rate", "--json").stdout)["rows"]
+    assert "noisy@1 on llamacpp:Q2_K" in both
 
 
 def test_promotion_runs_the_parity_gate_on_the_engine(smollm2_world):
@@ -192,3 +208,25 @@ def test_llama_cpp_answers_like_portfolio_generate_over_the_q4_1_base(smollm2_wo
     changed = sum(a.reference != p.reference for a, p in zip(adapted.prompts, plain.prompts))
     moved = sum(a.engine != p.engine for a, p in zip(adapted.prompts, plain.prompts))
     assert changed >= len(adapted.prompts) // 2 and moved >= changed // 2
+
+
+def test_gguf_export_refuses_a_base_llama_cpp_adapters_are_not_written_for(registry_with_base, tokenizer_dir, tmp_path, run):
+    """A LoRA of another architecture (a tiny Qwen2): one error naming it, nothing written."""
+    import shutil
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder = tmp_path / "qwen"
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, folder / f.name)
+    run("base", "add", "qwen", str(folder))
+    lora = tmp_path / "lora"
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(Qwen2ForCausalLM.from_pretrained(folder), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(lora)
+    run("adapter", "import", "q", str(lora), "--base", "qwen")
+    result = run("export", "q@1", str(tmp_path / "out"), "--format", "gguf", ok=False)
+    assert result.exit_code == 1 and "Qwen2ForCausalLM base has no GGUF adapter export" in result.output
+    assert len([line for line in result.output.splitlines() if line.startswith("error:")]) == 1 and not (tmp_path / "out").exists()

@@ -18,12 +18,12 @@ REQUIRE = os.environ.get("PORTFOLIO_REQUIRE_ENGINES") == "1"
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,", "1, 2, 3, 5, 8, 13,"]
 
 
-def _adapter(model, folder, seed):
+def _adapter(model, folder, seed, r=8):
     import torch
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]))
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]))
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
@@ -53,6 +53,9 @@ def world(tmp_path_factory):
             reg.import_adapter("noisy", root / f"a{seed}", base="smollm2-135m")
         reg.set_alias("noisy", "production", 1, reason="first")
         reg.routes.set("web", "noisy@production")
+        model = _adapter(model, root / "wide", 9, r=16)  # above the server's --max-lora-rank 8
+        reg.import_adapter("wide", root / "wide", base="smollm2-135m")
+        reg.routes.set("wide-web", "wide@1")
         folder, _ = model_folder(base, log=lambda *_: None)
     server = VllmServer(folder, free_port(), "smollm2-135m", max_lora_rank=8, log_path=root / "vllm.log")
     client = server.start()
@@ -123,6 +126,26 @@ def test_deploy_follows_promotions_into_a_running_vllm(world):
 def test_deploy_refuses_an_engine_that_does_not_answer(world):
     result = world["run"]("deploy", "vllm", f"http://127.0.0.1:{free_port()}", "--router", "web", "--once", ok=False)
     assert result.exit_code == 1 and "does not answer" in result.output
+
+
+def test_deploy_refuses_an_engine_of_another_base_and_a_rank_above_its_limit(world, tmp_path, tiny_base):
+    from conftest import make_lora
+
+    url = world["url"]
+    # another registry, whose router reaches an adapter of the tiny base: this vLLM serves SmolLM2
+    other = cli_invoker(f"sqlite:///{tmp_path / 'r.db'}", tmp_path / "store")
+    other("base", "add", "tiny", str(tiny_base))
+    other("adapter", "import", "t", str(make_lora(tiny_base, tmp_path / "t")), "--base", "tiny")
+    other("route", "set", "web", "--default", "--to", "t@1")
+    refused = other("deploy", "vllm", url, "--router", "web", "--once", "--cache", str(tmp_path / "c"), ok=False)
+    assert refused.exit_code == 1 and "not base tiny" in refused.output and "smollm2-135m" in refused.output
+    assert json.loads(other("deploy", "history", "--json").stdout) == []  # nothing recorded
+    assert "t@1" not in world["client"].models()
+    # a rank-16 adapter on a server started with --max-lora-rank 8
+    wide = world["run"]("deploy", "vllm", url, "--router", "wide-web", "--once", "--cache", str(tmp_path / "c"), ok=False)
+    assert wide.exit_code == 1 and "rank 16 is above the server's --max-lora-rank" in wide.output, wide.output
+    assert len([line for line in wide.output.splitlines() if line.startswith("error:")]) == 1
+    assert json.loads(world["run"]("deploy", "history", "--name", "wide@1", "--json").stdout) == []
 
 
 def test_router_export_and_the_resolver_plugin_in_a_real_vllm(world):

@@ -85,6 +85,30 @@ def base_list(ctx: click.Context, as_json: bool) -> None:
     click.echo(_table([[b.name, b.architecture, b.model_id, b.weights_sha256[:16]] for b in bases], ["NAME", "ARCHITECTURE", "MODEL", "SHA256"]))
 
 
+@base_group.command("show")
+@click.argument("name")
+@click.option("--folder", "folder_only", is_flag=True, help="Print only the Hugging Face folder engines load (for $(...)).")
+@json_option
+@click.pass_context
+def base_show(ctx: click.Context, name: str, folder_only: bool, as_json: bool) -> None:
+    """Show base NAME and the files serving engines load: the Hugging Face folder (for a GGUF
+    base its dequantised copy, made on first use) for vLLM, the GGUF file for llama.cpp/Ollama."""
+    from portfolio.modeling import serving_files
+
+    reg = _registry(ctx)
+    base = reg.bases.get(name)
+    files = serving_files(base, log=lambda m: click.echo(m, err=True))
+    if folder_only:
+        return click.echo(files["folder"])
+    if as_json:
+        return _emit_json({**base.to_dict(), **files})
+    click.echo(f"{base.name}  {base.architecture}  sha256 {base.weights_sha256}")
+    click.echo(f"folder  {files['folder']}\ngguf    {files['gguf'] or '-'}")
+    click.echo(f"vLLM:      vllm serve {files['folder']} --served-model-name {base.name} --enable-lora")
+    if files["gguf"]:
+        click.echo(f"llama.cpp: python -m llama_cpp.server --model {files['gguf']} --lora_path ADAPTER.gguf")
+
+
 # -- datasets -------------------------------------------------------------------------
 
 @cli.group("data")

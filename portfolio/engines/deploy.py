@@ -50,9 +50,11 @@ def sync_vllm(registry, url: str, router: str, cache_dir: str | Path, log: Calla
     ``router``'s names reach now; returns what changed."""
     client = VllmClient(url)
     held = registry.deployments.current(url)
+    wanted = wanted_names(registry, router)
+    for base_name in sorted({v.base_model for v in wanted.values() if v is not None}):
+        client.check_base(registry.bases.get(base_name))
     loaded = set(client.models())
     changes: list[SyncChange] = []
-    wanted = wanted_names(registry, router)
     for name, version in wanted.items():
         ref = version.ref if version is not None else None
         if ref == held.get(name) and (ref is None or name in loaded):

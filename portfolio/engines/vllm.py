@@ -8,6 +8,7 @@ transformers), so it is started as a process of that interpreter, never imported
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -55,19 +56,42 @@ class VllmClient(JsonClient):
         except InvalidState:
             return False
 
+    def cards(self) -> list[dict[str, Any]]:
+        """``/v1/models``' entries: ``id``, ``root`` (the folder or path served) and ``parent``
+        (None for the base model, the base's name for an adapter)."""
+        status, body = self._call("GET", "/v1/models")
+        if status != 200 or not isinstance(body, dict):
+            raise InvalidState(f"vLLM at {self.url} refused /v1/models ({status}): {str(body)[:200]}")
+        return list(body.get("data", []))
+
     def models(self) -> list[str]:
         """Every model name the server answers to (the base and loaded adapters)."""
-        status, body = self._call("GET", "/v1/models")
-        if status != 200:
-            raise InvalidState(f"vLLM at {self.url} refused /v1/models ({status}): {str(body)[:200]}")
-        return [m["id"] for m in body["data"]]
+        return [m["id"] for m in self.cards()]
+
+    def check_base(self, base) -> None:
+        """Refuse a server whose base model is not ``base`` (by name or the folder it was
+        started on), before anything of ``base``'s is loaded into it."""
+        from portfolio.modeling import is_base
+
+        roots = [c for c in self.cards() if not c.get("parent")]
+        if roots and not any(is_base(base, c.get("id", "")) or is_base(base, c.get("root") or "") for c in roots):
+            served = ", ".join(f"{c.get('id')} ({c.get('root')})" for c in roots)
+            raise InvalidState(f"vLLM at {self.url} serves {served}, not base {base.name}; adapters of {base.name} would "
+                               f"answer wrongly there: start vLLM over that base (portfolio base show {base.name})")
 
     def load(self, name: str, path: str | os.PathLike) -> None:
         """Load the PEFT folder at ``path`` under ``name`` (vLLM's runtime LoRA update)."""
         status, body = self._call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
-        if status != 200:
-            raise InvalidState(f"vLLM at {self.url} did not load {name} ({status}): {str(body)[:300]}; it needs "
-                               "--enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")
+        if status == 200:
+            return
+        text = str(body)
+        if "max_lora_rank" in text or "max-lora-rank" in text:
+            rank = json.loads((Path(path) / "adapter_config.json").read_text()).get("r", "?")
+            allowed = ", ".join(str(r) for r in VLLM_LORA_RANKS)
+            raise InvalidState(f"vLLM at {self.url} cannot load {name}: its rank {rank} is above the server's --max-lora-rank; "
+                               f"restart vLLM with --max-lora-rank of at least {rank} (vLLM allows {allowed})")
+        raise InvalidState(f"vLLM at {self.url} did not load {name} ({status}): {text[:300]}; it needs "
+                           "--enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True")
 
     def version(self) -> str:
         """The server's vLLM version."""

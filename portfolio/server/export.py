@@ -31,6 +31,7 @@ from pathlib import Path
 from portfolio.engines.vllm import VLLM_LORA_RANKS
 from portfolio.errors import InvalidState
 from portfolio.export import export_rank, export_version
+from portfolio.modeling import is_base
 
 TARGETS = ("vllm", "lorax")
 
@@ -132,7 +133,7 @@ class PortfolioLoRAResolver:
         except (NotFound, InvalidState):
             return None
         base = self.registry.bases.get(version.base_model)
-        if version.status == "archived" or not _serves(base, base_model_name):
+        if version.status == "archived" or not is_base(base, base_model_name):
             return None
         from portfolio.serving import serving_key
 
@@ -148,23 +149,6 @@ class PortfolioLoRAResolver:
         except ImportError:
             return ResolvedLoRA(lora_name, lora_id, str(folder))
         return LoRARequest(lora_name=lora_name, lora_int_id=lora_id, lora_path=str(folder))
-
-
-def _serves(base, base_model_name: str) -> bool:
-    """Whether vLLM's model (its name, or the folder it was started on: its ``--model``) is
-    this base: the base's model id or name, its own folder, or its dequantised cache."""
-    from portfolio.basemodel import resolve_source
-    from portfolio.modeling import cache_dir
-
-    if base_model_name in (base.model_id, base.name):
-        return True
-    from portfolio.errors import PortfolioError
-
-    try:
-        given = Path(base_model_name).resolve()
-        return given == cache_dir(base).resolve() or given == resolve_source(base.source).resolve()
-    except (OSError, ValueError, PortfolioError):  # a base whose files are not on this host is not this one
-        return False
 
 
 def register_vllm_plugin() -> None:
