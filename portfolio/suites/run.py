@@ -229,12 +229,20 @@ class SuiteGenerator:
 
         return chat_prompt_ids(self.tokenizer, chat)
 
-    def _batches(self, n: int, lengths: list[int]):
-        order = sorted(range(n), key=lambda i: lengths[i])  # similar lengths share a batch: less padding
+    def _batches(self, n: int, lengths: list[int], what: str = "answers"):
+        """Index batches of similar lengths (less padding), with cases done / total and an ETA
+        on stderr."""
         from tqdm.auto import tqdm
 
-        chunks = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
-        return tqdm(chunks, desc="suite", unit="batch", disable=not self.progress, leave=False)
+        order = sorted(range(n), key=lambda i: lengths[i])
+        bar = tqdm(total=n, desc=what, unit="case", disable=not self.progress, leave=False)
+        try:
+            for i in range(0, n, self.batch_size):
+                chunk = order[i:i + self.batch_size]
+                yield chunk
+                bar.update(len(chunk))
+        finally:
+            bar.close()
 
     def generate(self, chats: list[list[dict[str, str]]], max_new_tokens: int, adapter_names: list[str] | None) -> list[str]:
         """Greedy completions, one per chat, in left-padded batches (with the KV cache)."""
@@ -254,31 +262,15 @@ class SuiteGenerator:
 
     def option_logprobs(self, items: list[tuple[list[dict[str, str]], list[str]]], adapter_names: list[str] | None) -> list[list[float]]:
         """For each (chat, options): the summed log-probability of each option's tokens after
-        the prompt."""
-        import torch
+        the prompt — every option of a case from one pass over its prompt (`suites.choice`),
+        cases of similar packed length batched together."""
+        from portfolio.suites.choice import pack, score_packed
 
-        seqs: list[tuple[int, list[int], int]] = []  # (item, ids, prompt length)
-        for n, (chat, options) in enumerate(items):
-            prompt = self.encode(chat)
-            for option in options:
-                seqs.append((n, prompt + self.tokenizer(option, add_special_tokens=False)["input_ids"], len(prompt)))
-        scores: list[float] = [0.0] * len(seqs)
-        names = [adapter_names[n] for n, _, _ in seqs] if adapter_names else None
-        for idx in self._batches(len(seqs), [len(s[1]) for s in seqs]):
-            width = max(len(seqs[i][1]) for i in idx)
-            ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, :len(seqs[i][1])] = torch.tensor(seqs[i][1])
-                mask[row, :len(seqs[i][1])] = 1
-            extra = {"adapter_names": [names[i] for i in idx]} if names else {}
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **extra).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            for row, i in enumerate(idx):
-                _, seq, start = seqs[i]
-                targets = torch.tensor(seq[start:], device=logp.device)
-                scores[i] = float(logp[row, start - 1:len(seq) - 1].gather(1, targets[:, None]).sum())
+        rows = [pack(self.encode(chat), [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options])
+                for chat, options in items]
         out: list[list[float]] = [[] for _ in items]
-        for (n, _, _), s in zip(seqs, scores):
-            out[n].append(s)
+        for idx in self._batches(len(rows), [len(r.ids) for r in rows], "choice"):
+            names = [adapter_names[i] for i in idx] if adapter_names else None
+            for i, scores in zip(idx, score_packed(self.model, [rows[i] for i in idx], self.pad_id, self.device, names)):
+                out[i] = scores
         return out
