@@ -212,7 +212,7 @@ def test_soak_eight_clients_while_another_process_promotes_and_archives(portfoli
     assert archived_at, "the soak archived nothing: it proves nothing about archives"
     assert len({e["ref"] for e in events if e["action"] == "import"}) > 2  # more versions than slots
     served_5xx = [a for a in answers if a[2] >= 500]
-    assert served_5xx == [], served_5xx[:5]
+    assert served_5xx == [], (served_5xx[:5], "".join(p.read_text()[-3000:] for p in tmp_path.glob("serve-*.log")))
     stale = [a for a in answers if a[2] == 200 and a[3] in archived_at and archived_at[a[3]] < a[0]]
     assert stale == [], f"answers from versions archived before the request started: {stale[:5]}"
     ok = [a for a in answers if a[2] == 200]

@@ -16,7 +16,7 @@ import pytest
 from portfolio import Registry
 from tests.conftest import free_port, wait_until_healthy
 
-TOKENS = 160
+TOKENS = 400
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def server(tmp_path_factory, tiny_base, lora_dir):
     reg.close()
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "portfolio", "--db", db, "--store", str(store), "serve", "--port", str(port),
-                             "--max-tokens", str(TOKENS), "--batch-wait-ms", "300"],
+                             "--max-tokens", str(TOKENS), "--batch-wait-ms", "150"],
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
     wait_until_healthy(proc, client, lambda: proc.stderr.read())

@@ -223,6 +223,13 @@ def test_suite_cli(db_url, store_dir, tiny_base, lora_dir, tmp_path):
     refused = run("promote", "py@1", ok=False)
     assert refused.exit_code == 1 and "slice_pass" in refused.output and "refuse: '" in refused.output
     assert "refused" in run("alias", "history", "py").output
+    # a choice suite shows its progress on stderr: cases done of the total, with an ETA
+    choice = write_suite(tmp_path / "c.jsonl", [{"id": f"c{i}", "prompt": f"Pick {i}", "checks": [
+        {"kind": "choice", "options": ["yes", "no", "maybe"], "answer": 0}]} for i in range(5)])
+    run("suite", "add", "c", choice)
+    shown = run("eval", "py@1", "base:tiny", "--suite", "c@1")
+    assert "choice:" in shown.stderr and "/10 [" in shown.stderr and "case/s" in shown.stderr
+    assert "choice" not in run("eval", "py@1", "--suite", "c@1", "--json").stderr  # reused, and no bar with --json
 
 
 def test_stacks_and_the_base_run_beside_single_versions(world, tmp_path):
