@@ -22,7 +22,12 @@ from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_RANK, DEFAULT_R
 @click.option("--steps", type=int, default=None, help="Optimiser steps (default: one epoch).")
 @click.option("--epochs", type=float, default=None, help="Passes over the training split.")
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate (warm-up, then cosine).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per step.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per forward pass.")
+@click.option("--grad-accum", type=int, default=1, show_default=True,
+              help="Forward passes accumulated per optimiser step (effective batch = batch size × this).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+              help="The base's weights while training (auto: bfloat16 on a GPU that has it, else float32); the adapter stays float32.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, more time.")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for init, data order and replay sampling.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
@@ -32,7 +37,8 @@ from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_RANK, DEFAULT_R
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @click.pass_context
 def train(ctx: click.Context, adapter: str | None, base, data, from_ref, replay_ratio, replay_from, kl_weight, rank, alpha,
-          targets, steps, epochs, lr, batch_size, seq_len, seed, device, checkpoint_every, resume, full_eval, progress) -> None:
+          targets, steps, epochs, lr, batch_size, grad_accum, dtype, gradient_checkpointing, seq_len, seed, device, checkpoint_every,
+          resume, full_eval, progress) -> None:
     """Train a new candidate version of ADAPTER on a snapshot, with replay against forgetting."""
     from portfolio.training.config import TrainConfig
     from portfolio.training.train import train_adapter
@@ -44,7 +50,8 @@ def train(ctx: click.Context, adapter: str | None, base, data, from_ref, replay_
         cfg = TrainConfig(
             adapter=adapter, data=data, base=base, from_ref=from_ref, replay_ratio=replay_ratio, replay_from=list(replay_from),
             kl_weight=kl_weight, rank=rank, alpha=alpha, targets=targets.split(",") if targets else None, steps=steps,
-            epochs=epochs, lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed, device=device, checkpoint_every=checkpoint_every,
+            epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, dtype=dtype,
+            gradient_checkpointing=gradient_checkpointing, seq_len=seq_len, seed=seed, device=device, checkpoint_every=checkpoint_every,
             full_eval=full_eval,
         )
     out = train_adapter(_registry(ctx), cfg, resume=resume, progress=progress, log=lambda m: click.echo(m, err=True))

@@ -19,6 +19,7 @@ DEFAULT_RANK = 16
 DEFAULT_REPLAY_RATIO = 0.10
 DEFAULT_KL_WEIGHT = 1.0
 DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # the base's weights while training; the adapter stays float32
 
 
 # More steps than any run on one adapter needs (10M steps of batch 8 is 80M sequences): a
@@ -56,6 +57,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     batch_size: int = 8
+    # optimiser steps take batch_size × grad_accum sequences, run batch_size at a time
+    grad_accum: int = 1
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False
     seq_len: int = 256
     seed: int = 0
     device: str = "auto"
@@ -95,6 +100,10 @@ class TrainConfig:
             problems.append(f"--lr must be positive (got {self.lr})")
         if self.batch_size < 1:
             problems.append(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.grad_accum < 1:
+            problems.append(f"--grad-accum must be at least 1 (got {self.grad_accum})")
+        if self.dtype not in DTYPES:
+            problems.append(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
         if self.seq_len < 8:
             problems.append(f"--seq-len must be at least 8 (got {self.seq_len})")
         if not 0 <= self.dropout < 1:
@@ -108,6 +117,11 @@ class TrainConfig:
         if problems:
             raise InvalidTrainConfig("; ".join(problems))
 
+    @property
+    def effective_batch(self) -> int:
+        """Sequences per optimiser step: ``batch_size × grad_accum``."""
+        return self.batch_size * self.grad_accum
+
     def to_dict(self) -> dict[str, Any]:
         """The settings as a JSON-ready dict (stored with the run)."""
         return dataclasses.asdict(self)
@@ -117,6 +131,16 @@ class TrainConfig:
         """Rebuild from a stored dict, ignoring keys this version does not know."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def resolve_dtype(name: str, device) -> "Any":
+    """The torch dtype of the base's weights: ``auto`` is bfloat16 on a GPU that supports it,
+    float32 elsewhere (CPU bfloat16 matmuls are slower than float32 ones on most CPUs)."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
 
 
 def get_lr(step: int, total_steps: int, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:

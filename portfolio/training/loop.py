@@ -69,28 +69,65 @@ def make_schedule(n_fresh: int, n_replay: int, cfg: TrainConfig) -> Schedule:
     """The run's data order (`Schedule`); an epoch count that would need more than
     `MAX_STEPS` steps is refused before any work."""
     ratio = cfg.replay_ratio if n_replay else 0.0
-    fresh_per_step = cfg.batch_size - cfg.batch_size * ratio
+    fresh_per_step = cfg.effective_batch - cfg.effective_batch * ratio
     steps = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * n_fresh / fresh_per_step))
     if steps > MAX_STEPS:
         raise InvalidTrainConfig(f"--epochs {cfg.epochs:g} over {n_fresh} examples is {steps:,} steps, over the limit of "
                                  f"{MAX_STEPS:,}; lower --epochs or raise --batch-size")
-    return Schedule(steps, n_fresh, n_replay, cfg.batch_size, ratio, cfg.seed)
+    return Schedule(steps, n_fresh, n_replay, cfg.effective_batch, ratio, cfg.seed)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over positions whose label is not ignored."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> tuple[torch.Tensor, int]:
+    """Next-token cross-entropy over positions whose label is not ignored: their mean, or
+    (``reduction="sum"``) their sum; and how many there are."""
     targets = shifted_labels(labels)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction=reduction)
     return loss, int((targets != IGNORE).sum())
 
 
-def distillation_kl(new_logits: torch.Tensor, parent_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """KL(p_parent ‖ p_new) of the next-token distributions, averaged over scored positions
-    (Learning without Forgetting, temperature 1)."""
+def distillation_kl(new_logits: torch.Tensor, parent_logits: torch.Tensor, labels: torch.Tensor,
+                    reduction: str = "batchmean") -> torch.Tensor:
+    """KL(p_parent ‖ p_new) of the next-token distributions, averaged (or, ``"sum"``, summed)
+    over scored positions (Learning without Forgetting, temperature 1)."""
     mask = shifted_labels(labels) != IGNORE
     log_new = F.log_softmax(new_logits[mask].float(), dim=-1)
     log_parent = F.log_softmax(parent_logits[mask].float(), dim=-1)
-    return F.kl_div(log_new, log_parent, log_target=True, reduction="batchmean")
+    return F.kl_div(log_new, log_parent, log_target=True, reduction=reduction)
+
+
+def accumulate_gradients(model, examples: list[Example], n_replay: int, cfg: TrainConfig, pad_id: int, device, autocast,
+                         parent_logits) -> tuple[float, float, int, int]:
+    """Forward and backward over one step's examples (fresh first, the last ``n_replay``
+    replayed), ``cfg.batch_size`` at a time. Each micro-batch's loss is its sum over scored
+    positions divided by the whole step's count, so the summed gradient is exactly one big
+    batch's: mean cross-entropy + kl_weight · mean KL on replay positions. Returns (loss, KL,
+    tokens, scored positions) of the step."""
+    use_kl = n_replay > 0 and cfg.kl_weight > 0 and parent_logits is not None
+    first_replay = len(examples) - n_replay
+    total = max(1, sum(e.n_targets for e in examples))
+    total_kl = max(1, sum(e.n_targets for e in examples[first_replay:]))
+    loss_sum = kl_sum = 0.0
+    tokens = 0
+    for start in range(0, len(examples), cfg.batch_size):
+        micro = examples[start:start + cfg.batch_size]
+        batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
+        with autocast:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            ce, _ = causal_lm_loss(logits, batch["labels"], reduction="sum")
+            loss = ce / total
+            rows = [i for i in range(len(micro)) if start + i >= first_replay]
+            if use_kl and rows:
+                # the KL term only on replay rows: they stand for what the parent knew
+                replay_batch = {k: v[rows] for k, v in batch.items()}
+                with torch.no_grad():
+                    old = parent_logits(replay_batch)
+                kl = distillation_kl(logits[rows], old, replay_batch["labels"], reduction="sum") / total_kl
+                loss = loss + cfg.kl_weight * kl
+                kl_sum += float(kl.detach())
+        loss.backward()
+        loss_sum += float(loss.detach())
+        tokens += int(batch["attention_mask"].sum())
+    return loss_sum, kl_sum, tokens, total
 
 
 @dataclass
@@ -160,31 +197,14 @@ def train_loop(
             group["lr"] = lr
 
         examples = [fresh[i] for i in fresh_idx] + [replay[i] for i in replay_idx]
-        batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
-
-        with autocast:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss, n_targets = causal_lm_loss(logits, batch["labels"])
-            kl_value = 0.0
-            if replay_idx and cfg.kl_weight > 0 and parent_logits is not None:
-                # the KL term only on replay rows: they stand for what the parent knew
-                rows = slice(len(fresh_idx), None)
-                replay_batch = {k: v[rows] for k, v in batch.items()}
-                with torch.no_grad():
-                    old = parent_logits(replay_batch)
-                kl = distillation_kl(logits[rows], old, replay_batch["labels"])
-                loss = loss + cfg.kl_weight * kl
-                kl_value = float(kl.detach())
-
-        loss.backward()
+        loss_value, kl_value, tokens, n_targets = accumulate_gradients(model, examples, len(replay_idx), cfg, pad_id, device,
+                                                                       autocast, parent_logits)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         seconds = time.perf_counter() - t0
-        tokens = int(batch["attention_mask"].sum())
-        loss_value = float(loss.detach())
         result.losses.append(loss_value)
         result.kl.append(kl_value)
         result.tokens += tokens

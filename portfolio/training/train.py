@@ -186,7 +186,7 @@ def prepare_data(registry: Registry, plan: Plan, tokenizer: Any) -> Prepared:
         from portfolio.training.loop import make_schedule
 
         steps = make_schedule(len(fresh), 1, cfg).steps
-        needed = sum(replay_counts(steps, cfg.batch_size, cfg.replay_ratio))
+        needed = sum(replay_counts(steps, cfg.effective_batch, cfg.replay_ratio))
         pool = [(i, row) for i, s in enumerate(plan.replay_sources, start=1) for row in splits[s.ref][0]]
         buffer = reservoir_sample(pool, max(1, needed), cfg.seed)
         for i, s in enumerate(plan.replay_sources, start=1):
@@ -249,7 +249,8 @@ def train_adapter(
 
     if resume is None:
         run_id = registry.runs.start("train", cfg.adapter, cfg.to_dict(), seed=cfg.seed).id
-        log(f"run {run_id}: {schedule.steps} steps of {cfg.batch_size}×{cfg.seq_len} on {cfg.data}"
+        accum = f" (×{cfg.grad_accum} accumulated)" if cfg.grad_accum > 1 else ""
+        log(f"run {run_id}: {schedule.steps} steps of {cfg.effective_batch}×{cfg.seq_len}{accum} on {cfg.data}"
             + (f", replay {cfg.replay_ratio:.0%} from {', '.join(cfg.replay_from)}" if cfg.replay_ratio else "")
             + (f", KL weight {cfg.kl_weight:g}" if cfg.kl_weight else ""))
     else:
@@ -320,8 +321,14 @@ def _build_model(registry: Registry, plan: Plan, base, workdir: Path, device, lo
 
     from portfolio.modeling import load_base
 
+    from portfolio.training.config import resolve_dtype
+
     cfg = plan.cfg
-    model, _ = load_base(base, log=log)
+    model, _ = load_base(base, dtype=resolve_dtype(cfg.dtype, device), log=log)
+    if cfg.gradient_checkpointing:
+        # recompute each layer's activations in the backward pass instead of keeping them;
+        # non-reentrant, so the frozen base's inputs need no requires_grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if plan.parent is not None:
         parent_dir = export_version(registry, plan.parent.ref, Path(tempfile.mkdtemp(dir=workdir)) / "parent", card=False)
         model = PeftModel.from_pretrained(model, parent_dir, adapter_name="default", is_trainable=True)
@@ -422,7 +429,9 @@ def _register(registry: Registry, plan: Plan, data: Prepared, result, lora_folde
     cfg = plan.cfg
     train_rows = _used_rows(data.fresh, result.fresh_used, [plan.snapshot], 0)
     replay_rows = _used_rows(data.replay, result.replay_used, plan.replay_sources, 1)
-    recipe = {"method": "lora", "replay_ratio": cfg.replay_ratio, "kl_weight": cfg.kl_weight, "steps": steps, "lr": cfg.lr}
+    recipe = {"method": "lora", "replay_ratio": cfg.replay_ratio, "kl_weight": cfg.kl_weight, "steps": steps, "lr": cfg.lr,
+              "batch": cfg.effective_batch, "grad_accum": cfg.grad_accum, "dtype": cfg.dtype,
+              "gradient_checkpointing": cfg.gradient_checkpointing}
     return registry.register_version(
         cfg.adapter, base=cfg.base, lora=lora_folder, run_id=run_id, run_metrics=metrics,
         parents=[ParentSpec(plan.parent.ref, "finetune", recipe)] if plan.parent else [],
