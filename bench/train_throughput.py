@@ -6,6 +6,13 @@ SmolLM2-135M-Instruct and the same packed data, in one run.
 Prints tokens/s of each (first step excluded as warm-up, for both), their ratio (goal:
 portfolio ≥ 0.95 of plain with replay off), the cost of replay and of the KL term, and on
 a GPU the model FLOPs utilisation.
+
+    python bench/train_throughput.py --memory [--steps 4] [--seq-len 256]
+
+Peak memory per setting (issue 24): the same effective batch of 8 sequences trained as one
+batch, as 2 × 4 accumulated, with gradient checkpointing, with the base in bfloat16, and all
+three; each a separate `portfolio train` process (peak RSS is per process; on a GPU, the CUDA
+allocator's peak), its peak and tokens/s read back from the run.
 """
 
 from __future__ import annotations
@@ -78,14 +85,54 @@ def portfolio_run(reg, adapter, args, **settings) -> tuple[float, float]:
     return sum(n for n, _ in timed) / sum(s for _, s in timed), wall
 
 
+MEMORY_SETTINGS = [("batch 8", ["--batch-size", "8"]),
+                   ("batch 2 × accumulate 4", ["--batch-size", "2", "--grad-accum", "4"]),
+                   ("batch 8, gradient checkpointing", ["--batch-size", "8", "--gradient-checkpointing"]),
+                   ("batch 8, base in bfloat16", ["--batch-size", "8", "--dtype", "bfloat16"]),
+                   ("2 × 4, checkpointing, bfloat16", ["--batch-size", "2", "--grad-accum", "4", "--gradient-checkpointing",
+                                                      "--dtype", "bfloat16"])]
+
+
+def memory(args) -> None:
+    """Peak memory and tokens/s of each of `MEMORY_SETTINGS`, one `portfolio train` process each."""
+    import json
+    import subprocess
+
+    from python_docs import python_reference_rows, write_jsonl
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = [sys.executable, "-m", "portfolio", "--db", f"sqlite:///{tmp}/r.db", "--store", f"{tmp}/store"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        subprocess.run(cli + ["base", "add", "smollm2-135m"], check=True, env=env, capture_output=True)
+        subprocess.run(cli + ["data", "add", "docs", str(write_jsonl(Path(tmp) / "a.jsonl", python_reference_rows(0, 40))),
+                              "--domain", "python"], check=True, env=env, capture_output=True)
+        print(f"SmolLM2-135M, LoRA r=16 on q,k,v,o, effective batch 8×{args.seq_len}, {args.steps} steps, device {args.device}")
+        print(f"{'setting':<34}{'peak MB':>9}{'tokens/s':>10}")
+        rows = []
+        for i, (name, flags) in enumerate(MEMORY_SETTINGS):
+            subprocess.run(cli + ["train", f"m{i}", "--base", "smollm2-135m", "--data", "docs@1", "--steps", str(args.steps),
+                                  "--seq-len", str(args.seq_len), "--device", args.device, "--no-progress", *flags],
+                           check=True, env=env, capture_output=True)
+            [run] = [r for r in json.loads(subprocess.run(cli + ["runs", "--json"], check=True, env=env, capture_output=True,
+                                                          text=True).stdout) if r["adapter"] == f"m{i}"]
+            rows.append((name, run["metrics"]["peak_memory_mb"], run["metrics"]["tokens_per_s"]))
+            print(f"{name:<34}{rows[-1][1]:>9,.0f}{rows[-1][2]:>10,.0f}", flush=True)
+        first = rows[0][1]
+        for name, peak, _ in rows[1:]:
+            print(f"  {name}: {peak - first:+,.0f} MB against one batch of 8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--memory", action="store_true", help="Peak memory per training setting instead of throughput.")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.memory:
+        return memory(args)
 
     import torch
     from transformers import AutoTokenizer

@@ -135,3 +135,22 @@ def test_train_cli_takes_the_scale_settings(trainable, sqlite_url, store_dir):
     assert (latest["config"]["grad_accum"], latest["config"]["dtype"], latest["config"]["gradient_checkpointing"]) == (2, "bfloat16", True)
     bad = run("train", "cli", "--data", "words@1", "--grad-accum", "0", ok=False)
     assert bad.exit_code == 1 and bad.stderr.startswith("error: --grad-accum must be at least 1")
+
+
+def test_rank_stabilised_lora_is_trained_stored_and_kept_by_a_warm_start(trainable):
+    import json as _json
+    import tempfile
+    from pathlib import Path
+
+    from portfolio.export import export_version
+    from portfolio.training.config import InvalidTrainConfig
+
+    rs = train(trainable, adapter="rs", base="tiny", data="words@1", steps=3, use_rslora=True, rank=16)
+    folder = export_version(trainable, rs.version.ref, Path(tempfile.mkdtemp()) / "rs", card=False)
+    assert _json.loads((folder / "adapter_config.json").read_text())["use_rslora"] is True
+    assert trainable.runs.get(rs.run_id).config["use_rslora"] is True
+    child = train(trainable, adapter="rs", data="numbers@1", steps=3)  # from rs@1: the variant comes along
+    folder = export_version(trainable, child.version.ref, Path(tempfile.mkdtemp()) / "c", card=False)
+    assert _json.loads((folder / "adapter_config.json").read_text())["use_rslora"] is True
+    with pytest.raises(InvalidTrainConfig, match="--use-rslora: a warm start keeps rs@2's LoRA variant"):
+        train(trainable, adapter="rs", data="numbers@1", steps=3, use_rslora=True)

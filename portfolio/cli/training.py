@@ -23,6 +23,8 @@ from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_RANK, DEFAULT_R
 @click.option("--epochs", type=float, default=None, help="Passes over the training split.")
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate (warm-up, then cosine).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Sequences per forward pass.")
+@click.option("--use-rslora", is_flag=True, default=None,
+              help="Rank-stabilised LoRA: scale alpha/sqrt(rank) instead of alpha/rank (a new adapter; a warm start keeps its parent's).")
 @click.option("--grad-accum", type=int, default=1, show_default=True,
               help="Forward passes accumulated per optimiser step (effective batch = batch size × this).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
@@ -37,7 +39,7 @@ from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_RANK, DEFAULT_R
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @click.pass_context
 def train(ctx: click.Context, adapter: str | None, base, data, from_ref, replay_ratio, replay_from, kl_weight, rank, alpha,
-          targets, steps, epochs, lr, batch_size, grad_accum, dtype, gradient_checkpointing, seq_len, seed, device, checkpoint_every,
+          targets, use_rslora, steps, epochs, lr, batch_size, grad_accum, dtype, gradient_checkpointing, seq_len, seed, device, checkpoint_every,
           resume, full_eval, progress) -> None:
     """Train a new candidate version of ADAPTER on a snapshot, with replay against forgetting."""
     from portfolio.training.config import TrainConfig
@@ -49,7 +51,8 @@ def train(ctx: click.Context, adapter: str | None, base, data, from_ref, replay_
             raise click.UsageError("give ADAPTER and --data NAME@V (or --resume RUN)")
         cfg = TrainConfig(
             adapter=adapter, data=data, base=base, from_ref=from_ref, replay_ratio=replay_ratio, replay_from=list(replay_from),
-            kl_weight=kl_weight, rank=rank, alpha=alpha, targets=targets.split(",") if targets else None, steps=steps,
+            kl_weight=kl_weight, rank=rank, alpha=alpha, targets=targets.split(",") if targets else None,
+            use_rslora=use_rslora or None, steps=steps,
             epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, dtype=dtype,
             gradient_checkpointing=gradient_checkpointing, seq_len=seq_len, seed=seed, device=device, checkpoint_every=checkpoint_every,
             full_eval=full_eval,

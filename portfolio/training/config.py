@@ -48,6 +48,8 @@ class TrainConfig:
     rank: int | None = None
     alpha: float | None = None
     targets: list[str] | None = None
+    # rank-stabilised LoRA (scale alpha/sqrt(r) instead of alpha/r); None: the parent's, else off
+    use_rslora: bool | None = None
     dropout: float = 0.0
     steps: int | None = None
     epochs: float | None = None

@@ -73,6 +73,9 @@ def _shape(cfg: TrainConfig, parent: AdapterVersion | None, base: str, base_modu
             given = getattr(cfg, key)
             if given is not None and (sorted(given) if key == "targets" else given) != value:
                 raise InvalidTrainConfig(f"--{key} {given} differs from {parent.ref}'s {value}; a warm start keeps the parent's shape")
+        if cfg.use_rslora is not None:
+            raise InvalidTrainConfig(f"--use-rslora: a warm start keeps {parent.ref}'s LoRA variant (from its adapter_config.json); "
+                                     "drop the flag, or start a new adapter")
         cfg = replace(cfg, rank=parent.rank, alpha=parent.alpha, targets=list(parent.target_modules))
     else:
         rank = cfg.rank or DEFAULT_RANK
@@ -335,7 +338,8 @@ def _build_model(registry: Registry, plan: Plan, base, workdir: Path, device, lo
         model.load_adapter(parent_dir, adapter_name="parent", is_trainable=False)
         model.set_adapter("default")
     else:
-        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.targets, lora_dropout=cfg.dropout, task_type="CAUSAL_LM")
+        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.targets, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
+                          use_rslora=bool(cfg.use_rslora))
         model = get_peft_model(model, lora)
     return model.to(device)
 
@@ -431,7 +435,7 @@ def _register(registry: Registry, plan: Plan, data: Prepared, result, lora_folde
     replay_rows = _used_rows(data.replay, result.replay_used, plan.replay_sources, 1)
     recipe = {"method": "lora", "replay_ratio": cfg.replay_ratio, "kl_weight": cfg.kl_weight, "steps": steps, "lr": cfg.lr,
               "batch": cfg.effective_batch, "grad_accum": cfg.grad_accum, "dtype": cfg.dtype,
-              "gradient_checkpointing": cfg.gradient_checkpointing}
+              "gradient_checkpointing": cfg.gradient_checkpointing, "use_rslora": cfg.use_rslora}
     return registry.register_version(
         cfg.adapter, base=cfg.base, lora=lora_folder, run_id=run_id, run_metrics=metrics,
         parents=[ParentSpec(plan.parent.ref, "finetune", recipe)] if plan.parent else [],
