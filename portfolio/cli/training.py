@@ -58,6 +58,8 @@ def train(ctx: click.Context, adapter: str | None, base, data, from_ref, replay_
             full_eval=full_eval,
         )
     out = train_adapter(_registry(ctx), cfg, resume=resume, progress=progress, log=lambda m: click.echo(m, err=True))
+    if out.version is None:  # a process other than rank 0 under torchrun: rank 0 reports
+        return
     m = out.metrics
     click.echo(f"registered {out.version.ref} [candidate] from run {out.run_id}: {m['steps']} steps, final loss {m['final_loss']:.4f}, "
                f"{m['tokens_per_s']:.0f} tokens/s, {m['wall_s']:.1f} s")

@@ -96,7 +96,10 @@ def list_runs(session: Session, adapter: str | None = None, status: str | None =
     if adapter:
         # a run of a brand-new adapter has no adapter row until it registers its version
         adapter_id = session.scalar(sa.select(AdapterRow.id).where(AdapterRow.name == adapter))
-        query = query.where(sa.or_(RunRow.adapter_id == adapter_id, RunRow.config["adapter"].as_string() == adapter))
+        by_config = RunRow.config["adapter"].as_string() == adapter
+        # no adapter row yet: by its config only (`adapter_id == None` would match every run of
+        # every adapter that has not registered a version)
+        query = query.where(by_config if adapter_id is None else sa.or_(RunRow.adapter_id == adapter_id, by_config))
     if status in ("running", "interrupted"):
         query = query.where(RunRow.status.in_(["running", "interrupted"]))
     elif status:

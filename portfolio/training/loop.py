@@ -24,6 +24,7 @@ from portfolio.runtime import resolve_device
 from portfolio.data.tokenize import IGNORE, Example, collate, shifted_labels
 from portfolio.training.checkpoint import load_checkpoint, save_checkpoint
 from portfolio.training.config import MAX_STEPS, InvalidTrainConfig, TrainConfig, get_lr
+from portfolio.training.distributed import World, same_start, sum_floats, sum_gradients
 
 
 @dataclass(frozen=True)
@@ -96,26 +97,29 @@ def distillation_kl(new_logits: torch.Tensor, parent_logits: torch.Tensor, label
 
 
 def accumulate_gradients(model, examples: list[Example], n_replay: int, cfg: TrainConfig, pad_id: int, device, autocast,
-                         parent_logits) -> tuple[float, float, int, int]:
-    """Forward and backward over one step's examples (fresh first, the last ``n_replay``
-    replayed), ``cfg.batch_size`` at a time. Each micro-batch's loss is its sum over scored
-    positions divided by the whole step's count, so the summed gradient is exactly one big
+                         parent_logits, share: list[int] | None = None) -> tuple[float, float, int, int]:
+    """Forward and backward over this process's ``share`` of one step's examples (fresh
+    first, the last ``n_replay`` replayed; all of them by default), ``cfg.batch_size`` at a
+    time. Each micro-batch's loss is its sum over scored positions divided by the whole step's
+    count, so the gradients summed over micro-batches (and processes) are exactly one big
     batch's: mean cross-entropy + kl_weight · mean KL on replay positions. Returns (loss, KL,
-    tokens, scored positions) of the step."""
+    tokens, scored positions) of this share."""
     use_kl = n_replay > 0 and cfg.kl_weight > 0 and parent_logits is not None
     first_replay = len(examples) - n_replay
     total = max(1, sum(e.n_targets for e in examples))
     total_kl = max(1, sum(e.n_targets for e in examples[first_replay:]))
+    mine = list(range(len(examples))) if share is None else share
     loss_sum = kl_sum = 0.0
     tokens = 0
-    for start in range(0, len(examples), cfg.batch_size):
-        micro = examples[start:start + cfg.batch_size]
+    for start in range(0, len(mine), cfg.batch_size):
+        index = mine[start:start + cfg.batch_size]
+        micro = [examples[i] for i in index]
         batch = {k: v.to(device) for k, v in collate(micro, pad_id).items()}
         with autocast:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             ce, _ = causal_lm_loss(logits, batch["labels"], reduction="sum")
             loss = ce / total
-            rows = [i for i in range(len(micro)) if start + i >= first_replay]
+            rows = [row for row, i in enumerate(index) if i >= first_replay]
             if use_kl and rows:
                 # the KL term only on replay rows: they stand for what the parent knew
                 replay_batch = {k: v[rows] for k, v in batch.items()}
@@ -171,12 +175,16 @@ def train_loop(
     on_checkpoint: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     run_id: int | None = None,
+    world: World = World(),
 ) -> LoopResult:
     """Train ``model``'s active adapter along ``schedule``; resume from ``checkpoint_path``
-    when it exists. ``parent_logits(batch)`` gives the frozen parent's logits for the KL term."""
+    when it exists. ``parent_logits(batch)`` gives the frozen parent's logits for the KL term.
+    With several processes (``world``), each trains on its share of every step and the
+    gradients are summed (`training.distributed`); rank 0 writes the checkpoints."""
     device = resolve_device(cfg.device)
     model.to(device).train()
     params = _trainable(model)
+    same_start(world, params.values())
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(10, max(1, schedule.steps // 10))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -198,7 +206,10 @@ def train_loop(
 
         examples = [fresh[i] for i in fresh_idx] + [replay[i] for i in replay_idx]
         loss_value, kl_value, tokens, n_targets = accumulate_gradients(model, examples, len(replay_idx), cfg, pad_id, device,
-                                                                       autocast, parent_logits)
+                                                                       autocast, parent_logits, world.share(len(examples)))
+        sum_gradients(world, params.values())
+        loss_value, kl_value, tokens = sum_floats(world, loss_value, kl_value, tokens)
+        tokens = int(tokens)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
         optimizer.step()
@@ -218,9 +229,10 @@ def train_loop(
         stopping = should_stop is not None and should_stop() and step + 1 < schedule.steps
         if stopping or ((step + 1) % cfg.checkpoint_every == 0 and step + 1 < schedule.steps):
             result.peak_memory_mb = max(result.peak_memory_mb, peak_memory_mb(device))
-            save_checkpoint(checkpoint_path, step + 1, params, optimizer, result, run_id)
-            if on_checkpoint is not None:
-                on_checkpoint(step + 1)
+            if world.main:  # every process holds the same tensors and optimiser state
+                save_checkpoint(checkpoint_path, step + 1, params, optimizer, result, run_id)
+                if on_checkpoint is not None:
+                    on_checkpoint(step + 1)
             if stopping:  # asked to stop (SIGTERM): the step is checkpointed, nothing is lost
                 raise KeyboardInterrupt
 

@@ -31,6 +31,7 @@ from portfolio.errors import AdapterNotFound, InvalidDataset, InvalidState
 from portfolio.export import export_version
 from portfolio.registry.entities import AdapterVersion, DatasetSnapshot
 from portfolio.registry.registry import DataSpec, EvalSpec, ParentSpec, Registry
+from portfolio.training import distributed
 from portfolio.training.checkpoint import FILENAME as CHECKPOINT_FILE, checkpoint_step
 from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_RANK, DEFAULT_TARGETS, InvalidTrainConfig, TrainConfig
 
@@ -39,7 +40,7 @@ from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_RANK, DEFAULT_T
 class TrainOutcome:
     """What `train_adapter` made."""
 
-    version: AdapterVersion
+    version: AdapterVersion | None  # None on the processes other than rank 0 of a multi-process run
     run_id: int
     parent: str  # a version ref, or base:NAME
     evaluations: list[dict[str, Any]] = field(default_factory=list)
@@ -250,28 +251,28 @@ def train_adapter(
     data = prepare_data(registry, plan, tokenizer)
     schedule = make_schedule(len(data.fresh), len(data.replay), cfg)
 
-    if resume is None:
-        run_id = registry.runs.start("train", cfg.adapter, cfg.to_dict(), seed=cfg.seed).id
-        accum = f" (×{cfg.grad_accum} accumulated)" if cfg.grad_accum > 1 else ""
-        log(f"run {run_id}: {schedule.steps} steps of {cfg.effective_batch}×{cfg.seq_len}{accum} on {cfg.data}"
-            + (f", replay {cfg.replay_ratio:.0%} from {', '.join(cfg.replay_from)}" if cfg.replay_ratio else "")
-            + (f", KL weight {cfg.kl_weight:g}" if cfg.kl_weight else ""))
-    else:
-        run_id = resume
+    device = runtime.resolve_device(cfg.device)
+    w = distributed.world(device)
+    if not w.main:
+        log, progress, on_run = (lambda *_: None), False, None  # rank 0 speaks for the run
+    run_id = distributed.broadcast_int(w, _start_run(registry, cfg, schedule, resume, log, w) if w.main else None)
     if on_run is not None:
         on_run(run_id)
     # checkpoints live in the run's work folder; a store elsewhere (S3) keeps a copy of each,
     # so a run killed on one host resumes on another
     workdir = registry.store.work_dir(run_id)
-    if resume is not None and registry.store.pull_work(run_id, CHECKPOINT_FILE):
+    if w.main and resume is not None and registry.store.pull_work(run_id, CHECKPOINT_FILE):
         log(f"run {run_id}: fetched its checkpoint from {registry.store.url}")
+    distributed.barrier(w)
 
     try:
         torch.manual_seed(cfg.seed)
-        device = runtime.resolve_device(cfg.device)
         model = _build_model(registry, plan, base, workdir, device, log)
         result, resumed_from = _run_loop(registry, model, plan, data, schedule, runtime.pad_id(tokenizer), workdir, run_id,
-                                         progress, on_step, should_stop)
+                                         progress, on_step, should_stop, w)
+        if not w.main:  # rank 0 evaluates and registers; the others are done
+            distributed.barrier(w)
+            return TrainOutcome(None, run_id, "", [], {"world_size": w.size})
         lora_folder = _save_adapter(model, workdir)
         evals, report, parent_name = _score(registry, model, plan, data, base, lora_folder, runtime.pad_id(tokenizer), device)
         metrics = {
@@ -279,9 +280,10 @@ def train_adapter(
             "final_loss": result.losses[-1], "tokens": result.tokens, "tokens_per_s": result.tokens_per_s,
             "wall_s": result.seconds, "peak_memory_mb": result.peak_memory_mb, "steps": schedule.steps,
             "replay_sequences": schedule.replay_sequences, "device": str(device),
-            "resumed_from_step": resumed_from,
+            "resumed_from_step": resumed_from, "world_size": w.size,
         }
-        version = _register(registry, plan, data, result, lora_folder, run_id, metrics, evals, schedule.steps)
+        version = _register(registry, plan, data, result, lora_folder, run_id, metrics, evals, schedule.steps, w.size)
+        distributed.barrier(w)
     except KeyboardInterrupt:
         registry.runs.update(run_id, status="interrupted", error="interrupted (Ctrl-C)")
         raise InvalidState(f"run {run_id} interrupted; continue it with `portfolio train --resume {run_id}`") from None
@@ -290,6 +292,19 @@ def train_adapter(
         raise
     shutil.rmtree(workdir, ignore_errors=True)
     return TrainOutcome(version, run_id, parent_name, report, metrics)
+
+
+def _start_run(registry: Registry, cfg: TrainConfig, schedule, resume: int | None, log, w) -> int:
+    """The run's id: a new run recorded (and said), or the one being resumed."""
+    if resume is not None:
+        return resume
+    run_id = registry.runs.start("train", cfg.adapter, cfg.to_dict(), seed=cfg.seed).id
+    accum = f" (×{cfg.grad_accum} accumulated)" if cfg.grad_accum > 1 else ""
+    procs = f" over {w.size} processes" if w.size > 1 else ""
+    log(f"run {run_id}: {schedule.steps} steps of {cfg.effective_batch}×{cfg.seq_len}{accum}{procs} on {cfg.data}"
+        + (f", replay {cfg.replay_ratio:.0%} from {', '.join(cfg.replay_from)}" if cfg.replay_ratio else "")
+        + (f", KL weight {cfg.kl_weight:g}" if cfg.kl_weight else ""))
+    return run_id
 
 
 def _new_plan(registry: Registry, cfg: TrainConfig | None) -> Plan:
@@ -345,7 +360,7 @@ def _build_model(registry: Registry, plan: Plan, base, workdir: Path, device, lo
 
 
 def _run_loop(registry: Registry, model, plan: Plan, data: Prepared, schedule, pad_id: int, workdir: Path, run_id: int,
-              progress: bool, on_step, should_stop):
+              progress: bool, on_step, should_stop, world):
     """`train_loop` with the progress bar, the KL teacher and checkpoints copied to the store;
     returns (result, the step it resumed from)."""
     import torch
@@ -376,7 +391,7 @@ def _run_loop(registry: Registry, model, plan: Plan, data: Prepared, schedule, p
     bar.update(resumed_from)
     result = train_loop(
         model, data.fresh, data.replay, plan.cfg, schedule, pad_id, checkpoint,
-        parent_logits=parent_logits, on_step=step_hook, should_stop=should_stop, run_id=run_id,
+        parent_logits=parent_logits, on_step=step_hook, should_stop=should_stop, run_id=run_id, world=world,
         on_checkpoint=lambda step: (registry.store.push_work(run_id, checkpoint),
                                     registry.runs.update(run_id, heartbeat=True, metrics={"checkpoint_step": step})),
     )
@@ -427,7 +442,7 @@ def _score(registry: Registry, model, plan: Plan, data: Prepared, base, lora_fol
 
 
 def _register(registry: Registry, plan: Plan, data: Prepared, result, lora_folder, run_id: int, metrics: dict[str, Any],
-              evals: list[EvalSpec], steps: int) -> AdapterVersion:
+              evals: list[EvalSpec], steps: int, world_size: int = 1) -> AdapterVersion:
     """The new version with its parent edge, the exact rows trained on and replayed, its
     evaluations and the run's metrics, in one transaction (`Registry.register_version`)."""
     cfg = plan.cfg
@@ -435,7 +450,7 @@ def _register(registry: Registry, plan: Plan, data: Prepared, result, lora_folde
     replay_rows = _used_rows(data.replay, result.replay_used, plan.replay_sources, 1)
     recipe = {"method": "lora", "replay_ratio": cfg.replay_ratio, "kl_weight": cfg.kl_weight, "steps": steps, "lr": cfg.lr,
               "batch": cfg.effective_batch, "grad_accum": cfg.grad_accum, "dtype": cfg.dtype,
-              "gradient_checkpointing": cfg.gradient_checkpointing, "use_rslora": cfg.use_rslora}
+              "gradient_checkpointing": cfg.gradient_checkpointing, "use_rslora": cfg.use_rslora, "world_size": world_size}
     return registry.register_version(
         cfg.adapter, base=cfg.base, lora=lora_folder, run_id=run_id, run_metrics=metrics,
         parents=[ParentSpec(plan.parent.ref, "finetune", recipe)] if plan.parent else [],
