@@ -154,3 +154,62 @@ def test_rank_stabilised_lora_is_trained_stored_and_kept_by_a_warm_start(trainab
     assert _json.loads((folder / "adapter_config.json").read_text())["use_rslora"] is True
     with pytest.raises(InvalidTrainConfig, match="--use-rslora: a warm start keeps rs@2's LoRA variant"):
         train(trainable, adapter="rs", data="numbers@1", steps=3, use_rslora=True)
+
+
+def test_stages_parse_and_refuse_what_makes_no_sense():
+    from portfolio.training.config import InvalidTrainConfig, parse_stages, stage_at
+
+    assert parse_stages("top:4@0,top:12@200,all@400") == [(4, 0), (12, 200), (None, 400)]
+    assert [stage_at(parse_stages("top:1@0,all@3"), s) for s in range(5)] == [0, 0, 0, 1, 1]
+    for bad, message in (("top:4@5", "first stage must start at step 0"), ("top:4@0,top:2@9", "unfreeze more layers"),
+                         ("top:2@0,all@0", "increasing steps"), ("bottom:2@0", "say top:N"), ("top:2", "LAYERS@STEP"),
+                         ("all@0,top:3@5", "unfreeze more layers")):
+        with pytest.raises(InvalidTrainConfig, match=message):
+            TrainConfig(adapter="x", data="d@1", stages=bad)
+
+
+def test_staged_unfreezing_trains_the_top_layers_first_and_resumes_in_its_stage(trainable):
+    from portfolio.errors import InvalidState
+    from portfolio.training.train import train_adapter
+
+    # the tiny base has 2 decoder layers: layer 1 alone for 3 steps, then both
+    out = train(trainable, adapter="st", base="tiny", data="words@1", steps=6, stages="top:1@0,all@3", seed=1)
+    stored = weights(trainable, out.version.ref)
+    start = train(trainable, adapter="init", base="tiny", data="words@1", steps=1, lr=1e-12, seed=1)  # ~the initial factors
+    init = weights(trainable, start.version.ref)
+    assert out.metrics["stage_starts"] == [0, 3]
+    assert trainable.lineage(out.version.ref).parents == [] and trainable.runs.get(out.run_id).config["stages"] == "top:1@0,all@3"
+    # both layers moved by the end; the bottom one only in the last 3 steps: less than the top one
+    moved = {layer: max(float((stored[k] - init[k]).abs().max()) for k in stored if f"layers.{layer}." in k and "lora_B" in k)
+             for layer in (0, 1)}
+    assert moved[0] > 0 and moved[1] > moved[0]
+
+    def stop_at_4(step, _):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    cfg = TrainConfig(**{**FAST, "adapter": "st2", "base": "tiny", "data": "words@1", "steps": 6, "stages": "top:1@0,all@3",
+                         "seed": 1, "checkpoint_every": 2})
+    with pytest.raises(InvalidState):
+        train_adapter(trainable, cfg, log=quiet, progress=False, on_step=stop_at_4)
+    [run] = trainable.runs.list(adapter="st2")
+    resumed = train_adapter(trainable, resume=run.id, log=quiet, progress=False)  # lands in stage 2, at step 4
+    again = train(trainable, adapter="st3", base="tiny", data="words@1", steps=6, stages="top:1@0,all@3", seed=1)
+    a, b = weights(trainable, resumed.version.ref), weights(trainable, again.version.ref)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert resumed.metrics["stage_starts"] == [0, 3]
+
+
+def test_a_frozen_stage_gives_its_factors_no_gradient(tiny_base):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from portfolio.training.loop import apply_stage
+
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    apply_stage(params, 1, model.config.num_hidden_layers)
+    ids = torch.randint(0, 1000, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    top = model.config.num_hidden_layers - 1
+    assert all((p.grad is not None) == (f"layers.{top}." in n) for n, p in params.items())

@@ -29,6 +29,8 @@ from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_RANK, DEFAULT_R
               help="Forward passes accumulated per optimiser step (effective batch = batch size × this).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
               help="The base's weights while training (auto: bfloat16 on a GPU that has it, else float32); the adapter stays float32.")
+@click.option("--stages", default=None, metavar="SPEC",
+              help='Staged unfreezing, e.g. "top:4@0,top:12@200,all@400": LoRA factors of the top N layers trainable from step S.')
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, more time.")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for init, data order and replay sampling.")
@@ -39,7 +41,7 @@ from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_RANK, DEFAULT_R
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @click.pass_context
 def train(ctx: click.Context, adapter: str | None, base, data, from_ref, replay_ratio, replay_from, kl_weight, rank, alpha,
-          targets, use_rslora, steps, epochs, lr, batch_size, grad_accum, dtype, gradient_checkpointing, seq_len, seed, device, checkpoint_every,
+          targets, use_rslora, steps, epochs, lr, batch_size, grad_accum, dtype, gradient_checkpointing, stages, seq_len, seed, device, checkpoint_every,
           resume, full_eval, progress) -> None:
     """Train a new candidate version of ADAPTER on a snapshot, with replay against forgetting."""
     from portfolio.training.config import TrainConfig
@@ -54,7 +56,7 @@ def train(ctx: click.Context, adapter: str | None, base, data, from_ref, replay_
             kl_weight=kl_weight, rank=rank, alpha=alpha, targets=targets.split(",") if targets else None,
             use_rslora=use_rslora or None, steps=steps,
             epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, dtype=dtype,
-            gradient_checkpointing=gradient_checkpointing, seq_len=seq_len, seed=seed, device=device, checkpoint_every=checkpoint_every,
+            gradient_checkpointing=gradient_checkpointing, stages=stages, seq_len=seq_len, seed=seed, device=device, checkpoint_every=checkpoint_every,
             full_eval=full_eval,
         )
     out = train_adapter(_registry(ctx), cfg, resume=resume, progress=progress, log=lambda m: click.echo(m, err=True))

@@ -63,6 +63,9 @@ class TrainConfig:
     grad_accum: int = 1
     dtype: str = "auto"
     gradient_checkpointing: bool = False
+    # staged unfreezing: "top:4@0,top:12@200,all@400" (LoRA factors of the top N layers
+    # trainable from step S; `parse_stages`); None: every LoRA factor from the start
+    stages: str | None = None
     seq_len: int = 256
     seed: int = 0
     device: str = "auto"
@@ -106,6 +109,11 @@ class TrainConfig:
             problems.append(f"--grad-accum must be at least 1 (got {self.grad_accum})")
         if self.dtype not in DTYPES:
             problems.append(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if self.stages is not None:
+            try:
+                parse_stages(self.stages)
+            except ValueError as exc:
+                problems.append(f"--stages {self.stages!r}: {exc}")
         if self.seq_len < 8:
             problems.append(f"--seq-len must be at least 8 (got {self.seq_len})")
         if not 0 <= self.dropout < 1:
@@ -133,6 +141,38 @@ class TrainConfig:
         """Rebuild from a stored dict, ignoring keys this version does not know."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def parse_stages(text: str) -> list[tuple[int | None, int]]:
+    """``"top:4@0,top:12@200,all@400"`` -> ``[(4, 0), (12, 200), (None, 400)]``: from each
+    step on, the LoRA factors of the top N layers (None: all) are trainable. The first stage
+    starts at step 0; later ones start later and unfreeze more."""
+    stages: list[tuple[int | None, int]] = []
+    for part in text.split(","):
+        what, at, start = part.strip().partition("@")
+        if not at or not start.strip().isdigit():
+            raise ValueError(f"{part.strip()!r} is not LAYERS@STEP (e.g. top:4@0 or all@400)")
+        what = what.strip()
+        if what == "all":
+            n = None
+        elif what.startswith("top:") and what[4:].isdigit() and int(what[4:]) >= 1:
+            n = int(what[4:])
+        else:
+            raise ValueError(f"{what!r}: say top:N (the N layers nearest the output) or all")
+        stages.append((n, int(start)))
+    if stages[0][1] != 0:
+        raise ValueError("the first stage must start at step 0")
+    for (n0, s0), (n1, s1) in zip(stages, stages[1:]):
+        if s1 <= s0:
+            raise ValueError(f"stages must start at increasing steps ({s0} then {s1})")
+        if n0 is None or (n1 is not None and n1 <= n0):
+            raise ValueError("each stage must unfreeze more layers than the one before")
+    return stages
+
+
+def stage_at(stages: list[tuple[int | None, int]], step: int) -> int:
+    """The index of the stage in force at ``step``."""
+    return max(i for i, (_, start) in enumerate(stages) if start <= step)
 
 
 def resolve_dtype(name: str, device) -> "Any":

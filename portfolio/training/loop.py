@@ -23,7 +23,7 @@ from portfolio.data.replay import replay_counts
 from portfolio.runtime import resolve_device
 from portfolio.data.tokenize import IGNORE, Example, collate, shifted_labels
 from portfolio.training.checkpoint import load_checkpoint, save_checkpoint
-from portfolio.training.config import MAX_STEPS, InvalidTrainConfig, TrainConfig, get_lr
+from portfolio.training.config import MAX_STEPS, InvalidTrainConfig, TrainConfig, get_lr, parse_stages, stage_at
 from portfolio.training.distributed import World, same_start, sum_floats, sum_gradients
 
 
@@ -145,6 +145,7 @@ class LoopResult:
     peak_memory_mb: float = 0.0
     fresh_used: set[int] = field(default_factory=set)
     replay_used: set[int] = field(default_factory=set)
+    stage_starts: list[int] = field(default_factory=list)  # steps where a --stages stage began
 
     @property
     def tokens_per_s(self) -> float:
@@ -153,6 +154,23 @@ class LoopResult:
 
 def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer a parameter belongs to (``...layers.7.self_attn...`` -> 7)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def apply_stage(params: dict[str, torch.Tensor], top: int | None, n_layers: int) -> None:
+    """Make trainable only the factors of the top ``top`` layers (None: all). A frozen factor
+    gets no gradient, so AdamW leaves it and its moments untouched until its stage."""
+    for name, p in params.items():
+        layer = layer_of(name)
+        p.requires_grad_(top is None or (layer is not None and layer >= n_layers - top))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -185,6 +203,9 @@ def train_loop(
     model.to(device).train()
     params = _trainable(model)
     same_start(world, params.values())
+    stages = parse_stages(cfg.stages) if cfg.stages else [(None, 0)]
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None) or 1 + max(
+        (layer_of(n) or 0) for n in params)
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(10, max(1, schedule.steps // 10))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -200,6 +221,11 @@ def train_loop(
         if step < start:
             continue  # the data order is replayed from the seed up to the checkpoint
         t0 = time.perf_counter()
+        stage = stage_at(stages, step)
+        if step == start or stages[stage][1] == step:  # a stage begins (or a resume lands in one)
+            apply_stage(params, stages[stage][0], n_layers)
+            if cfg.stages and stages[stage][1] == step and step not in result.stage_starts:
+                result.stage_starts.append(step)
         lr = get_lr(step, schedule.steps, cfg.lr, warmup, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -237,5 +263,7 @@ def train_loop(
                 raise KeyboardInterrupt
 
     result.peak_memory_mb = max(result.peak_memory_mb, peak_memory_mb(device))
+    for p in params.values():  # every factor trainable again for whoever uses the model next
+        p.requires_grad_(True)
     model.eval()
     return result

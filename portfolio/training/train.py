@@ -280,7 +280,7 @@ def train_adapter(
             "final_loss": result.losses[-1], "tokens": result.tokens, "tokens_per_s": result.tokens_per_s,
             "wall_s": result.seconds, "peak_memory_mb": result.peak_memory_mb, "steps": schedule.steps,
             "replay_sequences": schedule.replay_sequences, "device": str(device),
-            "resumed_from_step": resumed_from, "world_size": w.size,
+            "resumed_from_step": resumed_from, "world_size": w.size, "stage_starts": result.stage_starts,
         }
         version = _register(registry, plan, data, result, lora_folder, run_id, metrics, evals, schedule.steps, w.size)
         distributed.barrier(w)
@@ -450,7 +450,8 @@ def _register(registry: Registry, plan: Plan, data: Prepared, result, lora_folde
     replay_rows = _used_rows(data.replay, result.replay_used, plan.replay_sources, 1)
     recipe = {"method": "lora", "replay_ratio": cfg.replay_ratio, "kl_weight": cfg.kl_weight, "steps": steps, "lr": cfg.lr,
               "batch": cfg.effective_batch, "grad_accum": cfg.grad_accum, "dtype": cfg.dtype,
-              "gradient_checkpointing": cfg.gradient_checkpointing, "use_rslora": cfg.use_rslora, "world_size": world_size}
+              "gradient_checkpointing": cfg.gradient_checkpointing, "use_rslora": cfg.use_rslora, "world_size": world_size,
+              "stages": cfg.stages}
     return registry.register_version(
         cfg.adapter, base=cfg.base, lora=lora_folder, run_id=run_id, run_metrics=metrics,
         parents=[ParentSpec(plan.parent.ref, "finetune", recipe)] if plan.parent else [],
