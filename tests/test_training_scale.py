@@ -213,3 +213,20 @@ def test_a_frozen_stage_gives_its_factors_no_gradient(tiny_base):
     model(input_ids=ids, labels=ids).loss.backward()
     top = model.config.num_hidden_layers - 1
     assert all((p.grad is not None) == (f"layers.{top}." in n) for n, p in params.items())
+
+
+def test_a_bfloat16_run_is_scored_on_the_float32_base(trainable, monkeypatch):
+    """Its stored evaluations are keyed like every float32 result, so they are computed so."""
+    from portfolio.evaluation import evaluate
+
+    seen = []
+    real = evaluate.Scorer.__init__
+
+    def spy(self, registry, model, *args, **kwargs):
+        seen.append(next(model.parameters()).dtype)
+        real(self, registry, model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate.Scorer, "__init__", spy)
+    train(trainable, adapter="w", base="tiny", data="words@1", steps=3)
+    train(trainable, adapter="w", data="numbers@1", steps=3, dtype="bfloat16")  # with a parent and replay
+    assert seen == [torch.float32, torch.float32]

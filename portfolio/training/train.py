@@ -274,6 +274,11 @@ def train_adapter(
             distributed.barrier(w)
             return TrainOutcome(None, run_id, "", [], {"world_size": w.size})
         lora_folder = _save_adapter(model, workdir)
+        if next(model.parameters()).dtype != torch.float32:
+            # stored evaluations are keyed as float32 results (what `eval` and the gates compute):
+            # score on a float32 base, not on the lower-precision copy it trained over
+            del model
+            model = _float32_model(registry, plan, base, lora_folder, workdir, device, log)
         evals, report, parent_name = _score(registry, model, plan, data, base, lora_folder, runtime.pad_id(tokenizer), device)
         metrics = {
             "loss_curve": result.losses, "kl_curve": result.kl if cfg.kl_weight else [],
@@ -357,6 +362,21 @@ def _build_model(registry: Registry, plan: Plan, base, workdir: Path, device, lo
                           use_rslora=bool(cfg.use_rslora))
         model = get_peft_model(model, lora)
     return model.to(device)
+
+
+def _float32_model(registry: Registry, plan: Plan, base, lora_folder, workdir: Path, device, log):
+    """The float32 base with the trained adapter (``default``) and the parent (``parent``)."""
+    from peft import PeftModel
+
+    from portfolio.modeling import load_base
+
+    model, _ = load_base(base, log=log)
+    model = PeftModel.from_pretrained(model, lora_folder.path, adapter_name="default")
+    if plan.parent is not None:
+        model.load_adapter(export_version(registry, plan.parent.ref, Path(tempfile.mkdtemp(dir=workdir)) / "parent", card=False),
+                           adapter_name="parent")
+    model.set_adapter("default")
+    return model.to(device).eval()
 
 
 def _run_loop(registry: Registry, model, plan: Plan, data: Prepared, schedule, pad_id: int, workdir: Path, run_id: int,
