@@ -91,6 +91,7 @@ class Target:
     no_logprobs: bool = False
     text_prompts: bool = False
     served: list[str] = field(default_factory=list)
+    tokenizer: Any = None  # set by `session`
 
     @property
     def source(self) -> str:
@@ -99,16 +100,18 @@ class Target:
 
     @contextmanager
     def session(self, registry, work: Path, log=print, max_rank: int = 8) -> Iterator["Target"]:
-        """Nothing to start: the server is already running."""
+        """Nothing to start: the server is already running. The base's tokenizer is loaded
+        once, for every model of the run (prompts to text for a text-only server, answers to
+        token ids)."""
+        from portfolio.modeling import load_tokenizer, model_folder
+
+        self.tokenizer = load_tokenizer(*model_folder(self.base, lambda *_: None))
         yield self
 
     @contextmanager
     def model(self, registry, ref: str | None, work: Path, logits: bool) -> Iterator[OpenAIModel]:
         """``ref`` (None: the base) as the server names it."""
-        from portfolio.modeling import load_tokenizer, model_folder
-
-        tokenizer = load_tokenizer(*model_folder(self.base, lambda *_: None))
-        yield OpenAIModel(JsonClient(self.url, "the server"), ref or self.base_name(), tokenizer, self)
+        yield OpenAIModel(JsonClient(self.url, "the server"), ref or self.base_name(), self.tokenizer, self)
 
     def base_name(self) -> str:
         """The base's name on the server: ``base:NAME`` (portfolio serve) or ``NAME``."""
