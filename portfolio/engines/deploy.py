@@ -51,9 +51,10 @@ def sync_vllm(registry, url: str, router: str, cache_dir: str | Path, log: Calla
     client = VllmClient(url)
     held = registry.deployments.current(url)
     wanted = wanted_names(registry, router)
+    cards = client.cards()  # one read of what the server holds, for the base check and the sync
     for base_name in sorted({v.base_model for v in wanted.values() if v is not None}):
-        client.check_base(registry.bases.get(base_name))
-    loaded = set(client.models())
+        client.check_base(registry.bases.get(base_name), cards)
+    loaded = {c["id"] for c in cards}
     changes: list[SyncChange] = []
     for name, version in wanted.items():
         ref = version.ref if version is not None else None

@@ -63,7 +63,8 @@ def target(base, spec: str, log=print) -> Target:
     base_file = resolve_source(base.source) / base.gguf_file
     found = quantization(base_file)
     if not quant or quant.upper() == found:
-        return Target(f"llamacpp:{found}", identity(base_file, base.weights_sha256), base_file)
+        # the registered file is the base's weights: its sha256 is already known
+        return Target(f"llamacpp:{found}", identity(base_file, base.weights_sha256, base.weights_sha256), base_file)
     made = requantized(base_file, base.weights_sha256, quant.upper(), log)
     return Target(f"llamacpp:{quant.upper()}", {**identity(made, base.weights_sha256), "requantized_from": found}, made)
 
@@ -119,15 +120,16 @@ def quantization(path: str | os.PathLike) -> str:
     return name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
-def identity(base_file: str | os.PathLike, base_sha256: str) -> dict[str, str]:
+def identity(base_file: str | os.PathLike, base_sha256: str, file_sha256: str | None = None) -> dict[str, str]:
     """What a result on llama.cpp depends on beyond the model: the engine, its version, the
-    registered base's sha256, the served file's quantisation and sha256."""
+    registered base's sha256, the served file's quantisation and sha256 (hashed here unless
+    given)."""
     import llama_cpp
 
     from portfolio.store.digests import sha256_file
 
     return {"engine": "llamacpp", "version": llama_cpp.__version__, "base_sha256": base_sha256,
-            "quantization": quantization(base_file), "file_sha256": sha256_file(base_file)}
+            "quantization": quantization(base_file), "file_sha256": file_sha256 or sha256_file(base_file)}
 
 
 def available() -> str | None:

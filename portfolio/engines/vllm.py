@@ -68,12 +68,13 @@ class VllmClient(JsonClient):
         """Every model name the server answers to (the base and loaded adapters)."""
         return [m["id"] for m in self.cards()]
 
-    def check_base(self, base) -> None:
+    def check_base(self, base, cards: list[dict[str, Any]] | None = None) -> None:
         """Refuse a server whose base model is not ``base`` (by name or the folder it was
-        started on), before anything of ``base``'s is loaded into it."""
+        started on), before anything of ``base``'s is loaded into it (``cards``: its
+        `cards`, when already read)."""
         from portfolio.modeling import is_base
 
-        roots = [c for c in self.cards() if not c.get("parent")]
+        roots = [c for c in (self.cards() if cards is None else cards) if not c.get("parent")]
         if roots and not any(is_base(base, c.get("id", "")) or is_base(base, c.get("root") or "") for c in roots):
             served = ", ".join(f"{c.get('id')} ({c.get('root')})" for c in roots)
             raise InvalidState(f"vLLM at {self.url} serves {served}, not base {base.name}; adapters of {base.name} would "
