@@ -268,3 +268,40 @@ def test_a_version_archived_while_its_bytes_are_read_is_a_refusal_not_damage(reg
     pending.append(v2.ref)
     with pytest.raises(InvalidState, match="archived while it was being read"):
         source_of(reg, v2, 1.0)
+
+
+def test_a_read_begun_before_an_archive_is_not_cached_for_later_requests(registry_with_base, tiny_base, tmp_path):
+    """The interleaving the soak found: request A misses the cache and reads t@1 as active; the
+    version is archived; request B sees the counter move and drops the caches; only then does
+    A's read return. A may answer from its own read (it began first), but a request made after
+    the archive must be refused, not served from what A put back in the cache."""
+    from portfolio.server.state import ApiError, Resolver, ServerSettings
+
+    reg = registry_with_base
+    v = reg.import_adapter("t", make_lora(tiny_base, tmp_path / "l1", seed=1), "tiny")
+    resolver = Resolver(reg, reg.bases.get("tiny"), ServerSettings())
+    read_done, archived = threading.Event(), threading.Event()
+    original = reg.get_version
+
+    def slow_read(ref):
+        version = original(ref)  # read before the archive...
+        read_done.set()
+        archived.wait(timeout=30)  # ...returned after another request saw it
+        return version
+
+    reg.get_version = slow_read
+    result: list = []
+    a = threading.Thread(target=lambda: result.append(resolver.resolve("t@1", {})))
+    a.start()
+    assert read_done.wait(timeout=30)
+    reg.get_version = original
+    reg.archive(v.ref, reason="retired", force=True)
+    with pytest.raises(ApiError) as b:  # B: after the archive
+        resolver.resolve("t@1", {})
+    assert b.value.status == 409
+    archived.set()
+    a.join(timeout=30)
+    assert result and result[0].label == v.ref  # A: began before, answered from its read
+    with pytest.raises(ApiError) as c:  # C: after A put its read back
+        resolver.resolve("t@1", {})
+    assert c.value.status == 409, "a read from before the archive was cached and served"

@@ -77,29 +77,39 @@ class Resolver:
         marker = self.registry.routes.marker()
         with self.lock:
             self.checked = time.monotonic()
-            if marker != self.marker:
+            # The counter only grows; a thread that read it before another's newer read must
+            # not set it back (that would clear the caches once more, harmlessly, but also
+            # let a read begun before a change be cached under the newer value).
+            if marker > self.marker:
                 self.marker, self.versions, self.rules = marker, {}, {}
 
+    def _cached(self, kind: str, key: str, load):
+        """``cache[key]``, loading it on a miss. A value read while the counter moved is
+        returned to its own request but not cached: its read may have begun before a change
+        (an archive) that another request has seen since, and caching it would serve the
+        old state to every later request."""
+        with self.lock:
+            cache = getattr(self, kind)  # replaced, not cleared, when the counter moves
+            if key in cache:
+                return cache[key]
+            marker = self.marker
+        value = load(key)
+        with self.lock:
+            if self.marker == marker:
+                cache[key] = value
+        return value
+
     def _version(self, ref: str):
-        with self.lock:
-            if ref in self.versions:
-                return self.versions[ref]
-        version = self.registry.get_version(ref)
-        with self.lock:
-            self.versions[ref] = version
-        return version
+        return self._cached("versions", ref, self.registry.get_version)
 
     def _rules(self, router: str) -> list | None:
-        with self.lock:
-            if router in self.rules:
-                return self.rules[router]
-        try:
-            rules, _ = self.registry.routes.rules(router)
-        except NotFound:
-            rules = None
-        with self.lock:
-            self.rules[router] = rules
-        return rules
+        def load(name: str):
+            try:
+                return self.registry.routes.rules(name)[0]
+            except NotFound:
+                return None
+
+        return self._cached("rules", router, load)
 
     def resolve(self, model: str | None, attributes: dict[str, str | None]) -> Target:
         """The version a request gets (ApiError when none can be served)."""
