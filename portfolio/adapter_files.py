@@ -1,7 +1,8 @@
 """PEFT LoRA adapter folders: reading, checking against a base, writing.
 
 A PEFT folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
-``base_model.model.<module>.lora_A.weight`` ([r, in]) and ``...lora_B.weight`` ([out, r]).
+``base_model.model.<module>.lora_A.weight`` ([r, in]) and ``...lora_B.weight`` ([out, r]),
+and for a DoRA adapter (``use_dora``) ``...lora_magnitude_vector`` ([out]) too.
 Everything here reads tensor shapes from the safetensors header; only the finiteness check
 reads values, one tensor at a time.
 """
@@ -54,21 +55,38 @@ class LoraFolder:
         return sorted({m.rsplit(".", 1)[-1] for m in self.modules})
 
     @property
+    def dora(self) -> bool:
+        """Whether it is a DoRA adapter (a magnitude vector per module beside A and B)."""
+        return bool(self.config.get("use_dora"))
+
+    @property
     def n_params(self) -> int:
-        """Trainable parameters: r·(in + out) summed over modules."""
-        return sum(r * (i + o) for r, i, o in self.modules.values())
+        """Trainable parameters: r·(in + out) summed over modules (+ out for DoRA's magnitudes)."""
+        return sum(r * (i + o) + (o if self.dora else 0) for r, i, o in self.modules.values())
+
+
+def variant(config: dict[str, Any]) -> str:
+    """The LoRA variant a PEFT config describes: ``lora`` or ``dora``, ``+rslora`` where the
+    scale is alpha/√r."""
+    return ("dora" if config.get("use_dora") else "lora") + ("+rslora" if config.get("use_rslora") else "")
+
+
+MAGNITUDE = ".lora_magnitude_vector"  # DoRA's per-output-row magnitudes, as PEFT saves them
 
 
 def split_key(key: str, keep_prefix: bool = False) -> tuple[str, str]:
-    """``base_model.model.X.lora_A.weight`` -> (``X``, ``A``) (or the prefixed name)."""
+    """``base_model.model.X.lora_A.weight`` -> (``X``, ``A``) (or the prefixed name);
+    ``...X.lora_magnitude_vector`` -> (``X``, ``M``)."""
     body = key[len(PREFIX) :] if key.startswith(PREFIX) and not keep_prefix else key
     for part in ("lora_A", "lora_B"):
         suffix = f".{part}.weight"
         if body.endswith(suffix):
             return body[: -len(suffix)], part[-1]
+    if body.endswith(MAGNITUDE):
+        return body[: -len(MAGNITUDE)], "M"
     raise InvalidAdapter(
-        f"unsupported tensor {key!r}: only lora_A/lora_B weights are supported "
-        "(no DoRA magnitudes, biases, embeddings or modules_to_save; vLLM refuses those too)"
+        f"unsupported tensor {key!r}: only lora_A/lora_B weights (and DoRA's lora_magnitude_vector) are supported "
+        "(no biases, embeddings or modules_to_save; vLLM refuses those too)"
     )
 
 
@@ -97,8 +115,6 @@ def read_lora_folder(path: str | os.PathLike) -> LoraFolder:
         raise InvalidAdapter(f"{cfg_path}: holds a JSON {type(config).__name__}, not an object; is it PEFT's adapter_config.json?")
     if config.get("peft_type") != "LORA":
         raise InvalidAdapter(f"{cfg_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
-    if config.get("use_dora"):
-        raise InvalidAdapter(f"{cfg_path}: DoRA adapters are not supported (vLLM refuses them too)")
     if not _is_int(config.get("r")) or config["r"] < 1:
         raise InvalidAdapter(f"{cfg_path}: 'r' must be a positive integer, got {config.get('r')!r}")
     alpha = config.get("lora_alpha")
@@ -137,8 +153,9 @@ def read_lora_folder(path: str | os.PathLike) -> LoraFolder:
             "PEFT would load the folder silently without them; re-save with save_pretrained"
         )
     halves = {m[len(PREFIX):]: parts for m, parts in halves.items()}
+    dora = bool(config.get("use_dora"))
     for module, parts in sorted(halves.items()):
-        if set(parts) != {"A", "B"}:
+        if not {"A", "B"} <= set(parts):
             missing = "lora_B" if "A" in parts else "lora_A"
             raise InvalidAdapter(f"{path}: module {module} has no {missing}.weight")
         a, b = parts["A"], parts["B"]
@@ -147,6 +164,12 @@ def read_lora_folder(path: str | os.PathLike) -> LoraFolder:
                 f"{path}: module {module} has lora_A {list(a)} and lora_B {list(b)}; "
                 "expected [r, in] and [out, r] with the same r"
             )
+        if ("M" in parts) != dora:
+            raise InvalidAdapter(f"{path}: module {module} has no lora_magnitude_vector but use_dora is set" if dora else
+                                 f"{path}: module {module} has a DoRA lora_magnitude_vector but use_dora is not set; "
+                                 "the config and the weights do not belong together")
+        if dora and tuple(parts["M"]) != (b[0],):
+            raise InvalidAdapter(f"{path}: module {module}'s lora_magnitude_vector is {list(parts['M'])}; expected [{b[0]}] (one per output)")
         modules[module] = (a[0], a[1], b[0])
     _check_config_matches(cfg_path, config, modules)
     return LoraFolder(path=path, config=config, modules=modules)

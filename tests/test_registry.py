@@ -100,7 +100,7 @@ def test_failed_transaction_removes_new_blobs(registry_with_base, lora_dir, stor
         (lambda d: (d / "adapter_config.json").unlink(), "has no adapter_config.json"),
         (lambda d: (d / "adapter_model.safetensors").unlink(), "has no adapter_model.safetensors"),
         (lambda d: _edit_config(d, peft_type="IA3"), "only LORA"),
-        (lambda d: _edit_config(d, use_dora=True), "DoRA"),
+        (lambda d: _edit_config(d, use_dora=True), "no lora_magnitude_vector but use_dora is set"),
         (lambda d: _poison(d), "NaN or inf"),
     ],
     ids=["no-config", "no-weights", "not-lora", "dora", "nan"],

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from portfolio.adapter_files import variant
 from portfolio.cli._base import _emit_json, _registry, _table, _when, cli, json_option
 
 
@@ -178,7 +179,7 @@ def adapter_import(ctx: click.Context, name: str, folder: str, base: str, data: 
                    description: str | None, parents: tuple[str, ...], relation: str) -> None:
     """Import a PEFT LoRA FOLDER as the next version of adapter NAME."""
     v = _registry(ctx).import_adapter(name, folder, base, list(data), domain, description, list(parents), relation)
-    click.echo(f"imported {v.ref} [{v.status}]: r={v.rank} alpha={v.alpha:g} on {', '.join(v.target_modules)}, artifact {v.artifact_digest}")
+    click.echo(f"imported {v.ref} [{v.status}]: {variant(v.lora_config)} r={v.rank} alpha={v.alpha:g} on {', '.join(v.target_modules)}, artifact {v.artifact_digest}")
 
 
 @cli.command("list")
@@ -228,6 +229,7 @@ def show(ctx: click.Context, ref: str, as_json: bool) -> None:
         ("taint", f"TAINTED: descends from revoked data {', '.join(v.tainted_by)} (see `portfolio data uses`)" if v.tainted else None),
         ("successor", v.successor), ("domain", v.domain), ("base", v.base_model), ("kind", v.kind),
         ("rank", v.rank), ("alpha", f"{v.alpha:g}"), ("targets", ", ".join(v.target_modules)),
+        ("variant", variant(v.lora_config) if v.kind != "stack" else None),
         ("parts", " + ".join(f"{c['weight']:g}·{c['ref']}" for c in v.lora_config.get("components", [])) if v.kind == "stack" else None),
         ("parameters", f"{v.n_params:,}"),
         ("artifact", (f"{v.artifact_digest} (bytes removed)" if v.status == "archived" else v.artifact_digest) if v.artifact_digest else None),

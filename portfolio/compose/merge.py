@@ -248,6 +248,11 @@ def merge_adapters(
     stacked = [v.ref for v in versions if v.kind == "stack"]
     if stacked:
         raise InvalidState(f"{stacked[0]} is a stack; merge its parts, or `portfolio export` it to one adapter first")
+    dora = [v.ref for v in versions if (v.lora_config or {}).get("use_dora")]
+    if dora:
+        raise InvalidState(f"{dora[0]} is a DoRA adapter, and no merge of DoRA adapters is exact: DoRA sets each output row of "
+                           "W + s·BA to a learned magnitude, so the sum (or cat) of two DoRA adapters' factors is not the sum "
+                           f"of their effects; serve them together as a stack (`portfolio stack`), or merge plain LoRA versions")
     base = check_same_base(registry, versions)
     sources = [source_of(registry, v, w) for v, w in zip(versions, recipe.weights)]
     output_rank(recipe.method, recipe.rank, [module_shapes(s) for s in sources])  # refuse an impossible rank before any record
@@ -300,6 +305,9 @@ def source_of(registry, version, weight: float) -> LoraSource:
     if version.status == "archived" or version.artifact_digest is None:
         what = "is archived and its bytes are gone" if version.status == "archived" else f"is a {version.kind} version"
         raise InvalidState(f"{version.ref} {what}; it cannot be read as an adapter")
+    if (version.lora_config or {}).get("use_dora"):  # its magnitudes are no LoRA factors: reading only A and B would drop them
+        raise InvalidState(f"{version.ref} is a DoRA adapter; merges and stacks combine plain LoRA factors, and DoRA's "
+                           "magnitude vectors do not combine exactly; serve it on its own, or combine plain LoRA versions")
     try:
         path = registry.store.verified_path(version.artifact_digest, f"the weights of {version.ref}")
     except PortfolioError:

@@ -54,6 +54,10 @@ def sync_vllm(registry, url: str, router: str, cache_dir: str | Path, log: Calla
     cards = client.cards()  # one read of what the server holds, for the base check and the sync
     for base_name in sorted({v.base_model for v in wanted.values() if v is not None}):
         client.check_base(registry.bases.get(base_name), cards)
+    dora = sorted(f"{n} ({v.ref})" for n, v in wanted.items() if v is not None and (v.lora_config or {}).get("use_dora"))
+    if dora:  # refused before any change, not halfway through the pass
+        raise InvalidState(f"router {router} sends to DoRA adapters, which vLLM cannot load: {', '.join(dora)}; "
+                           "serve them with `portfolio serve`, or point those rules at plain LoRA versions")
     loaded = {c["id"] for c in cards}
     changes: list[SyncChange] = []
     for name, version in wanted.items():

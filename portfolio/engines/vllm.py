@@ -82,6 +82,9 @@ class VllmClient(JsonClient):
 
     def load(self, name: str, path: str | os.PathLike) -> None:
         """Load the PEFT folder at ``path`` under ``name`` (vLLM's runtime LoRA update)."""
+        if json.loads((Path(path) / "adapter_config.json").read_text()).get("use_dora"):
+            raise InvalidState(f"{name} is a DoRA adapter and vLLM has no DoRA; serve it with `portfolio serve`, "
+                               "or use a plain LoRA version")
         status, body = self._call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
         if status == 200:
             return

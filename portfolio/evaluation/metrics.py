@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from portfolio import mixed_batch
 from portfolio.data.tokenize import IGNORE, Example, collate, shifted_labels
 
 
@@ -30,9 +31,9 @@ def evaluate_examples(model: Any, examples: list[Example], pad_id: int, batch_si
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
-        extra = {"adapter_names": adapter_names[start : start + batch_size]} if adapter_names else {}
+        names = adapter_names[start : start + batch_size] if adapter_names else None
         with autocast:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
+            logits = mixed_batch.forward(model, names, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         targets = shifted_labels(batch["labels"])
         mask = targets != IGNORE
         scored = logits[mask].float()  # only the scored positions, [n, vocab], row by row

@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from portfolio import runtime
+from portfolio import mixed_batch, runtime
 
 
 
@@ -133,8 +133,11 @@ class Engine:
             except Exception as exc:  # a version that cannot be loaded fails its own request only
                 req.future.set_exception(exc)
                 continue
-            mixable = req.temperature == 0 and len(names) <= 1
-            key = "mixed" if mixable else (tuple(names), id(req))
+            greedy = req.temperature == 0
+            # PEFT mixes plain LoRA adapters in one pass, not DoRA ones: a DoRA version's
+            # greedy requests share a batch of their own
+            dora = len(names) == 1 and mixed_batch.is_dora(self.model, names[0])
+            key = "mixed" if greedy and len(names) <= 1 and not dora else (tuple(names), "greedy" if greedy else id(req))
             groups.setdefault(key, []).append((req, names))
         for key, items in groups.items():
             try:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from portfolio import mixed_batch
+
 
 @dataclass(frozen=True)
 class PackedRow:
@@ -78,12 +80,11 @@ def score_packed(model, rows: list[PackedRow], pad_id: int, device, adapter_name
         ids[i, :len(row.ids)] = torch.tensor(row.ids)
         positions[i, :len(row.ids)] = torch.tensor(row.positions)
     dtype = next(model.parameters()).dtype
-    extra = {"adapter_names": adapter_names} if adapter_names else {}
     # only positions from the earliest prompt end on are scored: project just those onto the
     # vocabulary (the lm_head and its log-softmax over 49k tokens dominate otherwise)
     first = min(at[0] for row in rows for at, _ in row.spans)
-    logits = model(input_ids=ids.to(device), position_ids=positions.to(device),
-                   attention_mask=attention_mask(rows, width, dtype).to(device), logits_to_keep=width - first, **extra).logits.float()
+    logits = mixed_batch.forward(model, adapter_names, input_ids=ids.to(device), position_ids=positions.to(device),
+                                 attention_mask=attention_mask(rows, width, dtype).to(device), logits_to_keep=width - first).logits.float()
     logp = torch.log_softmax(logits, dim=-1)
     out = []
     for i, row in enumerate(rows):
@@ -113,8 +114,9 @@ def score_separately(model, items: list[tuple[list[int], list[list[int]]]], pad_
         for row, i in enumerate(idx):
             ids[row, :len(seqs[i][1])] = torch.tensor(seqs[i][1])
             mask[row, :len(seqs[i][1])] = 1
-        extra = {"adapter_names": [adapter_names[seqs[i][0]] for i in idx]} if adapter_names else {}
-        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device), **extra).logits.float(), dim=-1)
+        names = [adapter_names[seqs[i][0]] for i in idx] if adapter_names else None
+        logp = torch.log_softmax(mixed_batch.forward(model, names, input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(),
+                                 dim=-1)
         for row, i in enumerate(idx):
             _, seq, start = seqs[i]
             targets = torch.tensor(seq[start:], device=logp.device)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from portfolio import runtime
+from portfolio import mixed_batch, runtime
 from portfolio import engines
 from portfolio.serving import activate, loaded
 from portfolio.suites.cases import Case, Suite
@@ -253,9 +253,9 @@ class SuiteGenerator:
         for idx in self._batches(len(prompts), [len(p) for p in prompts]):
             ids, mask = left_pad([prompts[i] for i in idx], self.pad_id)
             width = ids.shape[1]
-            extra = {"adapter_names": [adapter_names[i] for i in idx]} if adapter_names else {}
-            gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                      max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id, **extra)
+            names = [adapter_names[i] for i in idx] if adapter_names else None
+            gen = mixed_batch.generate(self.model, names, self.pad_id, input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                       max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id)
             for row, i in enumerate(idx):
                 out[i] = self.tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
         return out

@@ -20,6 +20,11 @@ DEFAULT_REPLAY_RATIO = 0.10
 DEFAULT_KL_WEIGHT = 1.0
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # the base's weights while training; the adapter stays float32
+# how a new adapter's factors start (PEFT's implementations): default is kaiming-uniform A and
+# zero B; pissa and olora start from the base's principal directions (SVD, QR) and move them out
+# of the base while training, so the result is stored converted to a plain LoRA of rank 2r;
+# eva starts A from the principal directions of the layer inputs on the training data
+INITS = ("default", "gaussian", "pissa", "olora", "eva")
 
 
 # More steps than any run on one adapter needs (10M steps of batch 8 is 80M sequences): a
@@ -50,6 +55,9 @@ class TrainConfig:
     targets: list[str] | None = None
     # rank-stabilised LoRA (scale alpha/sqrt(r) instead of alpha/r); None: the parent's, else off
     use_rslora: bool | None = None
+    # DoRA (weight-decomposed LoRA: a learned magnitude per output row); None: the parent's, else off
+    use_dora: bool | None = None
+    init: str | None = None  # one of INITS, for a new adapter; None: default
     dropout: float = 0.0
     steps: int | None = None
     epochs: float | None = None
@@ -107,6 +115,8 @@ class TrainConfig:
             problems.append(f"--batch-size must be at least 1 (got {self.batch_size})")
         if self.grad_accum < 1:
             problems.append(f"--grad-accum must be at least 1 (got {self.grad_accum})")
+        if self.init is not None and self.init not in INITS:
+            problems.append(f"--init must be one of {', '.join(INITS)} (got {self.init!r})")
         if self.dtype not in DTYPES:
             problems.append(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
         if self.stages is not None:

@@ -16,8 +16,10 @@ last checkpoint to the same weights an uninterrupted run gives.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +36,11 @@ from portfolio.registry.registry import DataSpec, EvalSpec, ParentSpec, Registry
 from portfolio.training import distributed
 from portfolio.training.checkpoint import FILENAME as CHECKPOINT_FILE, checkpoint_step
 from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_RANK, DEFAULT_TARGETS, InvalidTrainConfig, TrainConfig
+
+# inits that train over a changed base (the principal part of each weight moved into the
+# adapter); saved through PEFT's conversion to a plain LoRA of rank 2r over the original base
+MOVES_BASE = ("pissa", "olora")
+INIT_DIR = "init-adapter"
 
 
 @dataclass
@@ -74,9 +81,10 @@ def _shape(cfg: TrainConfig, parent: AdapterVersion | None, base: str, base_modu
             given = getattr(cfg, key)
             if given is not None and (sorted(given) if key == "targets" else given) != value:
                 raise InvalidTrainConfig(f"--{key} {given} differs from {parent.ref}'s {value}; a warm start keeps the parent's shape")
-        if cfg.use_rslora is not None:
-            raise InvalidTrainConfig(f"--use-rslora: a warm start keeps {parent.ref}'s LoRA variant (from its adapter_config.json); "
-                                     "drop the flag, or start a new adapter")
+        for flag, given in (("--use-rslora", cfg.use_rslora), ("--use-dora", cfg.use_dora), ("--init", cfg.init)):
+            if given is not None:
+                raise InvalidTrainConfig(f"{flag}: a warm start keeps {parent.ref}'s LoRA variant and starts from its factors "
+                                         "(its adapter_config.json); drop the flag, or start a new adapter")
         cfg = replace(cfg, rank=parent.rank, alpha=parent.alpha, targets=list(parent.target_modules))
     else:
         rank = cfg.rank or DEFAULT_RANK
@@ -145,6 +153,9 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
             raise InvalidTrainConfig("--device cuda: no CUDA device is available here; use --device auto or cpu")
     replaying = cfg.replay_ratio > 0 and bool(sources)
     kl_weight = cfg.kl_weight if cfg.kl_weight is not None else DEFAULT_KL_WEIGHT
+    if cfg.init in MOVES_BASE and replaying and kl_weight and parent is None:
+        raise InvalidTrainConfig(f"--init {cfg.init} moves the base's principal directions into the adapter while training, so the "
+                                 "base is not there to be the KL teacher: add --kl-weight 0, or use --init default")
     cfg = replace(
         cfg, base=base, data=snapshot.ref, from_ref=parent.ref if parent else None,
         replay_from=[s.ref for s in sources], replay_ratio=cfg.replay_ratio if sources else 0.0,
@@ -267,16 +278,17 @@ def train_adapter(
 
     try:
         torch.manual_seed(cfg.seed)
-        model = _build_model(registry, plan, base, workdir, device, log)
+        model = _build_model(registry, plan, base, workdir, device, log, data, runtime.pad_id(tokenizer))
         result, resumed_from = _run_loop(registry, model, plan, data, schedule, runtime.pad_id(tokenizer), workdir, run_id,
                                          progress, on_step, should_stop, w)
         if not w.main:  # rank 0 evaluates and registers; the others are done
             distributed.barrier(w)
             return TrainOutcome(None, run_id, "", [], {"world_size": w.size})
-        lora_folder = _save_adapter(model, workdir)
-        if next(model.parameters()).dtype != torch.float32:
+        lora_folder = _save_adapter(model, workdir, cfg.init in MOVES_BASE)
+        if next(model.parameters()).dtype != torch.float32 or cfg.init in MOVES_BASE:
             # stored evaluations are keyed as float32 results (what `eval` and the gates compute):
-            # score on a float32 base, not on the lower-precision copy it trained over
+            # score on a float32 base, not on the lower-precision copy it trained over (nor on
+            # the base with its principal part moved out, under the unconverted adapter)
             del model
             model = _float32_model(registry, plan, base, lora_folder, workdir, device, log)
         evals, report, parent_name = _score(registry, model, plan, data, base, lora_folder, runtime.pad_id(tokenizer), device)
@@ -337,10 +349,11 @@ def _resumable_plan(registry: Registry, resume: int, log: Callable[[str], None])
     return plan
 
 
-def _build_model(registry: Registry, plan: Plan, base, workdir: Path, device, log):
-    """The base with the adapter being trained (``default``): a fresh LoRA, or a copy of the
-    parent, with the parent itself beside it (``parent``, frozen) for the KL term."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+def _build_model(registry: Registry, plan: Plan, base, workdir: Path, device, log, data: Prepared | None = None, pad_id: int = 0):
+    """The base with the adapter being trained (``default``): a fresh LoRA (with its
+    variant and init), or a copy of the parent, with the parent itself beside it (``parent``,
+    frozen) for the KL term."""
+    from peft import PeftModel
 
     from portfolio.modeling import load_base
 
@@ -358,10 +371,47 @@ def _build_model(registry: Registry, plan: Plan, base, workdir: Path, device, lo
         model.load_adapter(parent_dir, adapter_name="parent", is_trainable=False)
         model.set_adapter("default")
     else:
-        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.targets, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
-                          use_rslora=bool(cfg.use_rslora))
-        model = get_peft_model(model, lora)
+        model = _fresh_adapter(model, cfg, workdir, device, data, pad_id)
     return model.to(device)
+
+
+def _fresh_adapter(model, cfg: TrainConfig, workdir: Path, device, data: Prepared | None, pad_id: int):
+    """A new LoRA on ``model`` as PEFT initialises it for ``cfg.init``. For pissa/olora the
+    starting factors are saved (`INIT_DIR`) for the conversion at save time; every init here
+    is a function of the base, the data and the seed, so a resumed run rebuilds the same start."""
+    from peft import LoraConfig, get_peft_model
+
+    init = cfg.init or "default"
+    extra = {}
+    if init == "eva":
+        from peft import EvaConfig
+
+        # rho 1: the same rank in every layer (a plain LoRA every engine loads; EVA's
+        # redistribution would need a rank_pattern)
+        extra["eva_config"] = EvaConfig(rho=1.0)
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.targets, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
+                      use_rslora=bool(cfg.use_rslora), use_dora=bool(cfg.use_dora),
+                      init_lora_weights=True if init == "default" else init, **extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's notes on PiSSA/OLoRA conversion, said in docs/training.md instead
+        model = get_peft_model(model.to(device), lora)
+    if init == "eva":
+        from peft import initialize_lora_eva_weights
+
+        from portfolio.data.tokenize import collate
+
+        batches = [{k: v.to(device) for k, v in collate(data.fresh[i:i + cfg.batch_size], pad_id).items() if k != "labels"}
+                   for i in range(0, len(data.fresh), cfg.batch_size)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            initialize_lora_eva_weights(model, batches, show_progress_bar=False)
+    if init in MOVES_BASE:
+        start = workdir / INIT_DIR
+        shutil.rmtree(start, ignore_errors=True)
+        model.peft_config["default"].init_lora_weights = True  # PEFT's recipe: the start saved as a plain LoRA
+        model.save_pretrained(start, safe_serialization=True)
+        model.peft_config["default"].init_lora_weights = init
+    return model
 
 
 def _float32_model(registry: Registry, plan: Plan, base, lora_folder, workdir: Path, device, log):
@@ -419,10 +469,20 @@ def _run_loop(registry: Registry, model, plan: Plan, data: Prepared, schedule, p
     return result, resumed_from
 
 
-def _save_adapter(model, workdir: Path) -> adapter_files.LoraFolder:
+def _save_adapter(model, workdir: Path, convert: bool = False) -> adapter_files.LoraFolder:
+    """The trained adapter as a PEFT folder; with ``convert`` (pissa/olora), PEFT's
+    conversion to a plain LoRA of rank 2r over the original base, from the saved start."""
     out_dir = workdir / "adapter"
     shutil.rmtree(out_dir, ignore_errors=True)
-    model.save_pretrained(out_dir, selected_adapters=["default"], safe_serialization=True)
+    extra = {"path_initial_model_for_weight_conversion": str(workdir / INIT_DIR)} if convert else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(out_dir, selected_adapters=["default"], safe_serialization=True, **extra)
+    if convert:  # the conversion's config keeps the init's name; over the original base it is a plain LoRA
+        config_path = out_dir / adapter_files.CONFIG_FILE
+        config = json.loads(config_path.read_text())
+        config["init_lora_weights"] = True
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return adapter_files.read_lora_folder(out_dir)
 
 
@@ -470,8 +530,8 @@ def _register(registry: Registry, plan: Plan, data: Prepared, result, lora_folde
     replay_rows = _used_rows(data.replay, result.replay_used, plan.replay_sources, 1)
     recipe = {"method": "lora", "replay_ratio": cfg.replay_ratio, "kl_weight": cfg.kl_weight, "steps": steps, "lr": cfg.lr,
               "batch": cfg.effective_batch, "grad_accum": cfg.grad_accum, "dtype": cfg.dtype,
-              "gradient_checkpointing": cfg.gradient_checkpointing, "use_rslora": cfg.use_rslora, "world_size": world_size,
-              "stages": cfg.stages}
+              "gradient_checkpointing": cfg.gradient_checkpointing, "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora,
+              "init": cfg.init, "world_size": world_size, "stages": cfg.stages}
     return registry.register_version(
         cfg.adapter, base=cfg.base, lora=lora_folder, run_id=run_id, run_metrics=metrics,
         parents=[ParentSpec(plan.parent.ref, "finetune", recipe)] if plan.parent else [],
