@@ -73,3 +73,59 @@ def train(ctx: click.Context, adapter: str | None, base, data, from_ref, replay_
                f"{m['tokens_per_s']:.0f} tokens/s, {m['wall_s']:.1f} s")
     click.echo(_table([[e["snapshot"], f"{e['new_loss']:.4f}", f"{e['parent_loss']:.4f}", f"{e['new_loss'] - e['parent_loss']:+.4f}", e["n_tokens"]]
                        for e in out.evaluations], ["HELD-OUT", "NEW LOSS", f"{out.parent} LOSS", "CHANGE", "TOKENS"]))
+
+
+@cli.command()
+@click.argument("adapter")
+@click.option("--data", required=True, metavar="NAME@V", help="Snapshot of the new data.")
+@click.option("--ranks", default="4,8,16,32", show_default=True, help="Ranks to try, comma-separated.")
+@click.option("--variants", default="lora", show_default=True, help="LoRA variants to try: lora, rslora, dora (comma-separated).")
+@click.option("--budget-steps", type=int, default=None, help="Steps per candidate (default: one epoch).")
+@click.option("--base", default=None, help="Base model (needed for a new adapter).")
+@click.option("--alias", default="production", show_default=True, help="The incumbent is the version behind this alias (else the base).")
+@click.option("--promote", "promote_pick", is_flag=True, help="Send the pick through `promote` (all the gates, suites included).")
+@click.option("--plot", "plot_path", default=None, metavar="FILE", help="Draw the gain-vs-forgetting front (.png or .html).")
+@click.option("--show", "show_run", type=int, default=None, metavar="RUN", help="Show (and --plot) a finished tune run instead.")
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--progress/--no-progress", default=True, help="Show each candidate's progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@click.pass_context
+def tune(ctx: click.Context, adapter, data, ranks, variants, budget_steps, base, alias, promote_pick, plot_path, show_run, lr,
+         batch_size, seq_len, seed, device, progress, as_json) -> None:
+    """Choose ADAPTER's rank (and LoRA variant) by evidence: one short candidate per setting,
+    gain and forgetting against the incumbent, the smallest setting within noise of the best
+    that passes the gates."""
+    from portfolio.cli._base import _emit_json
+    from portfolio.training.tune import stored_tune, tune_adapter
+
+    reg = _registry(ctx)
+    if show_run is not None:
+        result = stored_tune(reg, show_run)
+    else:
+        outcome = tune_adapter(reg, adapter, data, ranks=ranks, variants=variants, budget_steps=budget_steps, base=base, alias=alias,
+                               promote=promote_pick, device=device, progress=progress, log=lambda m: click.echo(m, err=True),
+                               train_settings={"lr": lr, "batch_size": batch_size, "seq_len": seq_len, "seed": seed})
+        result = outcome.to_dict()
+    if plot_path:
+        from portfolio.evaluation.report import plot_tune_front
+
+        click.echo(f"wrote {plot_tune_front(result, plot_path)}", err=True)
+    if as_json:
+        return _emit_json(result)
+
+    def pct(v, ci=None):
+        return "" if v is None else f"{100 * v:+.2f}%" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "")
+
+    click.echo(f"tune run {result['run']}: {adapter} on {result['data']} against {result['incumbent']}")
+    click.echo(_table([[c["setting"], c["ref"], f"{c['n_params']:,}", pct(c["gain"], c["gain_ci"]), pct(c["retention"], c["retention_ci"]),
+                        "pass" if c["gates_passed"] else "refused", "yes" if c["within_noise"] else "no", "PICK" if c["picked"] else ""]
+                       for c in result["candidates"]],
+                      ["SETTING", "VERSION", "PARAMS", "GAIN [95% CI]", "RETENTION [95% CI]", "GATES", "NEAR BEST", ""]))
+    click.echo(("pick: " + result["pick"] if result["pick"] else "no pick") + f" ({result['reason']})")
+    if result.get("promoted"):
+        p = result["promoted"]
+        click.echo(f"promote {p['ref']} to {alias}: " + ("moved" if p["alias_moved"] else "refused by the gates (see `portfolio gates`)"))

@@ -204,3 +204,56 @@ def plot_history(history: list[dict[str, Any]], adapter: str, metric: str, path:
     rows = "".join(f"<tr><td>{h['version']}</td><td>{html.escape(h['snapshot'])}</td><td>{h['value']:.4f}</td><td>{h['created_at']:%Y-%m-%d %H:%M}</td></tr>" for h in history)
     return _write(Path(path), fig, f"{adapter}: {metric} history",
                   f"<table><tr><th>version</th><th>snapshot</th><th>{metric}</th><th>evaluated</th></tr>{rows}</table>")
+
+
+VARIANT_COLOURS = {"lora": "#1f77b4", "dora": "#d62728", "rslora": "#2ca02c"}
+
+
+def plot_tune_front(tune: dict[str, Any], path: str | Path) -> Path:
+    """A `tune` run's candidates as gain on the new data (y) against the change on the
+    retention set (x; left of 0 is forgetting), with their paired-bootstrap intervals; the
+    pick ringed, the candidates the gates refused hollow. PNG, or HTML with the table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    candidates = tune["candidates"]
+    if not candidates:
+        raise InvalidState(f"tune run {tune['run']} has no candidates to draw")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in candidates:
+        x = 100 * (c["retention"] or 0.0)
+        y = 100 * c["gain"]
+        xerr = [[x - 100 * c["retention_ci"][0]], [100 * c["retention_ci"][1] - x]] if c.get("retention_ci") else None
+        yerr = [[y - 100 * c["gain_ci"][0]], [100 * c["gain_ci"][1] - y]] if c.get("gain_ci") else None
+        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", ms=7 + c["rank"] ** 0.5, capsize=3, alpha=0.85,
+                    mfc="none" if not c["gates_passed"] else None, color=VARIANT_COLOURS.get(c["variant"], "grey"))
+        ax.annotate(f"{c['setting']}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        if c["picked"]:
+            ax.scatter([x], [y], s=400, facecolors="none", edgecolors="black", linewidths=1.5, zorder=3)
+    ax.axvline(0, color="grey", lw=0.8, ls="--")
+    ax.axhline(0, color="grey", lw=0.8, ls="--")
+    from matplotlib.lines import Line2D
+
+    shown = dict.fromkeys(c["variant"] for c in candidates)
+    handles = [Line2D([], [], marker="o", ls="", color=VARIANT_COLOURS.get(v, "grey"), label=v) for v in shown]
+    handles += [Line2D([], [], marker="o", ls="", mfc="none", color="grey", label="refused by the gates"),
+                Line2D([], [], marker="o", ls="", ms=14, mfc="none", color="black", label="pick")]
+    ax.legend(handles=handles, fontsize=8, loc="best")
+    ax.set_xlabel("change on the retention set vs " + tune["incumbent"] + " (%; < 0 forgets)")
+    ax.set_ylabel(f"gain on {tune['data']} vs {tune['incumbent']} (%)")
+    ax.grid(alpha=0.3)
+    ax.set_title(f"tune {tune['adapter']}: gain vs forgetting (pick: {tune['pick'] or 'none'})")
+    rows = "".join(
+        f"<tr><td>{html.escape(c['setting'])}</td><td>{html.escape(c['ref'])}</td><td>{c['n_params']:,}</td>"
+        f"<td>{100 * c['gain']:+.2f}%</td><td>{_percent_or_blank(c['retention'])}</td>"
+        f"<td>{'pass' if c['gates_passed'] else 'refused'}</td><td>{'yes' if c['within_noise'] else 'no'}</td>"
+        f"<td>{'PICK' if c['picked'] else ''}</td></tr>" for c in candidates)
+    table = ("<table><tr><th>setting</th><th>version</th><th>parameters</th><th>gain</th><th>retention</th><th>gates</th>"
+             f"<th>within noise of best</th><th></th></tr>{rows}</table><p>{html.escape(tune['reason'])}</p>")
+    return _write(Path(path), fig, f"tune {tune['adapter']} on {tune['data']}", table)
+
+
+def _percent_or_blank(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:+.2f}%"

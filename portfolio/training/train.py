@@ -109,16 +109,23 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
         existing = registry.list_versions(adapter=cfg.adapter)
     except AdapterNotFound:
         existing = []
-    parent = registry.get_version(cfg.from_ref) if cfg.from_ref else None
+    # --from base:NAME: a fresh adapter over the base even where the adapter has versions
+    # (a new rank or variant cannot warm-start from factors of another shape)
+    from_base = cfg.from_ref[5:] if cfg.from_ref and cfg.from_ref.startswith("base:") else None
+    if from_base is not None:
+        registry.bases.get(from_base)
+        if cfg.base and cfg.base != from_base:
+            raise InvalidTrainConfig(f"--from {cfg.from_ref} and --base {cfg.base} name different bases")
+    parent = registry.get_version(cfg.from_ref) if cfg.from_ref and from_base is None else None
     # the base comes from the adapter's versions, else from the parent it warm-starts from
-    base = cfg.base or (existing[0].base_model if existing else parent.base_model if parent else None)
+    base = cfg.base or from_base or (existing[0].base_model if existing else parent.base_model if parent else None)
     if base is None:
         raise InvalidTrainConfig(f"adapter {cfg.adapter!r} is new: name its base model with --base")
     if existing and existing[0].base_model != base:
         raise InvalidTrainConfig(f"adapter {cfg.adapter!r} is built on {existing[0].base_model!r}, not {base!r}")
     base_modules = registry.bases.modules(base)
 
-    if parent is None and existing:
+    if parent is None and existing and from_base is None:
         active = [v for v in existing if v.status == "active"]
         parent = (active or existing)[-1]
         which = "latest active" if active else "latest (none is active)"
@@ -157,7 +164,7 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
         raise InvalidTrainConfig(f"--init {cfg.init} moves the base's principal directions into the adapter while training, so the "
                                  "base is not there to be the KL teacher: add --kl-weight 0, or use --init default")
     cfg = replace(
-        cfg, base=base, data=snapshot.ref, from_ref=parent.ref if parent else None,
+        cfg, base=base, data=snapshot.ref, from_ref=parent.ref if parent else cfg.from_ref if from_base else None,
         replay_from=[s.ref for s in sources], replay_ratio=cfg.replay_ratio if sources else 0.0,
         kl_weight=kl_weight if replaying else 0.0,
     )
