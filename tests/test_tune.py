@@ -87,6 +87,14 @@ def test_tune_from_the_cli_trains_tags_scores_draws_and_promotes(trainable, sqli
     # --promote: the pick goes through the full gates
     out = run("tune", "w", "--data", "numbers@1", "--ranks", "4", "--budget-steps", "4", "--promote", *fast)
     assert "promote" in out.stdout or "no pick" in out.stdout
+    # the dashboard's tuning page: the front and the table of every tune run
+    from fastapi.testclient import TestClient
+
+    from portfolio.ui.app import create_app
+
+    page = TestClient(create_app(trainable, None), base_url="http://127.0.0.1").get("/adapters/w/tune")
+    assert page.status_code == 200 and page.text.count('class="front"') == 2 and "r8 dora" in page.text
+    assert f'id="tune-{tune_run.id}"' in page.text and "<svg" in page.text
     bad = run("tune", "w", "--data", "numbers@1", "--ranks", "4,x", ok=False)
     assert bad.exit_code == 1 and bad.stderr.startswith("error: --ranks '4,x': give whole numbers")
     bad = run("tune", "new", "--data", "numbers@1", "--ranks", "4", ok=False)

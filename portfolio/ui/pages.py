@@ -12,7 +12,7 @@ from portfolio.errors import InvalidState
 from portfolio.ui import svg
 from portfolio.ui.state import dashboard, snapshot_href, version_href
 from portfolio.ui.views import (MAX_FORM_BYTES, dataset_data, do_promote, do_revoke, do_rollback, matrix_data, schedule_data,
-                                version_data)
+                                tune_data, version_data)
 
 router = APIRouter()
 
@@ -53,6 +53,15 @@ def matrix(request: Request, name: str, metric: str = "loss"):
                            lambda r: None if r.startswith("base:") else version_href(r), snapshot_href,
                            f"{metric} of {name}'s versions on each snapshot")
     return dashboard(request).page("matrix.html", name=name, metric=metric, data=data, heat=heat, history=svg.history_svg(data["history"], metric))
+
+
+@router.get("/adapters/{name}/tune", response_class=HTMLResponse, include_in_schema=False)
+def tune(request: Request, name: str):
+    registry = dashboard(request).registry
+    runs = tune_data(registry, name)
+    for t in runs:
+        t["front"] = svg.front_svg(t["candidates"], t["incumbent"], t["data"])
+    return dashboard(request).page("tune.html", name=name, runs=runs)
 
 
 @router.get("/versions/{name}/{number}", response_class=HTMLResponse, include_in_schema=False)

@@ -262,3 +262,57 @@ def history_svg(history: list[dict[str, Any]], metric: str) -> str:
         out.append(_text(left + pw + 30, ly, _clip(snap, 22), 11, anchor="start"))
     out.append("</svg>")
     return "".join(out)
+
+
+def front_svg(candidates: list[dict[str, Any]], incumbent: str, data: str) -> str:
+    """A tune run's candidates: gain on the new data (y) against the change on the retention
+    set (x, left of 0 forgets), in percent; hollow where the gates refused, ringed: the pick."""
+    if not candidates:
+        return ""
+    width, height, left, right, top, bottom = 720, 320, 64, 150, 20, 44
+    xs = [100 * (c["retention"] or 0.0) for c in candidates] + [0.0]
+    ys = [100 * c["gain"] for c in candidates] + [0.0]
+    x_lo, x_hi, y_lo, y_hi = min(xs), max(xs), min(ys), max(ys)
+    x_pad, y_pad = max(1.0, (x_hi - x_lo) * 0.1), max(1.0, (y_hi - y_lo) * 0.1)
+    x_lo, x_hi, y_lo, y_hi = x_lo - x_pad, x_hi + x_pad, y_lo - y_pad, y_hi + y_pad
+    pw, ph = width - left - right, height - top - bottom
+
+    def px(x: float) -> float:
+        return left + (x - x_lo) / (x_hi - x_lo) * pw
+
+    def py(y: float) -> float:
+        return top + (1 - (y - y_lo) / (y_hi - y_lo)) * ph
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="front" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+           'role="img" aria-label="gain against forgetting">',
+           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#9ca3af"/>',
+           f'<line x1="{px(0):.1f}" y1="{top}" x2="{px(0):.1f}" y2="{top + ph}" stroke="#9ca3af" stroke-dasharray="4 3"/>',
+           f'<line x1="{left}" y1="{py(0):.1f}" x2="{left + pw}" y2="{py(0):.1f}" stroke="#9ca3af" stroke-dasharray="4 3"/>',
+           _text(left + pw / 2, height - 8, f"change on the retention set vs {incumbent} (%; < 0 forgets)", 11, fill="#374151"),
+           f'<g transform="translate(14 {top + ph / 2}) rotate(-90)">{_text(0, 0, f"gain on {data} (%)", 11, fill="#374151")}</g>']
+    for k in range(5):
+        x, y = x_lo + (x_hi - x_lo) * k / 4, y_lo + (y_hi - y_lo) * k / 4
+        out.append(_text(px(x), top + ph + 16, f"{x:+.1f}", 10, fill="#6b7280"))
+        out.append(_text(left - 6, py(y) + 4, f"{y:+.1f}", 10, anchor="end", fill="#6b7280"))
+    variants = list(dict.fromkeys(c["variant"] for c in candidates))
+    for c in candidates:
+        x, y = px(100 * (c["retention"] or 0.0)), py(100 * c["gain"])
+        color = PALETTE[variants.index(c["variant"]) % len(PALETTE)]
+        fill = color if c["gates_passed"] else "white"
+        r = 4 + math.sqrt(c["rank"])
+        tip = (f"{c['setting']} ({c['ref']}): gain {100 * c['gain']:+.2f}%, retention "
+               f"{'-' if c['retention'] is None else format(100 * c['retention'], '+.2f') + '%'}, "
+               f"{'passes' if c['gates_passed'] else 'refused by'} the gates")
+        out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r:.1f}" fill="{fill}" stroke="{color}" stroke-width="2">'
+                   f'<title>{escape(tip)}</title></circle>')
+        if c["picked"]:
+            out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r + 6:.1f}" fill="none" stroke="#111827" stroke-width="1.5" class="pick"/>')
+        out.append(_text(x + r + 4, y - 4, c["setting"], 10, anchor="start"))
+    for i, v in enumerate(variants):
+        ly = top + 14 + i * 16
+        out.append(f'<rect x="{left + pw + 14}" y="{ly - 9}" width="10" height="10" fill="{PALETTE[i % len(PALETTE)]}"/>')
+        out.append(_text(left + pw + 30, ly, v, 11, anchor="start"))
+    out.append(_text(left + pw + 14, top + 20 + len(variants) * 16, "hollow: refused", 10, anchor="start", fill="#6b7280"))
+    out.append(_text(left + pw + 14, top + 36 + len(variants) * 16, "ringed: the pick", 10, anchor="start", fill="#6b7280"))
+    out.append("</svg>")
+    return "".join(out)

@@ -74,6 +74,14 @@ def matrix_data(registry: Registry, name: str, metric: str) -> dict[str, Any]:
                           for c in m.continual], "history": history}
 
 
+def tune_data(registry: Registry, name: str, limit: int = 10) -> list[dict[str, Any]]:
+    """The adapter's newest finished tune runs, newest first, as `stored_tune` gives them."""
+    from portfolio.training.tune import stored_tune
+
+    runs = [r for r in registry.runs.list(adapter=name, status="succeeded", limit=500) if r.kind == "tune"]
+    return [stored_tune(registry, r.id) for r in runs[:limit]]
+
+
 def schedule_data(registry: Registry) -> dict[str, Any]:
     """Schedules, the newest jobs and the newest runs."""
     from portfolio.scheduler.jobs import list_jobs
