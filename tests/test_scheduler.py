@@ -234,3 +234,32 @@ def test_the_scheduler_promotes_only_through_the_behavioural_gates_too(setup):
     job = jobs.list_jobs(reg, state="succeeded")[0]
     assert job["result"]["promoted"] is False
     assert "critical cases failing on guard@1: never:" in job["result"]["gate_failures"]
+
+
+def test_a_schedule_with_tuning_chooses_the_rank_on_its_first_cycle_only(tmp_path, store_dir, tiny_base):
+    reg = Registry.open(f"sqlite:///{tmp_path / 'r.db'}", store_dir)
+    reg.bases.add("tiny", tiny_base)
+    watch = tmp_path / "watch"
+    drop(watch, "day1.jsonl", domain_rows("words", seed=1))
+    add_schedule(reg, "w", str(watch), every="1s", base="tiny", settings=TRAIN, promote_alias="production",
+                 tune={"ranks": "8,2", "variants": "lora", "budget_steps": 4})
+    worker = Worker(reg, "solo", log=lambda *_: None)
+    worker.run(once=True)
+    [job] = jobs.list_jobs(reg)
+    story = "\n".join(job["log"])
+    assert job["state"] == "succeeded" and "tuning w on w@1 over ranks 2,8 (lora)" in story, story
+    tuned = [v for v in reg.list_versions(adapter="w") if "tune" in v.tags]
+    assert sorted(v.rank for v in tuned) == [2, 8] and {v.tags["tune"] for v in tuned} == {str(job["result"]["tune_run"])}
+    pick = reg.runs.get(job["result"]["tune_run"]).metrics["pick"]
+    assert pick and reg.get_version("w@production").ref == pick  # from the base, a gain passes: the pick is promoted
+    # the next cycle trains once, warm-starting from the pick with its rank
+    drop(watch, "day2.jsonl", domain_rows("words", seed=2))
+    time.sleep(1.1)
+    jobs.enqueue_due(reg)
+    worker.run(once=True)
+    newest = reg.list_versions(adapter="w")[-1]
+    assert "tune" not in newest.tags and newest.rank == reg.get_version(pick).rank
+    assert [p.parent for p in reg.lineage(newest.ref).parents if p.child == newest.ref] == [pick]
+    with pytest.raises(Exception, match="--ranks"):
+        add_schedule(reg, "x", str(watch), every="1s", base="tiny", settings=TRAIN, tune={"ranks": "4,y"})
+    reg.close()

@@ -32,16 +32,21 @@ def schedule_group() -> None:
 @click.option("--lr", type=float, default=2e-4, show_default=True)
 @click.option("--promote-alias", default=None, metavar="ALIAS", help="Move this alias when the gates pass.")
 @click.option("--full-eval", is_flag=True, help="Score every earlier drop in full each cycle, not the bounded retention set.")
+@click.option("--tune-ranks", default=None, metavar="R,R,...",
+              help="On the first cycle (no version yet), run `portfolio tune` over these ranks and promote its pick.")
+@click.option("--tune-variants", default="lora", show_default=True, help="Variants for --tune-ranks (lora, rslora, dora).")
+@click.option("--tune-budget-steps", type=int, default=None, help="Steps per tuning candidate [--train-steps].")
 @click.pass_context
 def schedule_add(ctx: click.Context, adapter, watch, pattern, every, cron, base, dataset, domain, replay_ratio, kl_weight,
-                 train_steps, batch_size, seq_len, lr, promote_alias, full_eval) -> None:
+                 train_steps, batch_size, seq_len, lr, promote_alias, full_eval, tune_ranks, tune_variants, tune_budget_steps) -> None:
     """Retrain ADAPTER on new files in a watched folder, every INTERVAL or on a cron."""
     from portfolio.scheduler.schedules import add_schedule
 
     settings = {"replay_ratio": replay_ratio, "kl_weight": kl_weight, "steps": train_steps, "batch_size": batch_size,
                 "seq_len": seq_len, "lr": lr} | ({"full_eval": True} if full_eval else {})
+    tune = {"ranks": tune_ranks, "variants": tune_variants, "budget_steps": tune_budget_steps} if tune_ranks else None
     d = add_schedule(_registry(ctx), adapter, watch, every=every, cron=cron, pattern=pattern, base=base, dataset=dataset,
-                     domain=domain, settings=settings, promote_alias=promote_alias)
+                     domain=domain, settings=settings, promote_alias=promote_alias, tune=tune)
     when = f"every {d['every_seconds']} s" if d["every_seconds"] else f"on cron '{d['cron']}' (UTC)"
     click.echo(f"schedule for {adapter}: {d['watch']}/{d['pattern']} {when}; first cycle due now")
 

@@ -73,8 +73,11 @@ def to_dict(row: ScheduleRow) -> dict[str, Any]:
 
 def add_schedule(registry: Registry, adapter: str, watch: str, *, every: str | None = None, cron: str | None = None,
                  pattern: str = "*.jsonl", base: str | None = None, dataset: str | None = None, domain: str | None = None,
-                 settings: dict[str, Any] | None = None, promote_alias: str | None = None) -> dict[str, Any]:
-    """Create a schedule; the first cycle is due at once."""
+                 settings: dict[str, Any] | None = None, promote_alias: str | None = None,
+                 tune: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Create a schedule; the first cycle is due at once. With ``tune`` (``ranks``,
+    ``variants``, ``budget_steps``), a first cycle that finds no version of the adapter runs
+    `tune_adapter` instead of one training, and promotes its pick."""
     check_name(adapter, "adapter name")
     if (every is None) == (cron is None):
         raise InvalidSchedule("give --every INTERVAL or --cron 'EXPR' (one of them)")
@@ -100,6 +103,15 @@ def add_schedule(registry: Registry, adapter: str, watch: str, *, every: str | N
     from portfolio.training.config import TrainConfig
 
     TrainConfig(adapter=adapter, data="x@1", **(settings or {}))  # validate the training settings now
+    if tune is not None:
+        from portfolio.training.tune import InvalidTune, parse_settings
+
+        pairs = parse_settings(tune["ranks"], tune.get("variants") or "lora")
+        if tune.get("budget_steps") is not None and tune["budget_steps"] < 1:
+            raise InvalidTune(f"--tune-budget-steps must be at least 1 (got {tune['budget_steps']})")
+        settings = {**(settings or {}), "tune": {"ranks": sorted({r for r, _ in pairs}),
+                                                  "variants": list(dict.fromkeys(v for _, v in pairs)),
+                                                  "budget_steps": tune.get("budget_steps")}}
     with registry.transaction() as session:
         if session.scalar(sa.select(ScheduleRow.id).where(ScheduleRow.adapter == adapter)) is not None:
             raise AlreadyExists(f"adapter {adapter!r} already has a schedule; `portfolio schedule remove {adapter}` first")

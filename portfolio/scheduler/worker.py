@@ -152,6 +152,7 @@ class Worker:
         from portfolio.evaluation.promote import describe_failure, promote, revalidate
         from portfolio.training.config import TrainConfig
         from portfolio.training.train import train_adapter
+        from portfolio.training.tune import tune_adapter
 
         reg = self.registry
         with reg.transaction() as session:
@@ -161,6 +162,7 @@ class Worker:
             expected = {f["path"]: f["sha256"] for f in job.files}
             s = {k: getattr(sched, k) for k in ("adapter", "base", "dataset", "domain", "watch_dir", "promote_alias")}
             settings, result = dict(sched.settings), dict(job.result)
+        tune = settings.pop("tune", None)
 
         # score at the training sequence length, so that revalidation, training and the gates
         # share stored results instead of recomputing them
@@ -208,6 +210,18 @@ class Worker:
                 step(f"resuming run {run_id} from its checkpoint")
                 version = train_adapter(reg, resume=run_id, log=lambda *_: None, progress=False,
                                         should_stop=lambda: self.stop_requested).version.ref
+        if version is None and tune is not None and (result.get("tuning") or not _has_versions(reg, s["adapter"])):
+            # the first cycle: choose the rank by evidence (`portfolio tune`), then promote the pick
+            step(f"tuning {s['adapter']} on {snapshot.ref} over ranks {','.join(map(str, tune['ranks']))} "
+                 f"({','.join(tune['variants'])})", tuning=True)
+            tuned = tune_adapter(reg, s["adapter"], snapshot.ref, ranks=tune["ranks"], variants=tune["variants"],
+                                 budget_steps=tune.get("budget_steps") or settings.get("steps"), base=s["base"],
+                                 alias=alias or "production", train_settings=settings, log=lambda *_: None)
+            step(f"tune run {tuned.run_id}: " + (f"picked {tuned.pick}" if tuned.pick else "no pick") + f" ({tuned.reason})",
+                 tune_run=tuned.run_id)
+            if tuned.pick is None:
+                return f"tuned {len(tuned.candidates)} candidates: no pick ({tuned.reason})"
+            version = tuned.pick
         if version is None:
             cfg = TrainConfig(adapter=s["adapter"], data=snapshot.ref, base=s["base"], from_ref=parent, **settings)
             out = train_adapter(reg, cfg, log=lambda *_: None, progress=False, should_stop=lambda: self.stop_requested,
@@ -227,3 +241,10 @@ class Worker:
         reasons = "; ".join(describe_failure(c) for c in outcome.failed)
         step(f"{version} failed its gates: {reasons}; {alias} stays at {outcome.incumbent}", promoted=False, gate_failures=reasons)
         return f"{version} kept as a candidate: gates failed ({reasons})"
+
+
+def _has_versions(registry, adapter: str) -> bool:
+    try:
+        return bool(registry.list_versions(adapter=adapter))
+    except NotFound:
+        return False

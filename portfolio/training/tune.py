@@ -38,6 +38,10 @@ VARIANTS: dict[str, dict[str, bool]] = {
 }
 
 
+SET_PER_CANDIDATE = ("adapter", "data", "base", "from_ref", "rank", "alpha", "steps", "epochs", "replay_from", "device", "use_dora",
+                     "use_rslora", "init")
+
+
 class InvalidTune(PortfolioError, ValueError):
     """A tuning request that cannot run."""
 
@@ -180,11 +184,10 @@ def tune_adapter(registry, adapter: str, data: str, *, ranks: list[int] | str, v
         raise InvalidTune(f"--budget-steps must be at least 1 (got {budget_steps})")
     snapshot = registry.data.get(data)
     incumbent, base_name, replay = _incumbent(registry, adapter, alias, base)
-    extra = dict(train_settings or {})
+    # what each candidate sets itself is not taken from the settings (a schedule's carry its own steps and rank)
+    extra = {k: v for k, v in (train_settings or {}).items() if k not in SET_PER_CANDIDATE}
     probe = TrainConfig(adapter=adapter, data=snapshot.ref, **extra)  # bad settings refused before any work
     seq_len = probe.seq_len
-    stored = registry.gates.get(adapter)
-    policy = GatePolicy(**stored) if stored else GatePolicy(adapter)
     run = registry.runs.start("tune", adapter, {"data": snapshot.ref, "settings": [list(s) for s in settings],
                                                  "budget_steps": budget_steps, "incumbent": incumbent, "train": extra})
     try:
@@ -198,6 +201,8 @@ def tune_adapter(registry, adapter: str, data: str, *, ranks: list[int] | str, v
             version = registry.tag(out.version.ref, {"tune": str(run.id), "tune_setting": label.replace(" ", "-")})
             candidates.append(Candidate(label, rank, variant, version.ref, version.n_params))
             log(f"tune: {label} -> {version.ref} ({version.n_params:,} parameters)")
+        stored = registry.gates.get(adapter)  # read once the adapter exists (a new one does now)
+        policy = GatePolicy(**stored) if stored else GatePolicy(adapter)
         lineage = registry.lineage(candidates[0].ref)
         retention, targets, _ = retention_plan(registry, adapter, lineage, policy)
         scores = evaluate(registry, [c.ref for c in candidates] + [incumbent], [snapshot.ref] + [r for r in retention if not targets],
