@@ -15,13 +15,13 @@ process while it stays unchanged.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
-
-import json
 
 from portfolio.basemodel import resolve_source
 from portfolio.errors import BaseModelNotFound, IntegrityFailure, PortfolioError
@@ -160,11 +160,50 @@ def load_tokenizer(folder: Path | str, gguf_file: str | None = None) -> Any:
     return _TOKENIZERS[key]
 
 
-def load_base(base: BaseModel, dtype: Any = None, log=print):
-    """(model, tokenizer) for a registered base, loaded offline."""
+QUANTIZATIONS = ("nf4", "int8")  # a base's linear layers quantised by bitsandbytes while an adapter trains over it (QLoRA)
+
+
+def bitsandbytes_problem(device_type: str) -> str | None:
+    """Why bitsandbytes cannot quantise a base on this device (None: it can)."""
+    import importlib.metadata
+    import logging
+
+    try:
+        version = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        return "bitsandbytes is not installed: pip install 'portfolio[qlora]' (or pip install bitsandbytes)"
+    # its CPU kernels came with 0.45 (multi-backend); older releases have CUDA ones only
+    if device_type == "cpu" and tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (0, 45):
+        return f"bitsandbytes {version} has no CPU kernels (they came with 0.45): upgrade it, or train with --device cuda"
+    # it says at import that an optional faster CPU kernel (fetched from a hub) is missing: not ours to print
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    return None
+
+
+def quantization_config(kind: str, compute_dtype: Any) -> Any:
+    """transformers' `BitsAndBytesConfig` for ``nf4`` (4-bit NormalFloat, double-quantised,
+    computing in ``compute_dtype``: QLoRA's recipe) or ``int8`` (LLM.int8())."""
+    from transformers import BitsAndBytesConfig
+
+    if kind == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_base(base: BaseModel, dtype: Any = None, log=print, quantize: str | None = None, device: Any = None):
+    """(model, tokenizer) for a registered base, loaded offline; with ``quantize`` (nf4,
+    int8), its linear layers quantised by bitsandbytes onto ``device``."""
     import torch
     from transformers import AutoModelForCausalLM
 
     folder, gguf_file = model_folder(base, log)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype or torch.float32, local_files_only=True)
+    extra: dict[str, Any] = {}
+    if quantize is not None:
+        extra = {"quantization_config": quantization_config(quantize, dtype or torch.float32),
+                 "device_map": {"": str(device or "cpu")}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bitsandbytes' notes on casting inputs to float16
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype or torch.float32, local_files_only=True,
+                                                     **extra)
     return model, load_tokenizer(folder, gguf_file)

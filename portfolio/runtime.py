@@ -20,6 +20,12 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
+def place(model, device):
+    """``model`` on ``device``; a bitsandbytes-quantised model stays where it was loaded
+    (``device_map``: its packed weights are not moved by ``.to``)."""
+    return model if getattr(model, "is_quantized", False) else model.to(device)
+
+
 def pad_id(tokenizer) -> int:
     """The id to pad batches with: the tokenizer's pad token, else its end of sequence."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

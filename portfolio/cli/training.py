@@ -35,6 +35,9 @@ from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_RANK, DEFAULT_R
               help="Forward passes accumulated per optimiser step (effective batch = batch size × this).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
               help="The base's weights while training (auto: bfloat16 on a GPU that has it, else float32); the adapter stays float32.")
+@click.option("--quantize-base", type=click.Choice(["nf4", "int8"]), default=None,
+              help="Quantise the base's linear layers with bitsandbytes while training (QLoRA; the adapter stays float32; "
+                   "needs portfolio[qlora]).")
 @click.option("--stages", default=None, metavar="SPEC",
               help='Staged unfreezing, e.g. "top:4@0,top:12@200,all@400": LoRA factors of the top N layers trainable from step S.')
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less memory, more time.")
@@ -47,7 +50,7 @@ from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_RANK, DEFAULT_R
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @click.pass_context
 def train(ctx: click.Context, adapter: str | None, base, data, from_ref, replay_ratio, replay_from, kl_weight, rank, alpha,
-          targets, use_rslora, use_dora, init, steps, epochs, lr, batch_size, grad_accum, dtype, gradient_checkpointing, stages, seq_len, seed, device, checkpoint_every,
+          targets, use_rslora, use_dora, init, steps, epochs, lr, batch_size, grad_accum, dtype, quantize_base, gradient_checkpointing, stages, seq_len, seed, device, checkpoint_every,
           resume, full_eval, progress) -> None:
     """Train a new candidate version of ADAPTER on a snapshot, with replay against forgetting."""
     from portfolio.training.config import TrainConfig
@@ -61,7 +64,7 @@ def train(ctx: click.Context, adapter: str | None, base, data, from_ref, replay_
             adapter=adapter, data=data, base=base, from_ref=from_ref, replay_ratio=replay_ratio, replay_from=list(replay_from),
             kl_weight=kl_weight, rank=rank, alpha=alpha, targets=targets.split(",") if targets else None,
             use_rslora=use_rslora or None, use_dora=use_dora or None, init=init, steps=steps,
-            epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, dtype=dtype,
+            epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, dtype=dtype, quantize_base=quantize_base,
             gradient_checkpointing=gradient_checkpointing, stages=stages, seq_len=seq_len, seed=seed, device=device, checkpoint_every=checkpoint_every,
             full_eval=full_eval,
         )

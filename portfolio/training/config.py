@@ -70,6 +70,8 @@ class TrainConfig:
     # optimiser steps take batch_size × grad_accum sequences, run batch_size at a time
     grad_accum: int = 1
     dtype: str = "auto"
+    # the base's linear layers quantised by bitsandbytes (QLoRA): nf4 or int8; the adapter stays float32
+    quantize_base: str | None = None
     gradient_checkpointing: bool = False
     # staged unfreezing: "top:4@0,top:12@200,all@400" (LoRA factors of the top N layers
     # trainable from step S; `parse_stages`); None: every LoRA factor from the start
@@ -115,6 +117,10 @@ class TrainConfig:
             problems.append(f"--batch-size must be at least 1 (got {self.batch_size})")
         if self.grad_accum < 1:
             problems.append(f"--grad-accum must be at least 1 (got {self.grad_accum})")
+        if self.quantize_base is not None and self.quantize_base not in ("nf4", "int8"):
+            problems.append(f"--quantize-base must be nf4 or int8 (got {self.quantize_base!r})")
+        if self.quantize_base and self.init in ("pissa", "olora"):
+            problems.append(f"--init {self.init} rewrites the base's weights, which --quantize-base keeps quantised; use one of them")
         if self.init is not None and self.init not in INITS:
             problems.append(f"--init must be one of {', '.join(INITS)} (got {self.init!r})")
         if self.dtype not in DTYPES:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from portfolio.data.replay import replay_counts
-from portfolio.runtime import resolve_device
+from portfolio.runtime import place, resolve_device
 from portfolio.data.tokenize import IGNORE, Example, collate, shifted_labels
 from portfolio.training.checkpoint import load_checkpoint, save_checkpoint
 from portfolio.training.config import MAX_STEPS, InvalidTrainConfig, TrainConfig, get_lr, parse_stages, stage_at
@@ -200,7 +200,7 @@ def train_loop(
     With several processes (``world``), each trains on its share of every step and the
     gradients are summed (`training.distributed`); rank 0 writes the checkpoints."""
     device = resolve_device(cfg.device)
-    model.to(device).train()
+    place(model, device).train()
     params = _trainable(model)
     same_start(world, params.values())
     stages = parse_stages(cfg.stages) if cfg.stages else [(None, 0)]

@@ -158,6 +158,8 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
 
         if not torch.cuda.is_available():
             raise InvalidTrainConfig("--device cuda: no CUDA device is available here; use --device auto or cpu")
+    if cfg.quantize_base:
+        _check_quantizable(cfg, base, base_modules)
     replaying = cfg.replay_ratio > 0 and bool(sources)
     kl_weight = cfg.kl_weight if cfg.kl_weight is not None else DEFAULT_KL_WEIGHT
     if cfg.init in MOVES_BASE and replaying and kl_weight and parent is None:
@@ -170,6 +172,22 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
     )
     revoked = {s.ref for s in registry.data.get_many(list(dict.fromkeys(ref for ref, _ in upstream))) if s.revoked}
     return Plan(cfg, snapshot, sources, parent, notes, [ref for ref in dict.fromkeys(ref for ref, _ in upstream) if ref not in revoked])
+
+
+def _check_quantizable(cfg: TrainConfig, base: str, base_modules: dict[str, list[int]]) -> None:
+    """Refuse --quantize-base where bitsandbytes is missing, has no kernel for the device,
+    or cannot pack the base's layers, before any work."""
+    from portfolio.modeling import bitsandbytes_problem
+
+    problem = bitsandbytes_problem(runtime.resolve_device(cfg.device).type)
+    if problem:
+        raise InvalidTrainConfig(f"--quantize-base {cfg.quantize_base}: {problem}")
+    if cfg.quantize_base == "nf4":
+        # 4-bit weights are quantised in blocks of 64 inputs; narrower layers cannot be packed
+        narrow = sorted(name for name, (_, n_in) in base_modules.items() if n_in % 64)
+        if narrow:
+            raise InvalidTrainConfig(f"--quantize-base nf4: layer {narrow[0]} of base {base!r} has {base_modules[narrow[0]][1]} inputs, "
+                                     "not a multiple of bitsandbytes' 4-bit block of 64; use --quantize-base int8 or none")
 
 
 @dataclass
@@ -292,9 +310,9 @@ def train_adapter(
             distributed.barrier(w)
             return TrainOutcome(None, run_id, "", [], {"world_size": w.size})
         lora_folder = _save_adapter(model, workdir, cfg.init in MOVES_BASE)
-        if next(model.parameters()).dtype != torch.float32 or cfg.init in MOVES_BASE:
+        if next(model.parameters()).dtype != torch.float32 or cfg.init in MOVES_BASE or cfg.quantize_base:
             # stored evaluations are keyed as float32 results (what `eval` and the gates compute):
-            # score on a float32 base, not on the lower-precision copy it trained over (nor on
+            # score on a float32 base, not on the lower-precision (or quantised) copy it trained over (nor on
             # the base with its principal part moved out, under the unconverted adapter)
             del model
             model = _float32_model(registry, plan, base, lora_folder, workdir, device, log)
@@ -367,8 +385,16 @@ def _build_model(registry: Registry, plan: Plan, base, workdir: Path, device, lo
     from portfolio.training.config import resolve_dtype
 
     cfg = plan.cfg
-    model, _ = load_base(base, dtype=resolve_dtype(cfg.dtype, device), log=log)
-    if cfg.gradient_checkpointing:
+    model, _ = load_base(base, dtype=resolve_dtype(cfg.dtype, device), log=log, quantize=cfg.quantize_base, device=device)
+    if cfg.quantize_base:
+        from peft import prepare_model_for_kbit_training
+
+        # norms (and anything else not quantised) in float32, inputs that carry gradients
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
         # recompute each layer's activations in the backward pass instead of keeping them;
         # non-reentrant, so the frozen base's inputs need no requires_grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -379,7 +405,7 @@ def _build_model(registry: Registry, plan: Plan, base, workdir: Path, device, lo
         model.set_adapter("default")
     else:
         model = _fresh_adapter(model, cfg, workdir, device, data, pad_id)
-    return model.to(device)
+    return runtime.place(model, device)
 
 
 def _fresh_adapter(model, cfg: TrainConfig, workdir: Path, device, data: Prepared | None, pad_id: int):
@@ -401,7 +427,7 @@ def _fresh_adapter(model, cfg: TrainConfig, workdir: Path, device, data: Prepare
                       init_lora_weights=True if init == "default" else init, **extra)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT's notes on PiSSA/OLoRA conversion, said in docs/training.md instead
-        model = get_peft_model(model.to(device), lora)
+        model = get_peft_model(runtime.place(model, device), lora)
     if init == "eva":
         from peft import initialize_lora_eva_weights
 
@@ -538,7 +564,7 @@ def _register(registry: Registry, plan: Plan, data: Prepared, result, lora_folde
     recipe = {"method": "lora", "replay_ratio": cfg.replay_ratio, "kl_weight": cfg.kl_weight, "steps": steps, "lr": cfg.lr,
               "batch": cfg.effective_batch, "grad_accum": cfg.grad_accum, "dtype": cfg.dtype,
               "gradient_checkpointing": cfg.gradient_checkpointing, "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora,
-              "init": cfg.init, "world_size": world_size, "stages": cfg.stages}
+              "init": cfg.init, "quantize_base": cfg.quantize_base, "world_size": world_size, "stages": cfg.stages}
     return registry.register_version(
         cfg.adapter, base=cfg.base, lora=lora_folder, run_id=run_id, run_metrics=metrics,
         parents=[ParentSpec(plan.parent.ref, "finetune", recipe)] if plan.parent else [],
