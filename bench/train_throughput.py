@@ -10,8 +10,8 @@ a GPU the model FLOPs utilisation.
     python bench/train_throughput.py --memory [--steps 4] [--seq-len 256]
 
 Peak memory per setting (issue 24): the same effective batch of 8 sequences trained as one
-batch, as 2 × 4 accumulated, with gradient checkpointing, with the base in bfloat16, and all
-three; each a separate `portfolio train` process (peak RSS is per process; on a GPU, the CUDA
+batch, as 2 × 4 accumulated, with gradient checkpointing, with the base in bfloat16, all
+three, and with the base quantised by bitsandbytes (nf4, int8); each a separate `portfolio train` process (peak RSS is per process; on a GPU, the CUDA
 allocator's peak), its peak and tokens/s read back from the run.
 """
 
@@ -90,7 +90,9 @@ MEMORY_SETTINGS = [("batch 8", ["--batch-size", "8"]),
                    ("batch 8, gradient checkpointing", ["--batch-size", "8", "--gradient-checkpointing"]),
                    ("batch 8, base in bfloat16", ["--batch-size", "8", "--dtype", "bfloat16"]),
                    ("2 × 4, checkpointing, bfloat16", ["--batch-size", "2", "--grad-accum", "4", "--gradient-checkpointing",
-                                                      "--dtype", "bfloat16"])]
+                                                      "--dtype", "bfloat16"]),
+                   ("batch 8, base in nf4 (QLoRA)", ["--batch-size", "8", "--quantize-base", "nf4"]),
+                   ("batch 8, base in int8", ["--batch-size", "8", "--quantize-base", "int8"])]
 
 
 def memory(args) -> None:
