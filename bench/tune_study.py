@@ -37,6 +37,9 @@ def main() -> None:
 
     from continual import BASE, SCALES, setup
 
+    from portfolio.cli._base import quiet_libraries
+
+    quiet_libraries()
     from portfolio.evaluation.promote import promote
     from portfolio.evaluation.report import plot_tune_front
     from portfolio.training.config import TrainConfig

@@ -92,13 +92,13 @@ def cli(ctx: click.Context, db: str | None, store: str | None) -> None:
 
 def quiet_libraries() -> None:
     """What a person reads is portfolio's own output: no progress bars, deprecation notes or
-    info logs from transformers, PEFT or the hub (portfolio shows its own progress)."""
+    info logs from transformers, PEFT, bitsandbytes or the hub (portfolio shows its own progress)."""
     import logging
     import warnings
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for module in ("transformers", "peft", "torch", "huggingface_hub", "accelerate"):
+    for module in ("transformers", "peft", "torch", "huggingface_hub", "accelerate", "bitsandbytes"):
         warnings.filterwarnings("ignore", module=module)
         logging.getLogger(module).setLevel(logging.ERROR)
     # transformers reads both variables when it is first imported, which is later: no import here,

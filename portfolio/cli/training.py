@@ -31,6 +31,9 @@ from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_RANK, DEFAULT_R
 @click.option("--init", "init", type=click.Choice(INITS), default=None,
               help="How a new adapter's factors start (PEFT's): default, gaussian, pissa/olora (principal directions of the base; "
                    "stored converted to a plain LoRA of rank 2r), eva (principal directions of the data).")
+@click.option("--orthogonal", type=float, default=0.0, metavar="λ",
+              help="O-LoRA: keep the parent's factors frozen, train new ones (--rank, default the parent's task rank) with "
+                   "λ·Σ‖A_old A_newᵀ‖² pulling them orthogonal; stored as the exact cat of both.")
 @click.option("--grad-accum", type=int, default=1, show_default=True,
               help="Forward passes accumulated per optimiser step (effective batch = batch size × this).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
@@ -50,7 +53,7 @@ from portfolio.training.config import DEFAULT_KL_WEIGHT, DEFAULT_RANK, DEFAULT_R
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @click.pass_context
 def train(ctx: click.Context, adapter: str | None, base, data, from_ref, replay_ratio, replay_from, kl_weight, rank, alpha,
-          targets, use_rslora, use_dora, init, steps, epochs, lr, batch_size, grad_accum, dtype, quantize_base, gradient_checkpointing, stages, seq_len, seed, device, checkpoint_every,
+          targets, use_rslora, use_dora, init, orthogonal, steps, epochs, lr, batch_size, grad_accum, dtype, quantize_base, gradient_checkpointing, stages, seq_len, seed, device, checkpoint_every,
           resume, full_eval, progress) -> None:
     """Train a new candidate version of ADAPTER on a snapshot, with replay against forgetting."""
     from portfolio.training.config import TrainConfig
@@ -63,7 +66,7 @@ def train(ctx: click.Context, adapter: str | None, base, data, from_ref, replay_
         cfg = TrainConfig(
             adapter=adapter, data=data, base=base, from_ref=from_ref, replay_ratio=replay_ratio, replay_from=list(replay_from),
             kl_weight=kl_weight, rank=rank, alpha=alpha, targets=targets.split(",") if targets else None,
-            use_rslora=use_rslora or None, use_dora=use_dora or None, init=init, steps=steps,
+            use_rslora=use_rslora or None, use_dora=use_dora or None, init=init, orthogonal=orthogonal, steps=steps,
             epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, dtype=dtype, quantize_base=quantize_base,
             gradient_checkpointing=gradient_checkpointing, stages=stages, seq_len=seq_len, seed=seed, device=device, checkpoint_every=checkpoint_every,
             full_eval=full_eval,

@@ -58,6 +58,10 @@ class TrainConfig:
     # DoRA (weight-decomposed LoRA: a learned magnitude per output row); None: the parent's, else off
     use_dora: bool | None = None
     init: str | None = None  # one of INITS, for a new adapter; None: default
+    # O-LoRA (Wang et al. 2023): a warm start keeps the parent's factors frozen and trains new
+    # ones beside them, with λ·Σ‖A_parent A_newᵀ‖² pulling the new subspace orthogonal to the
+    # old; stored as the exact cat of both. 0: off (the usual warm start of the parent's factors)
+    orthogonal: float = 0.0
     dropout: float = 0.0
     steps: int | None = None
     epochs: float | None = None
@@ -90,7 +94,7 @@ class TrainConfig:
         for flag, value in (("--lr", self.lr), ("--alpha", self.alpha), ("--replay-ratio", self.replay_ratio),
                             ("--kl-weight", self.kl_weight), ("--epochs", self.epochs), ("--dropout", self.dropout),
                             ("--weight-decay", self.weight_decay), ("--grad-clip", self.grad_clip),
-                            ("--min-lr-ratio", self.min_lr_ratio)):
+                            ("--min-lr-ratio", self.min_lr_ratio), ("--orthogonal", self.orthogonal)):
             if value is not None and not math.isfinite(value):
                 problems.append(f"{flag} must be a finite number (got {value})")
         if self.rank is not None and self.rank < 1:
@@ -117,6 +121,8 @@ class TrainConfig:
             problems.append(f"--batch-size must be at least 1 (got {self.batch_size})")
         if self.grad_accum < 1:
             problems.append(f"--grad-accum must be at least 1 (got {self.grad_accum})")
+        if self.orthogonal < 0:
+            problems.append(f"--orthogonal must be ≥ 0 (got {self.orthogonal})")
         if self.quantize_base is not None and self.quantize_base not in ("nf4", "int8"):
             problems.append(f"--quantize-base must be nf4 or int8 (got {self.quantize_base!r})")
         if self.quantize_base and self.init in ("pissa", "olora"):

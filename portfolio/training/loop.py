@@ -134,6 +134,16 @@ def accumulate_gradients(model, examples: list[Example], n_replay: int, cfg: Tra
     return loss_sum, kl_sum, tokens, total
 
 
+def orthogonality_penalty(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """O-LoRA's orthogonality loss: Σ over modules of ‖A_old A_newᵀ‖²_F, the squared overlap
+    of the new factors' row space with the kept ones' (zero when orthogonal; the old factors
+    get no gradient)."""
+    total = torch.zeros((), device=pairs[0][1].device if pairs else None)
+    for old, new in pairs:
+        total = total + (old.detach().to(new.dtype) @ new.T).pow(2).sum()
+    return total
+
+
 @dataclass
 class LoopResult:
     """What a finished (or resumed-and-finished) loop reports."""
@@ -146,6 +156,7 @@ class LoopResult:
     fresh_used: set[int] = field(default_factory=set)
     replay_used: set[int] = field(default_factory=set)
     stage_starts: list[int] = field(default_factory=list)  # steps where a --stages stage began
+    orthogonality: list[float] = field(default_factory=list)  # --orthogonal's λ·penalty per step
 
     @property
     def tokens_per_s(self) -> float:
@@ -194,11 +205,13 @@ def train_loop(
     should_stop: Callable[[], bool] | None = None,
     run_id: int | None = None,
     world: World = World(),
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> LoopResult:
     """Train ``model``'s active adapter along ``schedule``; resume from ``checkpoint_path``
     when it exists. ``parent_logits(batch)`` gives the frozen parent's logits for the KL term.
     With several processes (``world``), each trains on its share of every step and the
-    gradients are summed (`training.distributed`); rank 0 writes the checkpoints."""
+    gradients are summed (`training.distributed`); rank 0 writes the checkpoints. ``penalty()``
+    (O-LoRA's `orthogonality_penalty`) is added once per step, weighted ``cfg.orthogonal``."""
     device = resolve_device(cfg.device)
     place(model, device).train()
     params = _trainable(model)
@@ -233,6 +246,11 @@ def train_loop(
         examples = [fresh[i] for i in fresh_idx] + [replay[i] for i in replay_idx]
         loss_value, kl_value, tokens, n_targets = accumulate_gradients(model, examples, len(replay_idx), cfg, pad_id, device,
                                                                        autocast, parent_logits, world.share(len(examples)))
+        if penalty is not None and cfg.orthogonal:
+            term = cfg.orthogonal * penalty()
+            if world.main:  # once per step, however many processes sum their gradients
+                term.backward()
+            result.orthogonality.append(float(term.detach()))
         sum_gradients(world, params.values())
         loss_value, kl_value, tokens = sum_floats(world, loss_value, kl_value, tokens)
         tokens = int(tokens)

@@ -66,7 +66,8 @@ class Plan:
     parent_data: list[str] = field(default_factory=list)  # snapshots the parent's lineage trained on or replayed
 
 
-def _shape(cfg: TrainConfig, parent: AdapterVersion | None, base: str, base_modules: dict[str, list[int]]) -> TrainConfig:
+def _shape(cfg: TrainConfig, parent: AdapterVersion | None, base: str, base_modules: dict[str, list[int]],
+           task_rank: int | None = None) -> TrainConfig:
     """Rank, alpha and targets: a warm start keeps the parent's (a conflicting flag is
     refused), a fresh adapter takes the defaults; checked against the base's layers."""
     if parent is not None:
@@ -76,6 +77,8 @@ def _shape(cfg: TrainConfig, parent: AdapterVersion | None, base: str, base_modu
             raise InvalidTrainConfig(f"--from {parent.ref} is a {parent.kind} version; warm-start from a single adapter")
         if parent.status == "archived":
             raise InvalidTrainConfig(f"--from {parent.ref} is archived and its bytes are gone; warm-start from a live version")
+        if cfg.orthogonal:
+            return _orthogonal_shape(cfg, parent, base_modules, task_rank)
         inherited = {"rank": parent.rank, "alpha": parent.alpha, "targets": parent.target_modules}
         for key, value in inherited.items():
             given = getattr(cfg, key)
@@ -97,6 +100,25 @@ def _shape(cfg: TrainConfig, parent: AdapterVersion | None, base: str, base_modu
     if cfg.rank > widest:
         raise InvalidTrainConfig(f"--rank {cfg.rank} exceeds the narrowest targeted layer of base {base!r} ({widest}); "
                                  f"a LoRA rank above {widest} adds nothing but parameters")
+    return cfg
+
+
+def _orthogonal_shape(cfg: TrainConfig, parent: AdapterVersion, base_modules: dict[str, list[int]],
+                      task_rank: int | None = None) -> TrainConfig:
+    """O-LoRA's new factors: ``--rank`` of them (default: the parent's own task rank), on the
+    parent's modules; the version will hold the parent's rank plus this one."""
+    if parent.lora_config.get("use_dora"):
+        raise InvalidTrainConfig(f"--orthogonal: {parent.ref} is a DoRA adapter; its factors cannot be kept and concatenated "
+                                 "exactly; continue it without --orthogonal")
+    if cfg.targets is not None and sorted(cfg.targets) != sorted(parent.target_modules):
+        raise InvalidTrainConfig(f"--targets: --orthogonal trains new factors on {parent.ref}'s modules "
+                                 f"({','.join(parent.target_modules)})")
+    rank = cfg.rank or task_rank or parent.rank
+    cfg = replace(cfg, rank=rank, alpha=cfg.alpha or 2.0 * rank, targets=list(parent.target_modules))
+    widest = min(min(shape) for name, shape in base_modules.items() if name.rsplit(".", 1)[-1] in cfg.targets)
+    if parent.rank + rank > widest:
+        raise InvalidTrainConfig(f"--orthogonal: {parent.ref}'s rank {parent.rank} plus {rank} new exceeds the narrowest "
+                                 f"targeted layer ({widest}); its subspace is full, nothing orthogonal is left to learn")
     return cfg
 
 
@@ -130,7 +152,10 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
         parent = (active or existing)[-1]
         which = "latest active" if active else "latest (none is active)"
         notes.append(f"continuing from {parent.ref}, the {which} version of {cfg.adapter}; pass --from to choose")
-    cfg = _shape(cfg, parent, base, base_modules)
+    # an O-LoRA parent's own new factors had this rank (its recipe says); the next task's default
+    task_rank = next((p.recipe.get("task_rank") for p in registry.lineage(parent.ref, max_depth=1).parents
+                      if p.child == parent.ref and p.recipe.get("task_rank")), None) if parent and cfg.orthogonal else None
+    cfg = _shape(cfg, parent, base, base_modules, task_rank)
 
     # what the parent's lineage trained on or replayed: the default replay sources (train
     # edges) and, with replay edges, the retention set's strata (`retention_strata`)
@@ -160,6 +185,9 @@ def plan_training(registry: Registry, cfg: TrainConfig) -> Plan:
             raise InvalidTrainConfig("--device cuda: no CUDA device is available here; use --device auto or cpu")
     if cfg.quantize_base:
         _check_quantizable(cfg, base, base_modules)
+    if cfg.orthogonal and parent is None:
+        raise InvalidTrainConfig("--orthogonal keeps a parent's factors and trains new ones orthogonal to them: "
+                                 "give --from a version (a first version has nothing to be orthogonal to)")
     replaying = cfg.replay_ratio > 0 and bool(sources)
     kl_weight = cfg.kl_weight if cfg.kl_weight is not None else DEFAULT_KL_WEIGHT
     if cfg.init in MOVES_BASE and replaying and kl_weight and parent is None:
@@ -310,7 +338,9 @@ def train_adapter(
             distributed.barrier(w)
             return TrainOutcome(None, run_id, "", [], {"world_size": w.size})
         lora_folder = _save_adapter(model, workdir, cfg.init in MOVES_BASE)
-        if next(model.parameters()).dtype != torch.float32 or cfg.init in MOVES_BASE or cfg.quantize_base:
+        if cfg.orthogonal:
+            lora_folder = _concatenated(lora_folder, workdir)
+        if next(model.parameters()).dtype != torch.float32 or cfg.init in MOVES_BASE or cfg.quantize_base or cfg.orthogonal:
             # stored evaluations are keyed as float32 results (what `eval` and the gates compute):
             # score on a float32 base, not on the lower-precision (or quantised) copy it trained over (nor on
             # the base with its principal part moved out, under the unconverted adapter)
@@ -323,6 +353,7 @@ def train_adapter(
             "wall_s": result.seconds, "peak_memory_mb": result.peak_memory_mb, "steps": schedule.steps,
             "replay_sequences": schedule.replay_sequences, "device": str(device),
             "resumed_from_step": resumed_from, "world_size": w.size, "stage_starts": result.stage_starts,
+            "orthogonality_curve": result.orthogonality,
         }
         version = _register(registry, plan, data, result, lora_folder, run_id, metrics, evals, schedule.steps, w.size)
         distributed.barrier(w)
@@ -398,7 +429,9 @@ def _build_model(registry: Registry, plan: Plan, base, workdir: Path, device, lo
         # recompute each layer's activations in the backward pass instead of keeping them;
         # non-reentrant, so the frozen base's inputs need no requires_grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if plan.parent is not None:
+    if plan.parent is not None and cfg.orthogonal:
+        model = _orthogonal_adapters(model, registry, plan, workdir)
+    elif plan.parent is not None:
         parent_dir = export_version(registry, plan.parent.ref, Path(tempfile.mkdtemp(dir=workdir)) / "parent", card=False)
         model = PeftModel.from_pretrained(model, parent_dir, adapter_name="default", is_trainable=True)
         model.load_adapter(parent_dir, adapter_name="parent", is_trainable=False)
@@ -406,6 +439,41 @@ def _build_model(registry: Registry, plan: Plan, base, workdir: Path, device, lo
     else:
         model = _fresh_adapter(model, cfg, workdir, device, data, pad_id)
     return runtime.place(model, device)
+
+
+PARENT_DIR = "parent-adapter"
+
+
+def _orthogonal_adapters(model, registry: Registry, plan: Plan, workdir: Path):
+    """O-LoRA: the parent's factors (``parent``, frozen) and new ones (``default``, fresh,
+    ``cfg.rank``), both active so their updates add up; the parent alone is the KL teacher."""
+    from peft import LoraConfig, PeftModel
+
+    cfg = plan.cfg
+    parent_dir = workdir / PARENT_DIR
+    shutil.rmtree(parent_dir, ignore_errors=True)
+    export_version(registry, plan.parent.ref, parent_dir, card=False)
+    model = PeftModel.from_pretrained(model, parent_dir, adapter_name="parent", is_trainable=False)
+    model.add_adapter("default", LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.targets, lora_dropout=cfg.dropout,
+                                            task_type="CAUSAL_LM"))
+    train_both(model)
+    return model
+
+
+def train_both(model) -> None:
+    """``parent`` and ``default`` active together, only ``default``'s factors trainable."""
+    model.base_model.set_adapter(["parent", "default"])
+    for name, p in model.named_parameters():
+        if ".parent." in name:
+            p.requires_grad_(False)
+
+
+def orthogonality_pairs(model) -> list[tuple[Any, Any]]:
+    """(the parent's A, the new A) of every module both adapt: O-LoRA's penalty's inputs."""
+    params = dict(model.named_parameters())
+    suffix_new, suffix_old = ".lora_A.default.weight", ".lora_A.parent.weight"
+    return [(params[n[: -len(suffix_new)] + suffix_old], p) for n, p in params.items()
+            if n.endswith(suffix_new) and n[: -len(suffix_new)] + suffix_old in params]
 
 
 def _fresh_adapter(model, cfg: TrainConfig, workdir: Path, device, data: Prepared | None, pad_id: int):
@@ -468,7 +536,7 @@ def _run_loop(registry: Registry, model, plan: Plan, data: Prepared, schedule, p
     returns (result, the step it resumed from)."""
     import torch
 
-    from portfolio.training.loop import train_loop
+    from portfolio.training.loop import orthogonality_penalty, train_loop
 
     def parent_logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -479,7 +547,7 @@ def _run_loop(registry: Registry, model, plan: Plan, data: Prepared, schedule, p
         try:
             return model(**inputs).logits
         finally:
-            model.set_adapter("default")
+            train_both(model) if plan.cfg.orthogonal else model.set_adapter("default")
 
     bar = _progress(schedule.steps, progress)
 
@@ -495,6 +563,7 @@ def _run_loop(registry: Registry, model, plan: Plan, data: Prepared, schedule, p
     result = train_loop(
         model, data.fresh, data.replay, plan.cfg, schedule, pad_id, checkpoint,
         parent_logits=parent_logits, on_step=step_hook, should_stop=should_stop, run_id=run_id, world=world,
+        penalty=(lambda pairs=orthogonality_pairs(model): orthogonality_penalty(pairs)) if plan.cfg.orthogonal else None,
         on_checkpoint=lambda step: (registry.store.push_work(run_id, checkpoint),
                                     registry.runs.update(run_id, heartbeat=True, metrics={"checkpoint_step": step})),
     )
@@ -517,6 +586,20 @@ def _save_adapter(model, workdir: Path, convert: bool = False) -> adapter_files.
         config["init_lora_weights"] = True
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return adapter_files.read_lora_folder(out_dir)
+
+
+def _concatenated(new: adapter_files.LoraFolder, workdir: Path) -> adapter_files.LoraFolder:
+    """An O-LoRA version as one plain LoRA: the exact `cat` of the parent's factors and the
+    new ones (rank r_parent + r_new, scale 1), what `export`, vLLM and merges read."""
+    from portfolio.compose.lora_files import LoraSource
+    from portfolio.compose.merge import MergeRecipe, merge_sources
+
+    parent = adapter_files.read_lora_folder(workdir / PARENT_DIR)
+    out = workdir / "adapter-cat"
+    shutil.rmtree(out, ignore_errors=True)
+    merge_sources([LoraSource("parent", parent.weights, parent.config), LoraSource("new", new.weights, new.config)],
+                  MergeRecipe("cat"), out)
+    return adapter_files.read_lora_folder(out)
 
 
 def _score(registry: Registry, model, plan: Plan, data: Prepared, base, lora_folder, pad_id: int, device):
@@ -564,7 +647,8 @@ def _register(registry: Registry, plan: Plan, data: Prepared, result, lora_folde
     recipe = {"method": "lora", "replay_ratio": cfg.replay_ratio, "kl_weight": cfg.kl_weight, "steps": steps, "lr": cfg.lr,
               "batch": cfg.effective_batch, "grad_accum": cfg.grad_accum, "dtype": cfg.dtype,
               "gradient_checkpointing": cfg.gradient_checkpointing, "use_rslora": cfg.use_rslora, "use_dora": cfg.use_dora,
-              "init": cfg.init, "quantize_base": cfg.quantize_base, "world_size": world_size, "stages": cfg.stages}
+              "init": cfg.init, "quantize_base": cfg.quantize_base, "world_size": world_size, "stages": cfg.stages,
+              "orthogonal": cfg.orthogonal, **({"task_rank": cfg.rank} if cfg.orthogonal else {})}
     return registry.register_version(
         cfg.adapter, base=cfg.base, lora=lora_folder, run_id=run_id, run_metrics=metrics,
         parents=[ParentSpec(plan.parent.ref, "finetune", recipe)] if plan.parent else [],
