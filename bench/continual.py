@@ -3,6 +3,7 @@ while they learn fresh data? On SmolLM2-135M-Instruct and real text, every run t
 registry.
 
     python bench/continual.py [--scale smoke|cpu|gpu] [--out build/continual] [--docs]
+    python bench/continual.py --tasks DIR --order sst2,qqp,mnli,boolq --seeds 0,1,2 ...   (bench/clbench.py)
 
 A sequence of steps, each training on one drop of one domain (`examples/corpora.py`): four
 domains once at ``cpu`` scale, four domains × three drops at ``gpu`` scale. Strategies, all
@@ -297,6 +298,11 @@ def plot(results: dict, scale: Scale, path: Path) -> None:
 
 
 def main() -> None:
+    if "--tasks" in sys.argv:  # the benchmark mode: a public task sequence (bench/clbench.py)
+        sys.path.insert(0, str(ROOT / "bench"))
+        import clbench
+
+        return clbench.main()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "continual")

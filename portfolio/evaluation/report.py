@@ -96,7 +96,38 @@ def _suite_matrix(registry: Registry, adapters: list[str] | None, suites: list[s
               if r.metrics["overall"].get(metric) is not None and (not adapters or r.model.startswith("base:") or r.model.rpartition("@")[0] in adapters)}
     rows = sorted({m for m, _ in values}, key=_version_key)
     cols = sorted({s for _, s in values}, key=lambda s: (s.rpartition("@")[0], int(s.rpartition("@")[2])))
-    return Matrix(metric, rows, cols, values, [])
+    return Matrix(metric, rows, cols, values, _suite_continual(registry, rows, cols, values, metric))
+
+
+def _suite_continual(registry: Registry, rows: list[str], cols: list[str], values: dict, metric: str) -> list[ContinualStats]:
+    """ACC, BWT, FWT and forgetting per adapter on a suite metric, where each version trained on
+    a snapshot of the dataset a suite is named after (a task's data ``sst2@1`` and its suite
+    ``sst2@…``: the continual-learning benchmark's layout)."""
+    from portfolio.suites.scoring import HIGHER_IS_BETTER
+
+    if HIGHER_IS_BETTER.get(metric) is None:
+        return []
+    by_name = {c.rpartition("@")[0]: c for c in cols}
+    goodness = "accuracy" if HIGHER_IS_BETTER[metric] else "loss"  # the direction `evaluation.continual` reads
+    out = []
+    for adapter in sorted({m.rpartition("@")[0] for m in rows if not m.startswith("base:") and " on " not in m}):
+        versions = [m for m in rows if m.rpartition("@")[0] == adapter and " on " not in m]
+        if len(versions) < 2:
+            continue
+        tasks = {}
+        for edge in registry.lineage(versions[-1]).data:
+            name = edge.snapshot.rpartition("@")[0]
+            if edge.role == "train" and edge.version in versions and name in by_name:
+                tasks.setdefault(edge.version, by_name[name])
+        if len(tasks) < 2:
+            continue
+        R = {v: {c: values[(v, c)] for c in cols if (v, c) in values} for v in versions}
+        base = f"base:{registry.get_version(versions[-1]).base_model}"
+        baseline = {c: values[(base, c)] for c in cols if (base, c) in values}
+        out.append(ContinualStats(adapter, versions[-1], forgetting(R, versions, tasks, goodness),
+                                  backward_transfer(R, versions, tasks, goodness), average_accuracy(R, versions, tasks),
+                                  forward_transfer(R, versions, tasks, baseline, goodness)))
+    return out
 
 
 def build_history(registry: Registry, adapter: str, metric: str = "loss", snapshot: str | None = None) -> list[dict[str, Any]]:

@@ -1,0 +1,313 @@
+"""Continual learning on a public task sequence (issue 25): `bench/continual.py --tasks DIR`.
+
+    python bench/continual.py --tasks ../shared/clbench --order sst2,qqp,mnli,boolq --seeds 0,1,2 \\
+        [--methods naive,replay-10-kl,olora,...] [--base PATH|NAME] [--steps N] [--rows N] [--cases N] [--docs]
+
+Each task of DIR (``TASK.train.jsonl``: prompt/completion rows; ``TASK.suite.jsonl``: choice
+cases) is registered as a snapshot and a suite of that name. Per seed, the first task is trained
+once (``first-s<seed>@1``) and every sequential method starts from a copy of it (an ``import``
+edge, the same bytes), then trains the rest of the order through the normal `train` path, each
+version warm-starting from the last (O-LoRA through ``--orthogonal``). ``multitask`` is one
+adapter trained on every task at once (the upper bound); the zero-shot base is the lower one.
+Every version is then scored on every task's suite in one batched pass (`run_suites`; stored,
+so ``portfolio matrix --metric choice_accuracy`` shows the same numbers), and from the accuracy
+matrix R (row i: after task i; column j: task j) each method gets ACC, BWT and FWT
+(`evaluation.continual`), mean ± spread (min–max) over the seeds, next to its cost: training
+seconds, peak memory and stored adapter size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Methods: `TrainConfig` settings of every step after the first ("multitask" is special).
+METHODS: dict[str, dict[str, float]] = {
+    "naive": {"replay_ratio": 0.0, "kl_weight": 0.0},
+    **{f"replay-{p}": {"replay_ratio": p / 100, "kl_weight": 0.0} for p in (2, 5, 10, 20)},
+    **{f"replay-{p}-kl": {"replay_ratio": p / 100, "kl_weight": 1.0} for p in (2, 5, 10, 20)},
+    "olora": {"replay_ratio": 0.0, "kl_weight": 0.0, "orthogonal": 0.5},
+    "olora-replay-5": {"replay_ratio": 0.05, "kl_weight": 0.0, "orthogonal": 0.5},
+    "multitask": {},
+}
+
+
+class BenchmarkError(SystemExit):
+    """Bad input: one ``error:`` line and exit status 1."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+def check_tasks(folder: Path, order: list[str]) -> None:
+    """Every task in ``order`` has its training rows and a suite of choice cases in ``folder``."""
+    if not folder.is_dir():
+        raise BenchmarkError(f"--tasks {folder}: no such folder")
+    present = sorted(p.name.removesuffix(".train.jsonl") for p in folder.glob("*.train.jsonl"))
+    missing = [t for t in order if t not in present]
+    if missing:
+        raise BenchmarkError(f"--order names {', '.join(missing)}, not a task of {folder} (it has {', '.join(present) or 'none'})")
+    for task in order:
+        suite = folder / f"{task}.suite.jsonl"
+        if not suite.is_file():
+            raise BenchmarkError(f"task {task} has no suite: {suite} is missing; each task needs {task}.train.jsonl and {task}.suite.jsonl")
+        for n, line in enumerate(suite.read_text().splitlines(), start=1):
+            case = json.loads(line) if line.strip() else {}
+            kinds = sorted({c.get("kind") for c in case.get("checks", [])})
+            if line.strip() and kinds != ["choice"]:
+                raise BenchmarkError(f"{suite} line {n}: a {'/'.join(map(str, kinds)) or 'check-less'} case; the benchmark scores "
+                                     "choice cases only (one choice check over the task's labels)")
+
+
+def slice_tasks(folder: Path, order: list[str], out: Path, rows: int | None, cases: int | None) -> Path:
+    """The tasks, cut to their first ``rows`` training rows and ``cases`` suite cases."""
+    if rows is None and cases is None:
+        return folder
+    out.mkdir(parents=True, exist_ok=True)
+    for task in order:
+        for kind, n in (("train", rows), ("suite", cases)):
+            lines = (folder / f"{task}.{kind}.jsonl").read_text().splitlines(keepends=True)
+            (out / f"{task}.{kind}.jsonl").write_text("".join(lines[:n] if n else lines))
+    return out
+
+
+def setup(out: Path, tasks: Path, order: list[str], base: str):
+    """A fresh registry in OUT with the base, each task's snapshot and suite, and the union of
+    the tasks for the multitask bound."""
+    from portfolio import Registry
+
+    for sub in ("registry.db", "store"):
+        path = out / sub
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    reg = Registry.open(f"sqlite:///{out / 'registry.db'}", out / "store")
+    if Path(base).is_dir():
+        reg.bases.add("base", base)
+        base_name = "base"
+    else:
+        reg.bases.add(base)
+        base_name = base
+    for task in order:
+        reg.data.add(task, [tasks / f"{task}.train.jsonl"], task, source=f"{tasks}/{task}.train.jsonl")
+        reg.suites.add(task, tasks / f"{task}.suite.jsonl")
+    reg.data.add("multitask", [tasks / f"{t}.train.jsonl" for t in order], "multitask", source=f"{tasks}: {', '.join(order)}")
+    return reg, base_name
+
+
+def run_seed(reg, base: str, order: list[str], methods: list[str], seed: int, settings: dict, log) -> dict:
+    """Every method's versions for one seed: {method: {"versions": [refs], "cost": {...}}}."""
+    import tempfile
+
+    from portfolio.export import export_version
+    from portfolio.training.config import TrainConfig
+    from portfolio.training.train import train_adapter
+
+    def train(adapter: str, data: str, from_ref: str | None = None, **extra):
+        cfg = TrainConfig(adapter=adapter, data=data, base=base, from_ref=from_ref, seed=seed, **{**settings, **extra})
+        return train_adapter(reg, cfg, log=lambda m: None, progress=False)
+
+    first = train(f"first-s{seed}", f"{order[0]}@1", replay_ratio=0.0)
+    log(f"seed {seed}: {first.version.ref} on {order[0]} ({first.metrics['wall_s']:.0f} s)")
+    out = {}
+    for method in methods:
+        if method == "multitask":
+            # the same training budget as the whole sequence
+            done = train(f"multitask-s{seed}", "multitask@1", replay_ratio=0.0, steps=settings["steps"] * len(order))
+            out[method] = {"versions": [done.version.ref], "cost": _cost(reg, [done])}
+            log(f"seed {seed}: multitask -> {done.version.ref} ({done.metrics['wall_s']:.0f} s)")
+            continue
+        adapter = f"{method}-s{seed}"
+        folder = export_version(reg, first.version.ref, Path(tempfile.mkdtemp()) / "first", card=False)
+        copy = reg.import_adapter(adapter, folder, base, data=[f"{order[0]}@1"], parents=[first.version.ref], relation="import",
+                                  description=f"{first.version.ref}, the sequence's shared first step")
+        versions, runs, prev = [copy.ref], [first], copy.ref
+        for task in order[1:]:
+            done = train(adapter, f"{task}@1", from_ref=prev, **METHODS[method])
+            versions.append(done.version.ref)
+            runs.append(done)
+            prev = done.version.ref
+        out[method] = {"versions": versions, "cost": _cost(reg, runs)}
+        log(f"seed {seed}: {method} -> {', '.join(versions)} ({out[method]['cost']['train_s']:.0f} s)")
+    return out
+
+
+def _cost(reg, runs) -> dict:
+    final = reg.get_version(runs[-1].version.ref)
+    return {"train_s": sum(r.metrics["wall_s"] for r in runs), "peak_mb": max(r.metrics["peak_memory_mb"] for r in runs),
+            "stored_kb": 4 * final.n_params / 1024, "rank": final.rank}
+
+
+def score(reg, models: list[str], suites: list[str], log) -> dict[tuple[str, str], float]:
+    """choice_accuracy of every model on every suite: the distinct weights first (a copy of
+    the first step is scored once), then every name, read back from the stored results."""
+    from portfolio.suites.run import run_suites
+
+    seen, distinct = set(), []
+    for m in models:
+        key = m if m.startswith("base:") else reg.get_version(m).artifact_digest
+        if key not in seen:
+            seen.add(key)
+            distinct.append(m)
+    start = time.perf_counter()
+    run_suites(reg, distinct, suites, log=lambda *_: None)
+    log(f"scored {len(distinct)} models on {len(suites)} suites in {time.perf_counter() - start:.0f} s")
+    return {(s.model, s.suite.rpartition("@")[0]): s.metrics["overall"]["choice_accuracy"]
+            for s in run_suites(reg, models, suites, log=lambda *_: None)}
+
+
+def stats(versions: list[str], order: list[str], acc: dict, base_acc: dict) -> dict:
+    """ACC, BWT, FWT and the matrix of one method in one seed."""
+    from portfolio.evaluation.continual import average_accuracy, backward_transfer, forward_transfer
+
+    R = {v: {t: acc[(v, t)] for t in order} for v in versions}
+    tasks = dict(zip(versions, order))
+    return {"matrix": [[R[v][t] for t in order] for v in versions], "acc": average_accuracy(R, versions, tasks),
+            "bwt": backward_transfer(R, versions, tasks, "accuracy"),
+            "fwt": forward_transfer(R, versions, tasks, base_acc, "accuracy")}
+
+
+def summarise(per_seed: dict, order: list[str], acc: dict, base: str) -> dict:
+    """Per method: ACC/BWT/FWT per seed, their mean and min–max, the mean matrix, the cost."""
+    base_acc = {t: acc[(f"base:{base}", t)] for t in order}
+    out = {"base": {"per_task": base_acc, "acc": statistics.mean(base_acc.values())}, "methods": {}}
+    methods = list(next(iter(per_seed.values())))
+    for method in methods:
+        rows = []
+        for seed, runs in per_seed.items():
+            versions = runs[method]["versions"]
+            if method == "multitask":
+                final = [acc[(versions[0], t)] for t in order]
+                rows.append({"matrix": [final], "acc": statistics.mean(final), "bwt": None, "fwt": None})
+            else:
+                rows.append(stats(versions, order, acc, base_acc))
+        entry = {"seeds": rows, "cost": {k: statistics.mean(r[method]["cost"][k] for r in per_seed.values())
+                                         for k in ("train_s", "peak_mb", "stored_kb", "rank")}}
+        for key in ("acc", "bwt", "fwt"):
+            values = [r[key] for r in rows if r[key] is not None]
+            entry[key] = (statistics.mean(values), min(values), max(values)) if values else None
+        size = len(rows[0]["matrix"])
+        entry["matrix"] = [[statistics.mean(r["matrix"][i][j] for r in rows) for j in range(len(order))] for i in range(size)]
+        out["methods"][method] = entry
+    return out
+
+
+def _pm(value, scale: float = 100.0) -> str:
+    if value is None:
+        return "–"
+    mean, lo, hi = value
+    return f"{scale * mean:+.1f} [{scale * lo:+.1f}, {scale * hi:+.1f}]" if lo != hi else f"{scale * mean:+.1f}"
+
+
+def tables(summary: dict, order: list[str], seeds: list[int], command: str) -> str:
+    """The markdown tables: ACC/BWT/FWT and cost per method, then each method's matrix."""
+    lines = [f"`{command}` — {len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}); "
+             "accuracy in points (choice accuracy × 100), mean [min, max] over seeds.", "",
+             "| method | ACC | BWT | FWT | train s | peak MB | stored KB | rank |", "|---|---|---|---|---|---|---|---|",
+             f"| zero-shot base | {100 * summary['base']['acc']:.1f} | – | – | – | – | – | – |"]
+    for method, m in summary["methods"].items():
+        acc = m["acc"]
+        acc_text = f"{100 * acc[0]:.1f}" + (f" [{100 * acc[1]:.1f}, {100 * acc[2]:.1f}]" if acc[1] != acc[2] else "")
+        c = m["cost"]
+        lines.append(f"| {method} | {acc_text} | {_pm(m['bwt'])} | {_pm(m['fwt'])} | {c['train_s']:.0f} | {c['peak_mb']:,.0f} | "
+                     f"{c['stored_kb']:,.0f} | {c['rank']:.0f} |")
+    lines += ["", "Accuracy matrices (mean over seeds; row: after training on that task, column: task):", ""]
+    for method, m in summary["methods"].items():
+        lines += [f"**{method}**", "", "| after | " + " | ".join(order) + " |", "|---|" + "---|" * len(order)]
+        labels = ["all tasks"] if method == "multitask" else order
+        lines += [f"| {label} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |" for label, row in zip(labels, m["matrix"])]
+        lines.append("")
+    lines += ["**zero-shot base**", "", "| | " + " | ".join(order) + " |", "|---|" + "---|" * len(order),
+              "| base | " + " | ".join(f"{100 * summary['base']['per_task'][t]:.1f}" for t in order) + " |"]
+    return "\n".join(lines)
+
+
+def plot(summary: dict, order: list[str], path: Path) -> None:
+    """One heat map per method (the mean accuracy matrix)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in summary["methods"] if m != "multitask"]
+    cols = min(4, len(methods))
+    rows = (len(methods) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, method in zip(axes.flat, methods):
+        m = summary["methods"][method]
+        ax.imshow([[100 * v for v in row] for row in m["matrix"]], vmin=0, vmax=100, cmap="viridis")
+        for i, row in enumerate(m["matrix"]):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=8, color="white")
+        ax.set_xticks(range(len(order)), order, fontsize=7)
+        ax.set_yticks(range(len(order)), order, fontsize=7)
+        bwt = m["bwt"][0] if m["bwt"] else 0.0
+        ax.set_title(f"{method}\nACC {100 * m['acc'][0]:.1f}, BWT {100 * bwt:+.1f}", fontsize=9)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
+    fig.suptitle("accuracy after each task (rows) on each task (columns)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=Path, required=True)
+    parser.add_argument("--order", default="sst2,qqp,mnli,boolq")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--methods", default="naive,replay-5,replay-10-kl,replay-20,olora,multitask")
+    parser.add_argument("--base", default="smollm2-135m", help="A model folder, or a base portfolio knows by name.")
+    parser.add_argument("--steps", type=int, default=60, help="Training steps per task.")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--rows", type=int, default=None, help="Only the first N training rows of each task.")
+    parser.add_argument("--cases", type=int, default=None, help="Only the first N suite cases of each task.")
+    parser.add_argument("--out", type=Path, default=ROOT / "build" / "clbench")
+    parser.add_argument("--docs", action="store_true", help="Also write docs/continual-benchmark.md and docs/img/continual-benchmark.png.")
+    args = parser.parse_args(argv)
+    order = [t for t in args.order.split(",") if t]
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise BenchmarkError(f"--methods {','.join(unknown)}: choose from {', '.join(METHODS)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        raise BenchmarkError(f"--seeds {args.seeds!r}: give whole numbers, e.g. 0,1,2") from None
+    if len(order) < 2:
+        raise BenchmarkError("--order needs at least two tasks: a sequence of one has nothing to forget")
+    check_tasks(args.tasks, order)
+
+    from portfolio.cli._base import quiet_libraries
+
+    quiet_libraries()
+    args.out.mkdir(parents=True, exist_ok=True)
+    tasks = slice_tasks(args.tasks, order, args.out / "tasks", args.rows, args.cases)
+    start = time.perf_counter()
+    reg, base = setup(args.out, tasks, order, args.base)
+    settings = {"steps": args.steps, "rank": args.rank, "lr": args.lr, "batch_size": args.batch_size, "seq_len": args.seq_len}
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    per_seed = {seed: run_seed(reg, base, order, methods, seed, settings, log) for seed in seeds}
+    models = [f"base:{base}"] + [v for runs in per_seed.values() for m in runs.values() for v in m["versions"]]
+    acc = score(reg, models, [f"{t}@1" for t in order], log)
+    summary = summarise(per_seed, order, acc, base)
+    command = "python bench/continual.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = tables(summary, order, seeds, command) + f"\n\nWall time {(time.perf_counter() - start) / 60:.1f} min."
+    (args.out / "results.json").write_text(json.dumps({"summary": summary, "runs": {str(k): v for k, v in per_seed.items()}},
+                                                      indent=1) + "\n")
+    (args.out / "results.md").write_text(text + "\n")
+    plot(summary, order, args.out / "matrices.png")
+    print("\n" + text)
+    print(f"\nregistry: portfolio --db sqlite:///{args.out / 'registry.db'} --store {args.out / 'store'} matrix --metric choice_accuracy")
+    if args.docs:
+        (ROOT / "docs" / "continual-benchmark.md").write_text(f"<!-- written by `{command}` -->\n\n" + text + "\n")
+        shutil.copyfile(args.out / "matrices.png", ROOT / "docs" / "img" / "continual-benchmark.png")
+    reg.close()

@@ -1,0 +1,108 @@
+"""The continual-learning benchmark mode (`bench/continual.py --tasks DIR`) end to end on the
+tiny model: two synthetic choice tasks of 20 rows, every method's versions registered with
+their lineage, scored in one pass, the accuracy matrix, ACC/BWT/FWT and the cost table, and
+`portfolio matrix --metric choice_accuracy` showing the same numbers; bad task folders refused
+with one error line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["alpha", "bravo", "delta", "kilo", "lima", "oscar", "tango", "zulu", "echo", "golf"]
+
+
+def _task(folder: Path, name: str, labels: tuple[str, str], rows: int = 20) -> None:
+    """A two-label task: the label is a function of the word, so it can be learnt."""
+    train, suite = [], []
+    for i in range(rows):
+        word = WORDS[i % len(WORDS)] + str(i)
+        label = labels[i % 2]
+        prompt = f"Task {name}. Word: {word}. Answer {labels[0]} or {labels[1]}."
+        train.append({"prompt": prompt, "completion": label})
+        suite.append({"id": f"{name}-{i}", "prompt": prompt, "slice": {"task": name},
+                      "checks": [{"kind": "choice", "options": list(labels), "answer": label}]})
+    (folder / f"{name}.train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (folder / f"{name}.suite.jsonl").write_text("".join(json.dumps(r) + "\n" for r in suite))
+
+
+def bench(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "continual.py"), *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=cwd)
+
+
+def test_the_benchmark_mode_runs_end_to_end_on_two_tasks(tmp_path, tiny_base):
+    import time
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _task(tasks, "colours", ("Red", "Blue"))
+    _task(tasks, "shapes", ("Round", "Square"))
+    out = tmp_path / "out"
+    start = time.time()
+    done = bench("--tasks", tasks, "--order", "colours,shapes", "--seeds", "0,1", "--methods", "naive,replay-10-kl,olora,multitask",
+                 "--base", tiny_base, "--steps", "3", "--batch-size", "4", "--seq-len", "48", "--rank", "4", "--out", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert time.time() - start < 180  # (under a minute on an idle machine; CI shares its cores)
+    text = done.stdout
+    for needle in ("| method | ACC | BWT | FWT | train s | peak MB | stored KB | rank |", "| zero-shot base |", "| naive |",
+                   "| olora |", "| multitask |", "**replay-10-kl**", "scored "):
+        assert needle in text, needle
+    assert (out / "matrices.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    naive = summary["methods"]["naive"]
+    assert len(naive["seeds"]) == 2 and len(naive["matrix"]) == 2 and len(naive["matrix"][0]) == 2
+    # BWT from the matrix: final accuracy on task 1 minus accuracy right after task 1
+    for seed in naive["seeds"]:
+        assert seed["bwt"] == pytest.approx(seed["matrix"][1][0] - seed["matrix"][0][0])
+        assert seed["acc"] == pytest.approx(sum(seed["matrix"][1]) / 2)
+    assert summary["methods"]["olora"]["cost"]["rank"] == 8  # 4 kept + 4 new
+    # the registry holds every version with its lineage, and `portfolio matrix` shows the same numbers
+    from portfolio import Registry
+
+    reg = Registry.open(f"sqlite:///{out / 'registry.db'}", out / "store")
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    v1, v2 = runs["0"]["naive"]["versions"]
+    assert [p.relation for p in reg.lineage(v1).parents if p.child == v1] == ["import"]
+    assert {(d.snapshot, d.role) for d in reg.lineage(v2).data if d.version == v2} == {("shapes@1", "train")}
+    olora = runs["0"]["olora"]["versions"][-1]
+    assert reg.lineage(olora).parents[0].recipe["orthogonal"] == 0.5
+    reg.close()
+    shown = subprocess.run([sys.executable, "-m", "portfolio", "--db", f"sqlite:///{out / 'registry.db'}", "--store", str(out / "store"),
+                            "matrix", "--metric", "choice_accuracy", "--json"], capture_output=True, text=True,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert shown.returncode == 0, shown.stderr
+    shown = json.loads(shown.stdout)
+    cells = {(c["model"], c["snapshot"]): c["value"] for c in shown["values"]}
+    assert cells[(v2, "colours@1")] == pytest.approx(naive["seeds"][0]["matrix"][1][0])
+    [cl] = [c for c in shown["continual"] if c["adapter"] == "naive-s0"]
+    assert (cl["acc"], cl["bwt"]) == (pytest.approx(naive["seeds"][0]["acc"]), pytest.approx(naive["seeds"][0]["bwt"]))
+    assert cl["fwt"] == pytest.approx(naive["seeds"][0]["fwt"])
+
+
+def test_bad_task_folders_are_refused_with_one_error_line(tmp_path, tiny_base):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _task(tasks, "colours", ("Red", "Blue"), rows=4)
+    _task(tasks, "shapes", ("Round", "Square"), rows=4)
+    common = ["--base", tiny_base, "--steps", "1", "--out", tmp_path / "out"]
+    missing = bench("--tasks", tasks, "--order", "colours,sizes", *common)
+    assert missing.returncode == 1 and missing.stderr.strip() == \
+        f"error: --order names sizes, not a task of {tasks} (it has colours, shapes)"
+    (tasks / "shapes.suite.jsonl").unlink()
+    no_suite = bench("--tasks", tasks, "--order", "colours,shapes", *common)
+    assert no_suite.returncode == 1 and no_suite.stderr.startswith("error: task shapes has no suite")
+    _task(tasks, "shapes", ("Round", "Square"), rows=4)
+    lines = (tasks / "shapes.suite.jsonl").read_text().splitlines()
+    case = json.loads(lines[1])
+    case["checks"] = [{"kind": "contains", "text": "Round"}]
+    lines[1] = json.dumps(case)
+    (tasks / "shapes.suite.jsonl").write_text("\n".join(lines) + "\n")
+    not_choice = bench("--tasks", tasks, "--order", "colours,shapes", *common)
+    assert not_choice.returncode == 1 and not_choice.stderr.startswith("error: ") and "line 2: a contains case" in not_choice.stderr
+    assert len(not_choice.stderr.strip().splitlines()) == 1
