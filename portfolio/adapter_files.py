@@ -145,15 +145,21 @@ def read_lora_folder(path: str | os.PathLike) -> LoraFolder:
         raise InvalidAdapter(f"{path / WEIGHTS_FILE}: cannot read ({exc})") from None
     if not halves:
         raise InvalidAdapter(f"{path / WEIGHTS_FILE} holds no LoRA tensors")
-    modules: dict[str, tuple[int, int, int]] = {}
     unprefixed = [m for m in halves if not m.startswith(PREFIX)]
     if unprefixed:
         raise InvalidAdapter(
             f"{path}: tensor names must start with PEFT's {PREFIX!r} (e.g. {unprefixed[0]!r} does not); "
             "PEFT would load the folder silently without them; re-save with save_pretrained"
         )
-    halves = {m[len(PREFIX):]: parts for m, parts in halves.items()}
-    dora = bool(config.get("use_dora"))
+    modules = _module_shapes(path, {m[len(PREFIX):]: parts for m, parts in halves.items()}, bool(config.get("use_dora")))
+    _check_config_matches(cfg_path, config, modules)
+    return LoraFolder(path=path, config=config, modules=modules)
+
+
+def _module_shapes(path: Path, halves: dict[str, dict[str, tuple[int, ...]]], dora: bool) -> dict[str, tuple[int, int, int]]:
+    """(rank, in, out) per module from its tensors' shapes: A [r, in] and B [out, r] with the
+    same r, and for DoRA (only then) a magnitude vector [out]."""
+    modules: dict[str, tuple[int, int, int]] = {}
     for module, parts in sorted(halves.items()):
         if not {"A", "B"} <= set(parts):
             missing = "lora_B" if "A" in parts else "lora_A"
@@ -171,9 +177,7 @@ def read_lora_folder(path: str | os.PathLike) -> LoraFolder:
         if dora and tuple(parts["M"]) != (b[0],):
             raise InvalidAdapter(f"{path}: module {module}'s lora_magnitude_vector is {list(parts['M'])}; expected [{b[0]}] (one per output)")
         modules[module] = (a[0], a[1], b[0])
-    _check_config_matches(cfg_path, config, modules)
-    return LoraFolder(path=path, config=config, modules=modules)
-
+    return modules
 
 def _check_tensor(path: Path, key: str, tensor: Any) -> None:
     import torch

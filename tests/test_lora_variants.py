@@ -137,7 +137,7 @@ def test_pissa_and_olora_are_saved_as_a_plain_lora_with_the_trained_outputs(trai
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    from portfolio.training.train import _fresh_adapter, _save_adapter
+    from portfolio.training.model import fresh_adapter as _fresh_adapter, save_adapter as _save_adapter
 
     cfg = TrainConfig(**{**FAST, "adapter": "x", "data": "d@1", "rank": 4, "alpha": 4.0, "targets": ["q_proj", "v_proj"], "init": init})
     model = _fresh_adapter(LlamaForCausalLM.from_pretrained(tiny_base), cfg, tmp_path, torch.device("cpu"), None, 0)

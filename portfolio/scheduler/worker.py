@@ -152,7 +152,6 @@ class Worker:
         from portfolio.evaluation.promote import describe_failure, promote, revalidate
         from portfolio.training.config import TrainConfig
         from portfolio.training.train import train_adapter
-        from portfolio.training.tune import tune_adapter
 
         reg = self.registry
         with reg.transaction() as session:
@@ -173,15 +172,7 @@ class Worker:
             self.log(f"[{self.name}] job {job_id} {s['adapter']}: {line}")
 
         # 1. the fresh files, exactly as hashed when queued
-        from portfolio.store.digests import sha256_file
-
-        for path in files:
-            rel = path.relative_to(s["watch_dir"]).as_posix()
-            if not path.is_file() or sha256_file(path) != expected[rel]:
-                raise PortfolioError(f"{path} changed or vanished since it was queued; the next scan will queue its new content")
-        snapshot, created = reg.data.add(s["dataset"], files, s["domain"], source=f"watch:{s['watch_dir']}")
-        step(f"snapshot {snapshot.ref} ({snapshot.row_count} rows, sha256 {snapshot.sha256[:12]})"
-             + ("" if created else " (already registered by an earlier attempt)"), snapshot=snapshot.ref)
+        snapshot = _snapshot(reg, s, files, expected, step)
 
         # 2. revalidate what is deployed
         alias = s["promote_alias"]
@@ -212,13 +203,7 @@ class Worker:
                                         should_stop=lambda: self.stop_requested).version.ref
         if version is None and tune is not None and (result.get("tuning") or not _has_versions(reg, s["adapter"])):
             # the first cycle: choose the rank by evidence (`portfolio tune`), then promote the pick
-            step(f"tuning {s['adapter']} on {snapshot.ref} over ranks {','.join(map(str, tune['ranks']))} "
-                 f"({','.join(tune['variants'])})", tuning=True)
-            tuned = tune_adapter(reg, s["adapter"], snapshot.ref, ranks=tune["ranks"], variants=tune["variants"],
-                                 budget_steps=tune.get("budget_steps") or settings.get("steps"), base=s["base"],
-                                 alias=alias or "production", train_settings=settings, log=lambda *_: None)
-            step(f"tune run {tuned.run_id}: " + (f"picked {tuned.pick}" if tuned.pick else "no pick") + f" ({tuned.reason})",
-                 tune_run=tuned.run_id)
+            tuned = _tune_first(reg, s, snapshot.ref, tune, settings, alias, step)
             if tuned.pick is None:
                 return f"tuned {len(tuned.candidates)} candidates: no pick ({tuned.reason})"
             version = tuned.pick
@@ -241,6 +226,34 @@ class Worker:
         reasons = "; ".join(describe_failure(c) for c in outcome.failed)
         step(f"{version} failed its gates: {reasons}; {alias} stays at {outcome.incumbent}", promoted=False, gate_failures=reasons)
         return f"{version} kept as a candidate: gates failed ({reasons})"
+
+
+def _snapshot(reg, s: dict[str, Any], files: list[Path], expected: dict[str, str], step):
+    """The job's files as a snapshot, each checked against the sha256 it was queued with."""
+    from portfolio.store.digests import sha256_file
+
+    for path in files:
+        rel = path.relative_to(s["watch_dir"]).as_posix()
+        if not path.is_file() or sha256_file(path) != expected[rel]:
+            raise PortfolioError(f"{path} changed or vanished since it was queued; the next scan will queue its new content")
+    snapshot, created = reg.data.add(s["dataset"], files, s["domain"], source=f"watch:{s['watch_dir']}")
+    step(f"snapshot {snapshot.ref} ({snapshot.row_count} rows, sha256 {snapshot.sha256[:12]})"
+         + ("" if created else " (already registered by an earlier attempt)"), snapshot=snapshot.ref)
+    return snapshot
+
+
+def _tune_first(reg, s: dict[str, Any], snapshot: str, tune: dict[str, Any], settings: dict[str, Any], alias: str | None, step):
+    """A schedule's first cycle with ``--tune-ranks``: `tune_adapter` over its settings."""
+    from portfolio.training.tune import tune_adapter
+
+    step(f"tuning {s['adapter']} on {snapshot} over ranks {','.join(map(str, tune['ranks']))} ({','.join(tune['variants'])})",
+         tuning=True)
+    tuned = tune_adapter(reg, s["adapter"], snapshot, ranks=tune["ranks"], variants=tune["variants"],
+                         budget_steps=tune.get("budget_steps") or settings.get("steps"), base=s["base"],
+                         alias=alias or "production", train_settings=settings, log=lambda *_: None)
+    step(f"tune run {tuned.run_id}: " + (f"picked {tuned.pick}" if tuned.pick else "no pick") + f" ({tuned.reason})",
+         tune_run=tuned.run_id)
+    return tuned
 
 
 def _has_versions(registry, adapter: str) -> bool:

@@ -25,6 +25,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")  # the base's weights while 
 # of the base while training, so the result is stored converted to a plain LoRA of rank 2r;
 # eva starts A from the principal directions of the layer inputs on the training data
 INITS = ("default", "gaussian", "pissa", "olora", "eva")
+# inits that train over a changed base (the principal part of each weight moved into the
+# adapter); saved through PEFT's conversion to a plain LoRA of rank 2r over the original base
+MOVES_BASE = ("pissa", "olora")
 
 
 # More steps than any run on one adapter needs (10M steps of batch 8 is 80M sequences): a
