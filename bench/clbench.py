@@ -197,6 +197,85 @@ def summarise(per_seed: dict, order: list[str], acc: dict, base: str) -> dict:
     return out
 
 
+def split_suites(reg, tasks: Path, order: list[str], out: Path) -> None:
+    """Each task's suite halved: ``TASK-gate`` (even cases: what the gates see) and
+    ``TASK-heldout`` (odd cases: what forgetting is measured on, never shown to a gate)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for task in order:
+        lines = (tasks / f"{task}.suite.jsonl").read_text().splitlines(keepends=True)
+        for half, part in (("gate", lines[0::2]), ("heldout", lines[1::2])):
+            (out / f"{task}-{half}.suite.jsonl").write_text("".join(part))
+            reg.suites.add(f"{task}-{half}", out / f"{task}-{half}.suite.jsonl")
+
+
+def run_gated(reg, base: str, tasks: Path, order: list[str], method: str, seed: int, settings: dict, out: Path, log,
+              max_pass_drop: float = 0.05, forgot_below: float = -0.01) -> list[dict]:
+    """The scheduler over the tasks as weekly drops (one task a week, into a watched folder),
+    with ``method``'s replay settings and a gate policy whose suite criteria cover every
+    earlier task's gate half (a pass rate at most ``max_pass_drop`` below the incumbent's).
+    Each week's candidate is then measured on the earlier tasks' held-out halves against the
+    incumbent it was gated against: it forgot when that BWT is below ``forgot_below``."""
+    import time as _time
+
+    from portfolio.scheduler import jobs
+    from portfolio.scheduler.schedules import add_schedule
+    from portfolio.scheduler.worker import Worker
+    from portfolio.suites.run import run_suites
+
+    adapter, watch = f"gated-{method}-s{seed}", out / f"watch-{method}-s{seed}"
+    watch.mkdir(parents=True, exist_ok=True)
+    train = {k: v for k, v in {**settings, **METHODS[method]}.items() if k in ("steps", "batch_size", "seq_len", "lr", "replay_ratio",
+                                                                              "kl_weight")}
+    add_schedule(reg, adapter, str(watch), every="1s", base=base, settings={**train, "seed": seed}, promote_alias="production")
+    worker = Worker(reg, "bench", log=lambda *_: None)
+    weeks = []
+    for week, task in enumerate(order, start=1):
+        earlier = order[: week - 1]
+        if earlier:
+            reg.gates.set(adapter, suite_criteria={"suites": [f"{t}-gate@1" for t in earlier], "max_pass_regression": max_pass_drop,
+                                                   "critical_must_pass": False})
+        try:
+            incumbent = reg.get_version(f"{adapter}@production").ref
+        except Exception:
+            incumbent = f"base:{base}"
+        shutil.copyfile(tasks / f"{task}.train.jsonl", watch / f"week{week}-{task}.jsonl")
+        _time.sleep(1.1)
+        jobs.enqueue_due(reg)
+        worker.run(once=True)
+        job = jobs.list_jobs(reg, schedule=adapter, limit=1)[0]  # this week's (newest first)
+        if job["state"] != "succeeded":
+            raise BenchmarkError(f"the scheduler's job {job['id']} for week {week} ended {job['state']}: {job.get('error')}")
+        result = job["result"]
+        candidate = result.get("version")
+        entry = {"week": week, "task": task, "incumbent": incumbent, "candidate": candidate, "promoted": bool(result.get("promoted", week == 1)),
+                 "why": result.get("gate_failures", "")}
+        if earlier and candidate:
+            scores = {(x.model, x.suite.rpartition("@")[0]): x.metrics["overall"]["choice_accuracy"]
+                      for x in run_suites(reg, [candidate, incumbent], [f"{t}-heldout@1" for t in earlier], log=lambda *_: None)}
+            entry["bwt"] = statistics.mean(scores[(candidate, f"{t}-heldout")] - scores[(incumbent, f"{t}-heldout")] for t in earlier)
+            entry["forgot"] = entry["bwt"] < forgot_below
+        weeks.append(entry)
+        log(f"gates, week {week} ({task}): {candidate} " + ("promoted" if entry["promoted"] else "refused")
+            + (f", held-out BWT {100 * entry['bwt']:+.1f} points" if "bwt" in entry else ""))
+    return weeks
+
+
+def confusion(weeks: list[dict]) -> str:
+    """Gate decision × measured forgetting over every gated week (week 1 has no earlier task)."""
+    judged = [w for w in weeks if "forgot" in w]
+    count = {(p, f): sum(1 for w in judged if w["promoted"] == p and w["forgot"] == f) for p in (True, False) for f in (True, False)}
+    lines = ["| gate decision | forgot (held-out BWT < −1 point) | kept |", "|---|---|---|",
+             f"| refused | {count[(False, True)]} | {count[(False, False)]} |", f"| promoted | {count[(True, True)]} | {count[(True, False)]} |",
+             "", "| week | task | candidate | vs | decision | held-out BWT | why refused |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {w['week']} | {w['task']} | {w['candidate']} | {w['incumbent']} | {'promoted' if w['promoted'] else 'refused'} | "
+              f"{_points(w.get('bwt'))} | {(w['why'] or '')[:120]} |" for w in weeks]
+    return "\n".join(lines)
+
+
+def _points(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:+.1f}"
+
+
 def _pm(value, scale: float = 100.0) -> str:
     if value is None:
         return "–"
@@ -271,11 +350,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=None, help="Only the first N training rows of each task.")
     parser.add_argument("--cases", type=int, default=None, help="Only the first N suite cases of each task.")
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "clbench")
+    parser.add_argument("--gates", default=None, metavar="METHOD",
+                        help="Also run the scheduler over the tasks as weekly drops with METHOD's settings and suite gates on "
+                             "every earlier task; report gate decisions against held-out forgetting.")
     parser.add_argument("--docs", action="store_true", help="Also write docs/continual-benchmark.md and docs/img/continual-benchmark.png.")
     args = parser.parse_args(argv)
     order = [t for t in args.order.split(",") if t]
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods + ([args.gates] if args.gates else []) if m not in METHODS or (m == args.gates == "multitask")]
     if unknown:
         raise BenchmarkError(f"--methods {','.join(unknown)}: choose from {', '.join(METHODS)}")
     try:
@@ -300,9 +382,17 @@ def main(argv: list[str] | None = None) -> None:
     acc = score(reg, models, [f"{t}@1" for t in order], log)
     summary = summarise(per_seed, order, acc, base)
     command = "python bench/continual.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = tables(summary, order, seeds, command) + f"\n\nWall time {(time.perf_counter() - start) / 60:.1f} min."
-    (args.out / "results.json").write_text(json.dumps({"summary": summary, "runs": {str(k): v for k, v in per_seed.items()}},
-                                                      indent=1) + "\n")
+    text = tables(summary, order, seeds, command)
+    gated = {}
+    if args.gates:
+        split_suites(reg, tasks, order, args.out / "suites")
+        gated = {seed: run_gated(reg, base, tasks, order, args.gates, seed, settings, args.out, log) for seed in seeds}
+        text += (f"\n\n**Gates on the benchmark** (the scheduler, one task a week, {args.gates}'s settings; suite gates on "
+                 "the even cases of every earlier task, forgetting measured on the odd ones):\n\n"
+                 + confusion([w for weeks in gated.values() for w in weeks]))
+    text += f"\n\nWall time {(time.perf_counter() - start) / 60:.1f} min."
+    (args.out / "results.json").write_text(json.dumps({"summary": summary, "runs": {str(k): v for k, v in per_seed.items()},
+                                                       "gated": {str(k): v for k, v in gated.items()}}, indent=1) + "\n")
     (args.out / "results.md").write_text(text + "\n")
     plot(summary, order, args.out / "matrices.png")
     print("\n" + text)

@@ -208,6 +208,9 @@ class Worker:
                 return f"tuned {len(tuned.candidates)} candidates: no pick ({tuned.reason})"
             version = tuned.pick
         if version is None:
+            if not _has_versions(reg, s["adapter"]):
+                # a schedule's --kl-weight is for the cycles that replay; its first has nothing to replay
+                settings = {**settings, "kl_weight": None}
             cfg = TrainConfig(adapter=s["adapter"], data=snapshot.ref, base=s["base"], from_ref=parent, **settings)
             out = train_adapter(reg, cfg, log=lambda *_: None, progress=False, should_stop=lambda: self.stop_requested,
                                 on_run=lambda rid: jobs.note(reg, job_id, f"training run {rid} started", run_id=rid))

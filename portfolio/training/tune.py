@@ -195,8 +195,10 @@ def tune_adapter(registry, adapter: str, data: str, *, ranks: list[int] | str, v
         for i, (rank, variant) in enumerate(settings, start=1):
             label = f"r{rank} {variant}"
             log(f"tune: {i}/{len(settings)} {label}")
+            # with nothing to replay (a new adapter) an explicit KL weight has nothing to act on
+            settings_here = {**extra, "kl_weight": None} if not replay else extra
             cfg = TrainConfig(adapter=adapter, data=snapshot.ref, base=base_name, from_ref=f"base:{base_name}", rank=rank,
-                              steps=budget_steps, replay_from=replay, device=device, **VARIANTS[variant], **extra)
+                              steps=budget_steps, replay_from=replay, device=device, **VARIANTS[variant], **settings_here)
             out = train_adapter(registry, cfg, log=lambda m: None, progress=progress)
             version = registry.tag(out.version.ref, {"tune": str(run.id), "tune_setting": label.replace(" ", "-")})
             candidates.append(Candidate(label, rank, variant, version.ref, version.n_params))
