@@ -24,6 +24,9 @@ from portfolio.errors import IncompatibleAdapter, InvalidAdapter
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# inits whose saved factors only make sense over a base PEFT modified at init time; their
+# deterministic forms can be rebuilt and converted to a plain LoRA (`portfolio.convert`)
+MOVED_BASE_INITS = ("pissa", "olora")
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,12 @@ def read_lora_folder(path: str | os.PathLike) -> LoraFolder:
         raise InvalidAdapter(f"{cfg_path}: holds a JSON {type(config).__name__}, not an object; is it PEFT's adapter_config.json?")
     if config.get("peft_type") != "LORA":
         raise InvalidAdapter(f"{cfg_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and (init in MOVED_BASE_INITS or init.startswith("pissa_niter") or init in ("corda", "loftq")):
+        raise InvalidAdapter(f"{cfg_path}: init_lora_weights is {init!r}: its factors are relative to a base whose weights PEFT "
+                             "changed when it initialised them, so over the real base they give wrong outputs; "
+                             + ("`portfolio adapter import` converts it to a plain LoRA (PEFT's conversion)" if init in MOVED_BASE_INITS
+                                else "save it with PEFT's path_initial_model_for_weight_conversion first"))
     if not _is_int(config.get("r")) or config["r"] < 1:
         raise InvalidAdapter(f"{cfg_path}: 'r' must be a positive integer, got {config.get('r')!r}")
     alpha = config.get("lora_alpha")

@@ -91,7 +91,7 @@ LAYERS = [
     ("foundation", ["portfolio.errors", "portfolio.store", "portfolio.data", "portfolio.policy", "portfolio.routing",
                     "portfolio.adapter_files", "portfolio.basemodel", "portfolio.webhook_http", "portfolio.web_guard"]),
     ("registry", ["portfolio.registry"]),
-    ("models", ["portfolio.runtime", "portfolio.mixed_batch", "portfolio.modeling", "portfolio.serving", "portfolio.compose", "portfolio.model_card",
+    ("models", ["portfolio.runtime", "portfolio.mixed_batch", "portfolio.convert", "portfolio.modeling", "portfolio.serving", "portfolio.compose", "portfolio.model_card",
                 "portfolio.export", "portfolio.gguf_lora", "portfolio.lineage_format"]),
     ("workflows", ["portfolio.evaluation", "portfolio.suites", "portfolio.training", "portfolio.engines"]),
     ("services", ["portfolio.scheduler", "portfolio.server", "portfolio.ui"]),

@@ -175,3 +175,35 @@ def test_variant_flags_are_refused_with_one_error_line(trainable, sqlite_url, st
     train(trainable, adapter="w", base="tiny", data="words@1", steps=2)
     with pytest.raises(InvalidTrainConfig, match="--init pissa moves the base's principal directions"):
         train(trainable, adapter="fresh", base="tiny", data="numbers@1", replay_from=["words@1"], init="pissa", steps=2)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_unconverted_pissa_folder_is_converted_on_import_and_refused_raw(trainable, tiny_base, tmp_path, sqlite_url, store_dir, init):
+    """PEFT saves PiSSA/OLoRA factors relative to the base it changed; PEFT itself reloads them
+    by changing the base again. Imported, they become the plain LoRA that gives the same
+    outputs over the real base; the raw folder is refused by the registry's own import."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from portfolio.errors import InvalidAdapter
+    from portfolio.export import export_version
+
+    torch.manual_seed(5)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_base),
+                           LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "raw")  # as trained, no conversion
+    ids = torch.randint(0, 1000, (2, 10))
+    peft_reloaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_base), tmp_path / "raw").eval()
+    with pytest.raises(InvalidAdapter, match=f"init_lora_weights is '{init}'.*`portfolio adapter import` converts it"):
+        trainable.import_adapter("raw", tmp_path / "raw", "tiny")
+    out = cli_invoker(sqlite_url, store_dir)("adapter", "import", "conv", str(tmp_path / "raw"), "--base", "tiny")
+    assert "converting to a plain LoRA of rank 8" in out.stderr and "imported conv@1" in out.stdout
+    version = trainable.get_version("conv@1")
+    assert version.rank == 8 and version.lora_config["init_lora_weights"] is True
+    plain = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_base),
+                                      export_version(trainable, "conv@1", tmp_path / "export", card=False)).eval()
+    assert torch.allclose(_logits(plain, ids), _logits(peft_reloaded, ids), atol=1e-4)

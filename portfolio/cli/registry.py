@@ -178,7 +178,10 @@ def adapter_group() -> None:
 def adapter_import(ctx: click.Context, name: str, folder: str, base: str, data: tuple[str, ...], domain: str | None,
                    description: str | None, parents: tuple[str, ...], relation: str) -> None:
     """Import a PEFT LoRA FOLDER as the next version of adapter NAME."""
-    v = _registry(ctx).import_adapter(name, folder, base, list(data), domain, description, list(parents), relation)
+    from portfolio.convert import import_peft_folder
+
+    v = import_peft_folder(_registry(ctx), name, folder, base, data=list(data), domain=domain, description=description,
+                           parents=list(parents), relation=relation, log=lambda m: click.echo(m, err=True))
     click.echo(f"imported {v.ref} [{v.status}]: {variant(v.lora_config)} r={v.rank} alpha={v.alpha:g} on {', '.join(v.target_modules)}, artifact {v.artifact_digest}")
 
 

@@ -176,12 +176,7 @@ class Worker:
 
         # 2. revalidate what is deployed
         alias = s["promote_alias"]
-        parent = None
-        if alias:
-            try:
-                parent = reg.get_version(f"{s['adapter']}@{alias}").ref
-            except NotFound:
-                parent = None
+        parent = _behind(reg, s["adapter"], alias)
         if parent:
             [r] = revalidate(reg, f"{s['adapter']}@{alias}", [snapshot.ref], seq_len=seq_len, log=lambda *_: None)
             step(f"revalidated {r.version} on {snapshot.ref}: {r.metric} {r.value:.4f} vs {r.baseline:.4f} at promotion "
@@ -229,6 +224,16 @@ class Worker:
         reasons = "; ".join(describe_failure(c) for c in outcome.failed)
         step(f"{version} failed its gates: {reasons}; {alias} stays at {outcome.incumbent}", promoted=False, gate_failures=reasons)
         return f"{version} kept as a candidate: gates failed ({reasons})"
+
+
+def _behind(reg, adapter: str, alias: str | None) -> str | None:
+    """The version ``adapter@alias`` points at, or None (no alias, or not set yet)."""
+    if not alias:
+        return None
+    try:
+        return reg.get_version(f"{adapter}@{alias}").ref
+    except NotFound:
+        return None
 
 
 def _snapshot(reg, s: dict[str, Any], files: list[Path], expected: dict[str, str], step):
