@@ -66,15 +66,24 @@ def check_tasks(folder: Path, order: list[str]) -> None:
                                      "choice cases only (one choice check over the task's labels)")
 
 
-def slice_tasks(folder: Path, order: list[str], out: Path, rows: int | None, cases: int | None) -> Path:
-    """The tasks, cut to their first ``rows`` training rows and ``cases`` suite cases."""
-    if rows is None and cases is None:
-        return folder
+def slice_tasks(folder: Path, order: list[str], out: Path, rows: int | None, cases: int | None, log) -> Path:
+    """The tasks as the benchmark uses them, copied into ``out``: the first ``rows`` training
+    rows and ``cases`` suite cases, without the cases whose answer is not one of their options
+    (GLUE's unlabelled MNLI pairs carry the label "-"; they are said, not scored)."""
     out.mkdir(parents=True, exist_ok=True)
     for task in order:
-        for kind, n in (("train", rows), ("suite", cases)):
-            lines = (folder / f"{task}.{kind}.jsonl").read_text().splitlines(keepends=True)
-            (out / f"{task}.{kind}.jsonl").write_text("".join(lines[:n] if n else lines))
+        lines = (folder / f"{task}.train.jsonl").read_text().splitlines(keepends=True)
+        (out / f"{task}.train.jsonl").write_text("".join(lines[:rows] if rows else lines))
+        kept, dropped = [], []
+        for line in (folder / f"{task}.suite.jsonl").read_text().splitlines(keepends=True):
+            if line.strip():
+                case = json.loads(line)
+                check = case["checks"][0]
+                (kept if check.get("answer") in check.get("options", []) or isinstance(check.get("answer"), int) else dropped).append(line)
+        if dropped:
+            log(f"{task}: left out {len(dropped)} suite case{'s' if len(dropped) > 1 else ''} whose answer is not one of their options "
+                f"({', '.join(json.loads(d).get('id', '?') for d in dropped[:5])})")
+        (out / f"{task}.suite.jsonl").write_text("".join(kept[:cases] if cases else kept))
     return out
 
 
@@ -336,6 +345,16 @@ def plot(summary: dict, order: list[str], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The benchmark mode's entry point: bad input and registry errors as one ``error:`` line."""
+    from portfolio.errors import PortfolioError
+
+    try:
+        run(argv)
+    except PortfolioError as exc:
+        raise BenchmarkError(str(exc).splitlines()[0]) from None
+
+
+def run(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=Path, required=True)
     parser.add_argument("--order", default="sst2,qqp,mnli,boolq")
@@ -372,11 +391,11 @@ def main(argv: list[str] | None = None) -> None:
 
     quiet_libraries()
     args.out.mkdir(parents=True, exist_ok=True)
-    tasks = slice_tasks(args.tasks, order, args.out / "tasks", args.rows, args.cases)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    tasks = slice_tasks(args.tasks, order, args.out / "tasks", args.rows, args.cases, log)
     start = time.perf_counter()
     reg, base = setup(args.out, tasks, order, args.base)
     settings = {"steps": args.steps, "rank": args.rank, "lr": args.lr, "batch_size": args.batch_size, "seq_len": args.seq_len}
-    log = lambda m: print(m, flush=True)  # noqa: E731
     per_seed = {seed: run_seed(reg, base, order, methods, seed, settings, log) for seed in seeds}
     models = [f"base:{base}"] + [v for runs in per_seed.values() for m in runs.values() for v in m["versions"]]
     acc = score(reg, models, [f"{t}@1" for t in order], log)
