@@ -60,7 +60,7 @@ def main() -> None:
     wall = time.time() - start
     db = f"sqlite:///{args.out / 'registry.db'}"
     table = subprocess.run([sys.executable, "-m", "portfolio", "--db", db, "--store", str(args.out / "store"), "tune", "study",
-                            "--data", "python-code@1", "--show", str(outcome.run_id)], capture_output=True, text=True)
+                            "--show", str(outcome.run_id)], capture_output=True, text=True)
     print(table.stdout, end="")
     path = ROOT / "docs" / "img" / "tune-front.png" if args.docs else args.out / "tune-front.png"
     plot_tune_front(outcome.to_dict(), path)

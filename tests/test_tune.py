@@ -73,7 +73,7 @@ def test_tune_from_the_cli_trains_tags_scores_draws_and_promotes(trainable, sqli
         assert setting in out.stdout
     assert (tmp_path / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     [tune_run] = [r for r in trainable.runs.list(adapter="w") if r.kind == "tune"]
-    stored = json.loads(run("tune", "w", "--data", "numbers@1", "--show", str(tune_run.id), "--json").stdout)
+    stored = json.loads(run("tune", "w", "--show", str(tune_run.id), "--json").stdout)
     refs = [c["ref"] for c in stored["candidates"]]
     assert len(refs) == 4 and stored["incumbent"] == "w@1"
     for ref, c in zip(refs, stored["candidates"]):
@@ -97,5 +97,7 @@ def test_tune_from_the_cli_trains_tags_scores_draws_and_promotes(trainable, sqli
     assert f'id="tune-{tune_run.id}"' in page.text and "<svg" in page.text
     bad = run("tune", "w", "--data", "numbers@1", "--ranks", "4,x", ok=False)
     assert bad.exit_code == 1 and bad.stderr.startswith("error: --ranks '4,x': give whole numbers")
+    bad = run("tune", "w", "--ranks", "4", ok=False)
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: give --data NAME@V")
     bad = run("tune", "new", "--data", "numbers@1", "--ranks", "4", ok=False)
     assert bad.exit_code == 1 and "is new: name its base model with --base" in bad.stderr

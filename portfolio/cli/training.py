@@ -83,7 +83,7 @@ def train(ctx: click.Context, adapter: str | None, base, data, from_ref, replay_
 
 @cli.command()
 @click.argument("adapter")
-@click.option("--data", required=True, metavar="NAME@V", help="Snapshot of the new data.")
+@click.option("--data", default=None, metavar="NAME@V", help="Snapshot of the new data (not with --show).")
 @click.option("--ranks", default="4,8,16,32", show_default=True, help="Ranks to try, comma-separated.")
 @click.option("--variants", default="lora", show_default=True, help="LoRA variants to try: lora, rslora, dora (comma-separated).")
 @click.option("--budget-steps", type=int, default=None, help="Steps per candidate (default: one epoch).")
@@ -111,6 +111,8 @@ def tune(ctx: click.Context, adapter, data, ranks, variants, budget_steps, base,
     reg = _registry(ctx)
     if show_run is not None:
         result = stored_tune(reg, show_run)
+    elif not data:
+        raise click.UsageError("give --data NAME@V (the new data to tune on), or --show RUN")
     else:
         outcome = tune_adapter(reg, adapter, data, ranks=ranks, variants=variants, budget_steps=budget_steps, base=base, alias=alias,
                                promote=promote_pick, device=device, progress=progress, log=lambda m: click.echo(m, err=True),
