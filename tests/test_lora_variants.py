@@ -207,3 +207,24 @@ def test_an_unconverted_pissa_folder_is_converted_on_import_and_refused_raw(trai
     plain = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_base),
                                       export_version(trainable, "conv@1", tmp_path / "export", card=False)).eval()
     assert torch.allclose(_logits(plain, ids), _logits(peft_reloaded, ids), atol=1e-4)
+
+
+@pytest.mark.parametrize("settings", [{"use_dora": True}, {"init": "pissa", "replay_ratio": 0.0}, {"init": "eva"}],
+                         ids=["dora", "pissa", "eva"])
+def test_an_interrupted_variant_run_resumes_to_the_same_weights(trainable, settings):
+    from portfolio.errors import InvalidState
+    from portfolio.training.train import train_adapter
+
+    common = dict(base="tiny", data="words@1", steps=8, seed=3, rank=4, checkpoint_every=2, **settings)
+    straight = train(trainable, adapter="s", **common)
+
+    def stop_at_5(step, _stats):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(InvalidState, match="--resume"):
+        train_adapter(trainable, TrainConfig(**{**FAST, "adapter": "r", **common}), log=quiet, progress=False, on_step=stop_at_5)
+    [run] = trainable.runs.list(adapter="r")
+    resumed = train_adapter(trainable, resume=run.id, log=quiet, progress=False)
+    a, b = weights(trainable, straight.version.ref), weights(trainable, resumed.version.ref)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
