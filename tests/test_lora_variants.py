@@ -3,17 +3,15 @@ reloaded in PEFT, scored in batches beside plain LoRA adapters, served, and refu
 and vLLM; PiSSA/OLoRA trained over the moved base and stored converted to a plain LoRA that
 gives the same outputs over the original base; EVA initialised from the data."""
 
-import json
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from portfolio.training.config import InvalidTrainConfig, TrainConfig
 from tests.conftest import cli_invoker
-from tests.test_training import FAST, quiet, train, weights
+from tests.test_training import FAST, quiet, straight_and_resumed, train, weights
 
 
 def _dora_folder(base_dir: Path, out: Path, seed: int = 3) -> Path:
@@ -212,19 +210,5 @@ def test_an_unconverted_pissa_folder_is_converted_on_import_and_refused_raw(trai
 @pytest.mark.parametrize("settings", [{"use_dora": True}, {"init": "pissa", "replay_ratio": 0.0}, {"init": "eva"}],
                          ids=["dora", "pissa", "eva"])
 def test_an_interrupted_variant_run_resumes_to_the_same_weights(trainable, settings):
-    from portfolio.errors import InvalidState
-    from portfolio.training.train import train_adapter
-
-    common = dict(base="tiny", data="words@1", steps=8, seed=3, rank=4, checkpoint_every=2, **settings)
-    straight = train(trainable, adapter="s", **common)
-
-    def stop_at_5(step, _stats):
-        if step == 5:
-            raise KeyboardInterrupt
-
-    with pytest.raises(InvalidState, match="--resume"):
-        train_adapter(trainable, TrainConfig(**{**FAST, "adapter": "r", **common}), log=quiet, progress=False, on_step=stop_at_5)
-    [run] = trainable.runs.list(adapter="r")
-    resumed = train_adapter(trainable, resume=run.id, log=quiet, progress=False)
-    a, b = weights(trainable, straight.version.ref), weights(trainable, resumed.version.ref)
+    a, b = straight_and_resumed(trainable, base="tiny", data="words@1", steps=8, seed=3, rank=4, checkpoint_every=2, **settings)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -36,6 +36,26 @@ def weights(reg, ref):
     return load_file(reg.store.verified_path(reg.get_version(ref).artifact_digest))
 
 
+def straight_and_resumed(reg, stop_at: int = 5, **settings):
+    """The stored weights of a run trained straight through and of the same run interrupted
+    (Ctrl-C) after step ``stop_at`` and resumed with `--resume`."""
+    import pytest
+
+    from portfolio.errors import InvalidState
+
+    straight = train(reg, adapter="straight", **settings)
+
+    def stop(step, _stats):
+        if step == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(InvalidState, match="--resume"):
+        train_adapter(reg, TrainConfig(**{**FAST, "adapter": "resumed", **settings}), log=quiet, progress=False, on_step=stop)
+    [run] = reg.runs.list(adapter="resumed")
+    resumed = train_adapter(reg, resume=run.id, log=quiet, progress=False)
+    return weights(reg, straight.version.ref), weights(reg, resumed.version.ref)
+
+
 def test_loss_falls_and_beats_the_base_on_held_out_rows(trainable):
     out = train(trainable, adapter="w", base="tiny", data="words@1", steps=30)
     curve = out.metrics["loss_curve"]

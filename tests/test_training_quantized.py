@@ -9,7 +9,7 @@ import torch
 
 from portfolio.training.config import InvalidTrainConfig, TrainConfig
 from tests.conftest import save_tiny_model
-from tests.test_training import FAST, quiet, train, weights
+from tests.test_training import straight_and_resumed, train, weights
 
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'portfolio[qlora]')")
 
@@ -51,21 +51,7 @@ def test_a_quantised_base_trains_a_float32_adapter_scored_on_the_float32_base(wi
 
 
 def test_an_interrupted_nf4_run_resumes_to_the_same_weights(wide):
-    from portfolio.errors import InvalidState
-    from portfolio.training.train import train_adapter
-
-    settings = dict(base="wide", data="words@1", steps=8, seed=1, quantize_base="nf4", checkpoint_every=2)
-    straight = train(wide, adapter="s", **settings)
-
-    def stop_at_5(step, _stats):
-        if step == 5:
-            raise KeyboardInterrupt
-
-    with pytest.raises(InvalidState, match="--resume"):
-        train_adapter(wide, TrainConfig(**{**FAST, "adapter": "r", **settings}), log=quiet, progress=False, on_step=stop_at_5)
-    [run] = wide.runs.list(adapter="r")
-    resumed = train_adapter(wide, resume=run.id, log=quiet, progress=False)
-    a, b = weights(wide, straight.version.ref), weights(wide, resumed.version.ref)
+    a, b = straight_and_resumed(wide, base="wide", data="words@1", steps=8, seed=1, quantize_base="nf4", checkpoint_every=2)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
