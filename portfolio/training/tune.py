@@ -131,8 +131,9 @@ def choose(candidates: list[Candidate], scores: dict[str, list[list[float]]], in
         c.gain = relative_improvement(value(c.ref, data), value(incumbent, data), metric)
         c.gain_ci = _interval(scores[(c.ref, data)], scores[(incumbent, data)], policy)
         if retention:
-            c.retention = min(relative_improvement(value(c.ref, r), value(incumbent, r), metric) for r in retention)
-            worst = min(retention, key=lambda r: relative_improvement(value(c.ref, r), value(incumbent, r), metric))
+            changes = {r: relative_improvement(value(c.ref, r), value(incumbent, r), metric) for r in retention}
+            worst = min(changes, key=changes.get)
+            c.retention = changes[worst]
             c.retention_ci = _interval(scores[(c.ref, worst)], scores[(incumbent, worst)], policy)
         targets = [data] + retention
         checks = check_gates(policy, [data], retention, {t: value(c.ref, t) for t in targets},
