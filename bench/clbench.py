@@ -87,12 +87,15 @@ def slice_tasks(folder: Path, order: list[str], out: Path, rows: int | None, cas
     return out
 
 
-def setup(out: Path, tasks: Path, order: list[str], base: str):
+def setup(out: Path, tasks: Path, order: list[str], base: str, resume: bool = False):
     """A fresh registry in OUT with the base, each task's snapshot and suite, and the union of
-    the tasks for the multitask bound."""
+    the tasks for the multitask bound; with ``resume``, OUT's registry as an earlier run left it."""
     from portfolio import Registry
 
-    for sub in ("registry.db", "store"):
+    if resume and (out / "registry.db").is_file():
+        reg = Registry.open(f"sqlite:///{out / 'registry.db'}", out / "store")
+        return reg, "base" if Path(base).is_dir() else base
+    for sub in ("registry.db", "store", "seeds.json"):
         path = out / sub
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     reg = Registry.open(f"sqlite:///{out / 'registry.db'}", out / "store")
@@ -109,9 +112,11 @@ def setup(out: Path, tasks: Path, order: list[str], base: str):
     return reg, base_name
 
 
-def run_seed(reg, base: str, order: list[str], methods: list[str], seed: int, settings: dict, log) -> dict:
-    """Every method's versions for one seed: {method: {"versions": [refs], "cost": {...}}}."""
+def run_seed(reg, base: str, order: list[str], methods: list[str], seed: int, settings: dict, log, first_ref: str | None = None) -> dict:
+    """Every method's versions for one seed: {method: {"versions": [refs], "cost": {...}}};
+    with ``first_ref`` (methods added to a recorded seed) its first step is reused."""
     import tempfile
+    from types import SimpleNamespace
 
     from portfolio.export import export_version
     from portfolio.training.config import TrainConfig
@@ -121,8 +126,12 @@ def run_seed(reg, base: str, order: list[str], methods: list[str], seed: int, se
         cfg = TrainConfig(adapter=adapter, data=data, base=base, from_ref=from_ref, seed=seed, **{**settings, **extra})
         return train_adapter(reg, cfg, log=lambda m: None, progress=False)
 
-    first = train(f"first-s{seed}", f"{order[0]}@1", replay_ratio=0.0)
-    log(f"seed {seed}: {first.version.ref} on {order[0]} ({first.metrics['wall_s']:.0f} s)")
+    if first_ref:
+        version = reg.get_version(first_ref)
+        first = SimpleNamespace(version=version, metrics=reg.runs.get(version.run_id).metrics)
+    else:
+        first = train(f"first-s{seed}", f"{order[0]}@1", replay_ratio=0.0)
+        log(f"seed {seed}: {first.version.ref} on {order[0]} ({first.metrics['wall_s']:.0f} s)")
     out = {}
     for method in methods:
         if method == "multitask":
@@ -144,6 +153,43 @@ def run_seed(reg, base: str, order: list[str], methods: list[str], seed: int, se
         out[method] = {"versions": versions, "cost": _cost(reg, runs)}
         log(f"seed {seed}: {method} -> {', '.join(versions)} ({out[method]['cost']['train_s']:.0f} s)")
     return out
+
+
+def run_seeds(reg, base: str, order: list[str], methods: list[str], seeds: list[int], settings: dict, record: Path,
+              log, train: bool = True) -> dict:
+    """`run_seed` for every seed, each recorded in ``record`` (and scored) as soon as it is
+    done, so that a run stopped midway resumes (``--resume``) at the first unfinished seed.
+    A recorded seed keeps its methods; only the asked-for methods it lacks are trained, from
+    its recorded first step. With ``train=False`` (``--render``) nothing is trained: each seed
+    gives the asked-for methods it has."""
+    done = {int(k): v for k, v in json.loads(record.read_text()).items()} if record.is_file() else {}
+    per_seed = {}
+    for seed in seeds:
+        have = done.get(seed, {})
+        missing = [m for m in methods if m not in have]
+        if missing and train:
+            first = _first_step(reg, have)
+            have.update(run_seed(reg, base, order, missing, seed, settings, log, first_ref=first))
+            done[seed] = have
+            score(reg, [f"base:{base}"] + [v for m in missing for v in have[m]["versions"]], [f"{t}@1" for t in order], log)
+            record.write_text(json.dumps({str(k): v for k, v in done.items()}, indent=1) + "\n")
+        elif have:
+            log(f"seed {seed}: {', '.join(m for m in methods if m in have)} kept from {record}")
+        if any(m in have for m in methods):
+            per_seed[seed] = {m: have[m] for m in methods if m in have}
+    if not per_seed:
+        raise BenchmarkError(f"{record} holds none of --methods {','.join(methods)} for --seeds {','.join(map(str, seeds))}; "
+                             "run without --render first")
+    return per_seed
+
+
+def _first_step(reg, have: dict) -> str | None:
+    """The first step a recorded seed's sequences share: the parent of their imported copy."""
+    for runs in have.values():
+        if len(runs["versions"]) > 1:
+            copy = runs["versions"][0]
+            return next(p.parent for p in reg.lineage(copy).parents if p.child == copy)
+    return None
 
 
 def _cost(reg, runs) -> dict:
@@ -185,18 +231,19 @@ def summarise(per_seed: dict, order: list[str], acc: dict, base: str) -> dict:
     """Per method: ACC/BWT/FWT per seed, their mean and min–max, the mean matrix, the cost."""
     base_acc = {t: acc[(f"base:{base}", t)] for t in order}
     out = {"base": {"per_task": base_acc, "acc": statistics.mean(base_acc.values())}, "methods": {}}
-    methods = list(next(iter(per_seed.values())))
+    methods = list(dict.fromkeys(m for runs in per_seed.values() for m in runs))
     for method in methods:
-        rows = []
-        for seed, runs in per_seed.items():
+        rows, seeds = [], [seed for seed, runs in per_seed.items() if method in runs]
+        for seed in seeds:
+            runs = per_seed[seed]
             versions = runs[method]["versions"]
             if method == "multitask":
                 final = [acc[(versions[0], t)] for t in order]
                 rows.append({"matrix": [final], "acc": statistics.mean(final), "bwt": None, "fwt": None})
             else:
                 rows.append(stats(versions, order, acc, base_acc))
-        entry = {"seeds": rows, "cost": {k: statistics.mean(r[method]["cost"][k] for r in per_seed.values())
-                                         for k in ("train_s", "peak_mb", "stored_kb", "rank")}}
+        entry = {"seeds": rows, "seed_ids": seeds, "cost": {k: statistics.mean(per_seed[x][method]["cost"][k] for x in seeds)
+                                                            for k in ("train_s", "peak_mb", "stored_kb", "rank")}}
         for key in ("acc", "bwt", "fwt"):
             values = [r[key] for r in rows if r[key] is not None]
             entry[key] = (statistics.mean(values), min(values), max(values)) if values else None
@@ -227,12 +274,18 @@ def run_gated(reg, base: str, tasks: Path, order: list[str], method: str, seed: 
     import time as _time
 
     from portfolio.scheduler import jobs
-    from portfolio.scheduler.schedules import add_schedule
+    from portfolio.scheduler.schedules import add_schedule, list_schedules
     from portfolio.scheduler.worker import Worker
     from portfolio.suites.run import run_suites
 
-    adapter, watch = f"gated-{method}-s{seed}", out / f"watch-{method}-s{seed}"
-    watch.mkdir(parents=True, exist_ok=True)
+    adapter = f"gated-{method}-s{seed}"
+    for attempt in range(2, 100):  # a seed stopped midway leaves its schedule: a resumed one starts afresh
+        if not any(s["adapter"] == adapter for s in list_schedules(reg)):
+            break
+        adapter = f"gated-{method}-s{seed}-{attempt}"
+    watch = out / f"watch-{adapter}"
+    shutil.rmtree(watch, ignore_errors=True)
+    watch.mkdir(parents=True)
     train = {k: v for k, v in {**settings, **METHODS[method]}.items() if k in ("steps", "batch_size", "seq_len", "lr", "replay_ratio",
                                                                               "kl_weight")}
     add_schedule(reg, adapter, str(watch), every="1s", base=base, settings={**train, "seed": seed}, promote_alias="production")
@@ -256,7 +309,7 @@ def run_gated(reg, base: str, tasks: Path, order: list[str], method: str, seed: 
             raise BenchmarkError(f"the scheduler's job {job['id']} for week {week} ended {job['state']}: {job.get('error')}")
         result = job["result"]
         candidate = result.get("version")
-        entry = {"week": week, "task": task, "incumbent": incumbent, "candidate": candidate, "promoted": bool(result.get("promoted", week == 1)),
+        entry = {"method": method, "week": week, "task": task, "incumbent": incumbent, "candidate": candidate, "promoted": bool(result.get("promoted", week == 1)),
                  "why": result.get("gate_failures", "")}
         if earlier and candidate:
             scores = {(x.model, x.suite.rpartition("@")[0]): x.metrics["overall"]["choice_accuracy"]
@@ -267,6 +320,23 @@ def run_gated(reg, base: str, tasks: Path, order: list[str], method: str, seed: 
         log(f"gates, week {week} ({task}): {candidate} " + ("promoted" if entry["promoted"] else "refused")
             + (f", held-out BWT {100 * entry['bwt']:+.1f} points" if "bwt" in entry else ""))
     return weeks
+
+
+def run_gated_seeds(reg, base: str, tasks: Path, order: list[str], method: str, seeds: list[int], settings: dict, out: Path,
+                    log, train: bool = True) -> dict[int, list[dict]]:
+    """`run_gated` for every seed, each recorded in OUT/gates.json as it ends (kept on
+    ``--resume``; with ``train=False`` only what is recorded)."""
+    record = out / "gates.json"
+    done = {int(k): v for k, v in json.loads(record.read_text()).items()} if record.is_file() else {}
+    for seed in seeds:
+        if seed in done and done[seed] and done[seed][0].get("method") == method:
+            log(f"gates, seed {seed}: kept from {record}")
+            continue
+        if not train:
+            continue
+        done[seed] = run_gated(reg, base, tasks, order, method, seed, settings, out, log)
+        record.write_text(json.dumps({str(k): v for k, v in done.items()}, indent=1) + "\n")
+    return {seed: done[seed] for seed in seeds if seed in done and done[seed][0].get("method") == method}
 
 
 def confusion(weeks: list[dict]) -> str:
@@ -292,17 +362,27 @@ def _pm(value, scale: float = 100.0) -> str:
     return f"{scale * mean:+.1f} [{scale * lo:+.1f}, {scale * hi:+.1f}]" if lo != hi else f"{scale * mean:+.1f}"
 
 
-def tables(summary: dict, order: list[str], seeds: list[int], command: str) -> str:
+def _commands(out: Path, command: str, record: bool) -> list[str]:
+    """The commands that trained what OUT holds (OUT/commands.json), this one added when it trains."""
+    path = out / "commands.json"
+    commands = json.loads(path.read_text()) if path.is_file() else []
+    if record and command not in commands:
+        commands.append(command)
+        path.write_text(json.dumps(commands, indent=1) + "\n")
+    return commands or [command]
+
+
+def tables(summary: dict, order: list[str], seeds: list[int], commands: list[str]) -> str:
     """The markdown tables: ACC/BWT/FWT and cost per method, then each method's matrix."""
-    lines = [f"`{command}` — {len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}); "
-             "accuracy in points (choice accuracy × 100), mean [min, max] over seeds.", "",
-             "| method | ACC | BWT | FWT | train s | peak MB | stored KB | rank |", "|---|---|---|---|---|---|---|---|",
-             f"| zero-shot base | {100 * summary['base']['acc']:.1f} | – | – | – | – | – | – |"]
+    lines = ["Produced by " + "; then ".join(f"`{c}`" for c in commands) + f" — seeds {', '.join(map(str, seeds))}; "
+             "accuracy in points (choice accuracy × 100), mean [min, max] over the method's seeds.", "",
+             "| method | seeds | ACC | BWT | FWT | train s | peak MB | stored KB | rank |", "|---|---|---|---|---|---|---|---|---|",
+             f"| zero-shot base | – | {100 * summary['base']['acc']:.1f} | – | – | – | – | – | – |"]
     for method, m in summary["methods"].items():
         acc = m["acc"]
         acc_text = f"{100 * acc[0]:.1f}" + (f" [{100 * acc[1]:.1f}, {100 * acc[2]:.1f}]" if acc[1] != acc[2] else "")
         c = m["cost"]
-        lines.append(f"| {method} | {acc_text} | {_pm(m['bwt'])} | {_pm(m['fwt'])} | {c['train_s']:.0f} | {c['peak_mb']:,.0f} | "
+        lines.append(f"| {method} | {len(m['seed_ids'])} | {acc_text} | {_pm(m['bwt'])} | {_pm(m['fwt'])} | {c['train_s']:.0f} | {c['peak_mb']:,.0f} | "
                      f"{c['stored_kb']:,.0f} | {c['rank']:.0f} |")
     lines += ["", "Accuracy matrices (mean over seeds; row: after training on that task, column: task):", ""]
     for method, m in summary["methods"].items():
@@ -372,6 +452,11 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--gates", default=None, metavar="METHOD",
                         help="Also run the scheduler over the tasks as weekly drops with METHOD's settings and suite gates on "
                              "every earlier task; report gate decisions against held-out forgetting.")
+    parser.add_argument("--gate-seeds", default=None, help="The seeds the gates run on (default: every seed).")
+    parser.add_argument("--render", action="store_true",
+                        help="Train nothing: the tables and plot from what OUT records for --seeds and --methods.")
+    parser.add_argument("--resume", action="store_true",
+                        help="Keep OUT's registry and the seeds an earlier run finished; train only the rest.")
     parser.add_argument("--docs", action="store_true", help="Also write docs/continual-benchmark.md and docs/img/continual-benchmark.png.")
     args = parser.parse_args(argv)
     order = [t for t in args.order.split(",") if t]
@@ -381,8 +466,9 @@ def run(argv: list[str] | None = None) -> None:
         raise BenchmarkError(f"--methods {','.join(unknown)}: choose from {', '.join(METHODS)}")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]
+        [int(s) for s in (args.gate_seeds or "").split(",") if s]
     except ValueError:
-        raise BenchmarkError(f"--seeds {args.seeds!r}: give whole numbers, e.g. 0,1,2") from None
+        raise BenchmarkError(f"--seeds {args.seeds!r} --gate-seeds {args.gate_seeds!r}: give whole numbers, e.g. 0,1,2") from None
     if len(order) < 2:
         raise BenchmarkError("--order needs at least two tasks: a sequence of one has nothing to forget")
     check_tasks(args.tasks, order)
@@ -394,18 +480,20 @@ def run(argv: list[str] | None = None) -> None:
     log = lambda m: print(m, flush=True)  # noqa: E731
     tasks = slice_tasks(args.tasks, order, args.out / "tasks", args.rows, args.cases, log)
     start = time.perf_counter()
-    reg, base = setup(args.out, tasks, order, args.base)
+    reg, base = setup(args.out, tasks, order, args.base, args.resume or args.render)
     settings = {"steps": args.steps, "rank": args.rank, "lr": args.lr, "batch_size": args.batch_size, "seq_len": args.seq_len}
-    per_seed = {seed: run_seed(reg, base, order, methods, seed, settings, log) for seed in seeds}
+    command = "python bench/continual.py " + " ".join(map(str, argv if argv is not None else sys.argv[1:]))
+    commands = _commands(args.out, command, record=not args.render)
+    per_seed = run_seeds(reg, base, order, methods, seeds, settings, args.out / "seeds.json", log, train=not args.render)
     models = [f"base:{base}"] + [v for runs in per_seed.values() for m in runs.values() for v in m["versions"]]
     acc = score(reg, models, [f"{t}@1" for t in order], log)
     summary = summarise(per_seed, order, acc, base)
-    command = "python bench/continual.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = tables(summary, order, seeds, command)
+    text = tables(summary, order, sorted(per_seed), commands)
     gated = {}
     if args.gates:
         split_suites(reg, tasks, order, args.out / "suites")
-        gated = {seed: run_gated(reg, base, tasks, order, args.gates, seed, settings, args.out, log) for seed in seeds}
+        gate_seeds = [int(x) for x in args.gate_seeds.split(",") if x] if args.gate_seeds else seeds
+        gated = run_gated_seeds(reg, base, tasks, order, args.gates, gate_seeds, settings, args.out, log, train=not args.render)
         text += (f"\n\n**Gates on the benchmark** (the scheduler, one task a week, {args.gates}'s settings; suite gates on "
                  "the even cases of every earlier task, forgetting measured on the odd ones):\n\n"
                  + confusion([w for weeks in gated.values() for w in weeks]))

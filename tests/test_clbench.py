@@ -51,7 +51,7 @@ def test_the_benchmark_mode_runs_end_to_end_on_two_tasks(tmp_path, tiny_base):
     assert done.returncode == 0, done.stderr[-3000:]
     assert time.time() - start < 180  # (under a minute on an idle machine; CI shares its cores)
     text = done.stdout
-    for needle in ("| method | ACC | BWT | FWT | train s | peak MB | stored KB | rank |", "| zero-shot base |", "| naive |",
+    for needle in ("| method | seeds | ACC | BWT | FWT | train s | peak MB | stored KB | rank |", "| zero-shot base |", "| naive |",
                    "| olora |", "| multitask |", "**replay-10-kl**", "scored "):
         assert needle in text, needle
     assert (out / "matrices.png").read_bytes()[:4] == b"\x89PNG"
@@ -111,3 +111,42 @@ def test_bad_task_folders_are_refused_with_one_error_line(tmp_path, tiny_base):
     not_choice = bench("--tasks", tasks, "--order", "colours,shapes", *common)
     assert not_choice.returncode == 1 and not_choice.stderr.startswith("error: ") and "line 2: a contains case" in not_choice.stderr
     assert len(not_choice.stderr.strip().splitlines()) == 1
+
+
+def test_a_resumed_run_keeps_the_seeds_and_gates_already_done(tmp_path, tiny_base):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _task(tasks, "colours", ("Red", "Blue"), rows=8)
+    _task(tasks, "shapes", ("Round", "Square"), rows=8)
+    out = tmp_path / "out"
+    common = ("--tasks", tasks, "--order", "colours,shapes", "--methods", "naive", "--base", tiny_base, "--steps", "2",
+              "--batch-size", "4", "--seq-len", "48", "--rank", "4", "--out", out, "--gates", "naive")
+    first = bench(*common, "--seeds", "0")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = json.loads((out / "results.json").read_text())
+    # a second seed added later: seed 0's versions and gate weeks are kept, only seed 1 trains
+    resumed = bench(*common, "--seeds", "0,1", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "seed 0: kept from" in resumed.stdout and "gates, seed 0: kept from" in resumed.stdout
+    assert "seed 1: naive ->" in resumed.stdout and "seed 0: naive ->" not in resumed.stdout
+    after = json.loads((out / "results.json").read_text())
+    assert after["runs"]["0"] == before["runs"]["0"] and after["gated"]["0"] == before["gated"]["0"]
+    assert after["summary"]["methods"]["naive"]["seeds"][0] == before["summary"]["methods"]["naive"]["seeds"][0]
+    assert set(after["runs"]) == {"0", "1"} and len(after["gated"]["1"]) == 2
+    # a method added to a recorded seed trains from that seed's first step, not a new one
+    added = bench(*common, "--seeds", "0", "--resume", "--methods", "naive,olora")
+    assert added.returncode == 0, added.stderr[-3000:]
+    assert "seed 0: olora ->" in added.stdout and "seed 0: first-s0" not in added.stdout
+    runs = json.loads((out / "seeds.json").read_text())["0"]
+    from portfolio import Registry
+
+    reg = Registry.open(f"sqlite:///{out / 'registry.db'}", out / "store")
+    first = {p.parent for m in ("naive", "olora") for p in reg.lineage(runs[m]["versions"][0]).parents if p.child == runs[m]["versions"][0]}
+    assert first == {"first-s0@1"}
+    reg.close()
+    # --render trains nothing: each method over the seeds that have it, and the commands that made them
+    shown = bench(*common, "--seeds", "0,1", "--render", "--methods", "naive,olora")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert "->" not in shown.stdout and "| olora | 1 |" in shown.stdout and "| naive | 2 |" in shown.stdout
+    produced = next(line for line in shown.stdout.splitlines() if line.startswith("Produced by"))
+    assert produced.count("`python bench/continual.py") == 3 and "--render" not in produced

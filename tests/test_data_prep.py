@@ -37,6 +37,26 @@ def test_prompt_completion_puts_loss_on_the_answer_only(tok):
     assert "2+2" in tok.decode(example.input_ids)
 
 
+def test_a_row_longer_than_seq_len_keeps_its_answer_and_loses_the_prompt_start(tok):
+    long = {"prompt": "Passage: " + "the river runs north " * 40 + "Question: does it run north?", "completion": "True"}
+    short = {"prompt": "Is it?", "completion": "False"}
+    whole = encode_rows(stored([long]), "prompt_completion", tok, 4096)[0]
+    cut, kept = encode_rows(stored([long, short]), "prompt_completion", tok, 48)
+    assert len(whole.input_ids) > 48 and len(cut.input_ids) == 48 and cut.cut and not whole.cut
+    # the window ends where the whole row's answer ends: the same answer tokens, trained
+    assert [t for t in cut.labels if t != IGNORE] == [t for t in whole.labels if t != IGNORE]
+    assert cut.input_ids == whole.input_ids[len(whole.input_ids) - len(cut.input_ids) - _after_answer(whole):][:48]
+    assert "True" in tok.decode([t for t in cut.labels if t != IGNORE]) and "Question: does it run north?" in tok.decode(cut.input_ids)
+    # a row that fits is untouched
+    assert not kept.cut and kept.input_ids == encode_rows(stored([short]), "prompt_completion", tok, 4096)[0].input_ids
+
+
+def _after_answer(example) -> int:
+    """Tokens after the last trained one (a template's trailing newline, if any)."""
+    last = max(i for i, t in enumerate(example.labels) if t != IGNORE)
+    return len(example.labels) - 1 - last
+
+
 def test_chat_messages_train_every_assistant_turn_and_nothing_else(tok):
     messages = [
         {"role": "system", "content": "Be brief."},

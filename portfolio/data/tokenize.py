@@ -27,6 +27,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     rows: list[tuple[int, int]] = field(default_factory=list)  # (source index, row id)
+    cut: bool = False  # a row longer than seq_len whose prompt's start was cut to keep its answer
 
     @property
     def n_targets(self) -> int:
@@ -59,7 +60,9 @@ def _chat(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> list
     return list(out)
 
 
-def _chat_example(messages: list[dict[str, str]], tokenizer: Any, seq_len: int) -> tuple[list[int], list[int]]:
+def _chat_example(messages: list[dict[str, str]], tokenizer: Any, seq_len: int) -> tuple[list[int], list[int], bool]:
+    """Token ids and labels (the assistant's tokens; -100 elsewhere) of one conversation in
+    at most ``seq_len`` tokens, and whether its start was cut to keep the last answer."""
     ids = _chat(tokenizer, messages)
     labels = [IGNORE] * len(ids)
     for i, message in enumerate(messages):
@@ -70,7 +73,14 @@ def _chat_example(messages: list[dict[str, str]], tokenizer: Any, seq_len: int) 
         start = len(_chat(tokenizer, messages[:i], add_generation_prompt=True))
         end = len(_chat(tokenizer, messages[: i + 1]))
         labels[start:end] = ids[start:end]
-    return ids[:seq_len], labels[:seq_len]
+    targets = [i for i, label in enumerate(labels) if label != IGNORE]
+    if len(ids) > seq_len and targets and targets[-1] >= seq_len:
+        # the answer lies past seq_len: keep the window that ends with it, so the row still
+        # teaches its answer (cutting the end would keep a prompt without one, and the row
+        # would be dropped for want of targets)
+        end = targets[-1] + 1
+        return ids[end - seq_len : end], labels[end - seq_len : end], True
+    return ids[:seq_len], labels[:seq_len], False
 
 
 def encode_rows(rows: list[dict[str, Any]], fmt: str, tokenizer: Any, seq_len: int, source: int = 0,
@@ -101,8 +111,8 @@ def encode_rows(rows: list[dict[str, Any]], fmt: str, tokenizer: Any, seq_len: i
             {"role": "user", "content": data["prompt"]},
             {"role": "assistant", "content": data["completion"]},
         ]
-        ids, labels = _chat_example(messages, tokenizer, seq_len)
-        example = Example(ids, labels, [(source, row["row"])])
+        ids, labels, cut = _chat_example(messages, tokenizer, seq_len)
+        example = Example(ids, labels, [(source, row["row"])], cut)
         if example.n_targets:
             examples.append(example)
     return examples

@@ -89,6 +89,8 @@ def train_adapter(
     run_id = distributed.broadcast_int(w, _start_run(registry, cfg, schedule, resume, log, w) if w.main else None)
     if on_run is not None:
         on_run(run_id)
+    if w.main:
+        _say_cut(data, cfg, log)
     # checkpoints live in the run's work folder; a store elsewhere (S3) keeps a copy of each,
     # so a run killed on one host resumes on another
     workdir = registry.store.work_dir(run_id)
@@ -145,6 +147,14 @@ def _start_run(registry: Registry, cfg: TrainConfig, schedule, resume: int | Non
         + (f", replay {cfg.replay_ratio:.0%} from {', '.join(cfg.replay_from)}" if cfg.replay_ratio else "")
         + (f", KL weight {cfg.kl_weight:g}" if cfg.kl_weight else ""))
     return run_id
+
+
+def _say_cut(data, cfg: TrainConfig, log) -> None:
+    """Rows longer than --seq-len lose the start of their prompt, not their answer: said once."""
+    cut = sum(1 for e in data.fresh + data.replay if e.cut)
+    if cut:
+        log(f"{cut} of {len(data.fresh) + len(data.replay)} training rows are longer than --seq-len {cfg.seq_len}: "
+            "each keeps its last tokens (the answer), its prompt cut from the start; raise --seq-len to keep them whole")
 
 
 def _new_plan(registry: Registry, cfg: TrainConfig | None) -> Plan:

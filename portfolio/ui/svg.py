@@ -214,6 +214,20 @@ def heatmap_svg(rows: list[str], cols: list[str], values: dict[tuple[str, str], 
 PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4d7c0f", "#be185d"]
 
 
+def _scale(lo: float, hi: float, start: float, length: float, flip: bool = False):
+    """The linear map of [lo, hi] onto the pixels from ``start`` over ``length``; ``flip``
+    (a y axis) puts ``hi`` at ``start``, since SVG's y grows down the page."""
+    def to_px(value: float) -> float:
+        fraction = (value - lo) / (hi - lo)
+        return start + (1 - fraction if flip else fraction) * length
+    return to_px
+
+
+def _legend_entry(x: float, y: float, color: str, label: str) -> list[str]:
+    """A colour swatch and its label, one legend line at baseline ``y``."""
+    return [f'<rect x="{x}" y="{y - 9}" width="10" height="10" fill="{color}"/>', _text(x + 16, y, label, 11, anchor="start")]
+
+
 def history_svg(history: list[dict[str, Any]], metric: str) -> str:
     """``metric`` per version number, one line per snapshot, with a legend."""
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
@@ -231,12 +245,7 @@ def history_svg(history: list[dict[str, Any]], metric: str) -> str:
     if y_hi == y_lo:
         y_hi, y_lo = y_hi + 0.5, y_lo - 0.5
     pw, ph = width - left - right, height - top - bottom
-
-    def px(x: float) -> float:
-        return left + (x - x_lo) / (x_hi - x_lo) * pw
-
-    def py(y: float) -> float:
-        return top + (1 - (y - y_lo) / (y_hi - y_lo)) * ph
+    px, py = _scale(x_lo, x_hi, left, pw), _scale(y_lo, y_hi, top, ph, flip=True)
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="history" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
            f'role="img" aria-label="{escape(metric)} history">',
@@ -257,9 +266,7 @@ def history_svg(history: list[dict[str, Any]], metric: str) -> str:
         out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
         for x, y in pts:
             out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"><title>v{x} on {escape(snap)}: {y:.4f}</title></circle>')
-        ly = top + 14 + i * 16
-        out.append(f'<rect x="{left + pw + 14}" y="{ly - 9}" width="10" height="10" fill="{color}"/>')
-        out.append(_text(left + pw + 30, ly, _clip(snap, 22), 11, anchor="start"))
+        out += _legend_entry(left + pw + 14, top + 14 + i * 16, color, _clip(snap, 22))
     out.append("</svg>")
     return "".join(out)
 
@@ -276,12 +283,7 @@ def front_svg(candidates: list[dict[str, Any]], incumbent: str, data: str) -> st
     x_pad, y_pad = max(1.0, (x_hi - x_lo) * 0.1), max(1.0, (y_hi - y_lo) * 0.1)
     x_lo, x_hi, y_lo, y_hi = x_lo - x_pad, x_hi + x_pad, y_lo - y_pad, y_hi + y_pad
     pw, ph = width - left - right, height - top - bottom
-
-    def px(x: float) -> float:
-        return left + (x - x_lo) / (x_hi - x_lo) * pw
-
-    def py(y: float) -> float:
-        return top + (1 - (y - y_lo) / (y_hi - y_lo)) * ph
+    px, py = _scale(x_lo, x_hi, left, pw), _scale(y_lo, y_hi, top, ph, flip=True)
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="front" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
            'role="img" aria-label="gain against forgetting">',
@@ -309,9 +311,7 @@ def front_svg(candidates: list[dict[str, Any]], incumbent: str, data: str) -> st
             out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r + 6:.1f}" fill="none" stroke="#111827" stroke-width="1.5" class="pick"/>')
         out.append(_text(x + r + 4, y - 4, c["setting"], 10, anchor="start"))
     for i, v in enumerate(variants):
-        ly = top + 14 + i * 16
-        out.append(f'<rect x="{left + pw + 14}" y="{ly - 9}" width="10" height="10" fill="{PALETTE[i % len(PALETTE)]}"/>')
-        out.append(_text(left + pw + 30, ly, v, 11, anchor="start"))
+        out += _legend_entry(left + pw + 14, top + 14 + i * 16, PALETTE[i % len(PALETTE)], v)
     out.append(_text(left + pw + 14, top + 20 + len(variants) * 16, "hollow: refused", 10, anchor="start", fill="#6b7280"))
     out.append(_text(left + pw + 14, top + 36 + len(variants) * 16, "ringed: the pick", 10, anchor="start", fill="#6b7280"))
     out.append("</svg>")
