@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install browser engines demo test test-sqlite bench bench-engines screenshots study clean
+.PHONY: install browser engines demo test test-sqlite bench bench-engines screenshots study clbench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -98,4 +98,12 @@ clean:
 SCALE ?= cpu
 study: install
 	$(BIN)/python bench/continual.py --scale $(SCALE) --docs
+
+# The public continual-learning benchmark (docs/continual-learning.md, "The public benchmark"):
+# about 110 minutes on 2 CPU cores. A run stopped midway resumes (--resume keeps finished seeds).
+CLBENCH ?= ../shared/clbench
+clbench: install
+	$(BIN)/python bench/continual.py --tasks $(CLBENCH) --order sst2,qqp,mnli,boolq --seeds 0,1,2 \
+	  --methods naive,replay-5,replay-10-kl,olora,multitask --steps 16 --cases 80 \
+	  --gates replay-10-kl --gate-seeds 0 --out build/clbench --resume --docs
 

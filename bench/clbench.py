@@ -376,7 +376,7 @@ def tables(summary: dict, order: list[str], seeds: list[int], commands: list[str
     """The markdown tables: ACC/BWT/FWT and cost per method, then each method's matrix."""
     lines = ["Produced by " + "; then ".join(f"`{c}`" for c in commands) + f" — seeds {', '.join(map(str, seeds))}; "
              "accuracy in points (choice accuracy × 100), mean [min, max] over the method's seeds.", "",
-             "| method | seeds | ACC | BWT | FWT | train s | peak MB | stored KB | rank |", "|---|---|---|---|---|---|---|---|---|",
+             "| method | seeds | ACC | BWT | FWT | train s | peak MB¹ | stored KB | rank |", "|---|---|---|---|---|---|---|---|---|",
              f"| zero-shot base | – | {100 * summary['base']['acc']:.1f} | – | – | – | – | – | – |"]
     for method, m in summary["methods"].items():
         acc = m["acc"]
@@ -384,7 +384,9 @@ def tables(summary: dict, order: list[str], seeds: list[int], commands: list[str
         c = m["cost"]
         lines.append(f"| {method} | {len(m['seed_ids'])} | {acc_text} | {_pm(m['bwt'])} | {_pm(m['fwt'])} | {c['train_s']:.0f} | {c['peak_mb']:,.0f} | "
                      f"{c['stored_kb']:,.0f} | {c['rank']:.0f} |")
-    lines += ["", "Accuracy matrices (mean over seeds; row: after training on that task, column: task):", ""]
+    lines += ["", "¹ the training process's peak: on a GPU the CUDA allocator's, per run; on a CPU the process's max RSS, "
+              "which only grows, so in one benchmark process it cannot tell the methods apart.",
+              "", "Accuracy matrices (mean over seeds; row: after training on that task, column: task):", ""]
     for method, m in summary["methods"].items():
         lines += [f"**{method}**", "", "| after | " + " | ".join(order) + " |", "|---|" + "---|" * len(order)]
         labels = ["all tasks"] if method == "multitask" else order

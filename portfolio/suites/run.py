@@ -78,6 +78,11 @@ def run_suites(registry, models: list[str], suites: list[str], *, batch_size: in
                 settings["engine"] = served.identity
             key = suite_eval_key(base.weights_sha256, serving, snap.sha256, settings)
             stored = registry.suites.find_result(key)
+            if stored is not None and stored.model != label:
+                # the same weights scored under another name (an imported copy): stored under
+                # this one too, so its history, matrix and gates see the result
+                stored = registry.suites.record_result(label, snap.ref, key, stored.settings, stored.metrics, stored.cases,
+                                                       engine=stored.engine)
             if stored is not None:
                 scores[(label, snap.ref)] = SuiteScore(label, snap.ref, stored.metrics, stored.cases, True, label_of)
             else:
