@@ -89,8 +89,7 @@ def train_adapter(
     run_id = distributed.broadcast_int(w, _start_run(registry, cfg, schedule, resume, log, w) if w.main else None)
     if on_run is not None:
         on_run(run_id)
-    if w.main:
-        _say_cut(data, cfg, log)
+    _say_cut(data, cfg, log)  # (log is silent on ranks other than 0)
     # checkpoints live in the run's work folder; a store elsewhere (S3) keeps a copy of each,
     # so a run killed on one host resumes on another
     workdir = registry.store.work_dir(run_id)
