@@ -44,7 +44,12 @@ def build_model(registry: Registry, plan: Plan, base, workdir: Path, device, log
     elif cfg.gradient_checkpointing:
         # recompute each layer's activations in the backward pass instead of keeping them;
         # non-reentrant, so the frozen base's inputs need no requires_grad
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # (transformers ≥ 5 names it activation checkpointing and warns on the old name)
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if plan.parent is not None and cfg.orthogonal:
         model = _orthogonal_adapters(model, registry, plan, workdir)
     elif plan.parent is not None:
