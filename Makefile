@@ -100,7 +100,7 @@ study: install
 	$(BIN)/python bench/continual.py --scale $(SCALE) --docs
 
 # The public continual-learning benchmark (docs/continual-learning.md, "The public benchmark"):
-# about 110 minutes on 2 CPU cores. A run stopped midway resumes (--resume keeps finished seeds).
+# about 2 hours on 2 CPU cores. A run stopped midway resumes (--resume keeps finished seeds).
 CLBENCH ?= ../shared/clbench
 clbench: install
 	$(BIN)/python bench/continual.py --tasks $(CLBENCH) --order sst2,qqp,mnli,boolq --seeds 0,1,2 \

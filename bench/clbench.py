@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +96,7 @@ def setup(out: Path, tasks: Path, order: list[str], base: str, resume: bool = Fa
     if resume and (out / "registry.db").is_file():
         reg = Registry.open(f"sqlite:///{out / 'registry.db'}", out / "store")
         return reg, "base" if Path(base).is_dir() else base
-    for sub in ("registry.db", "store", "seeds.json"):
+    for sub in ("registry.db", "store", "seeds.json", "gates.json", "commands.json"):
         path = out / sub
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     reg = Registry.open(f"sqlite:///{out / 'registry.db'}", out / "store")
@@ -162,7 +163,7 @@ def run_seeds(reg, base: str, order: list[str], methods: list[str], seeds: list[
     A recorded seed keeps its methods; only the asked-for methods it lacks are trained, from
     its recorded first step. With ``train=False`` (``--render``) nothing is trained: each seed
     gives the asked-for methods it has."""
-    done = {int(k): v for k, v in json.loads(record.read_text()).items()} if record.is_file() else {}
+    done = _read_record(record)
     per_seed = {}
     for seed in seeds:
         have = done.get(seed, {})
@@ -172,7 +173,7 @@ def run_seeds(reg, base: str, order: list[str], methods: list[str], seeds: list[
             have.update(run_seed(reg, base, order, missing, seed, settings, log, first_ref=first))
             done[seed] = have
             score(reg, [f"base:{base}"] + [v for m in missing for v in have[m]["versions"]], [f"{t}@1" for t in order], log)
-            record.write_text(json.dumps({str(k): v for k, v in done.items()}, indent=1) + "\n")
+            _write_record(record, done)
         elif have:
             log(f"seed {seed}: {', '.join(m for m in methods if m in have)} kept from {record}")
         if any(m in have for m in methods):
@@ -181,6 +182,15 @@ def run_seeds(reg, base: str, order: list[str], methods: list[str], seeds: list[
         raise BenchmarkError(f"{record} holds none of --methods {','.join(methods)} for --seeds {','.join(map(str, seeds))}; "
                              "run without --render first")
     return per_seed
+
+
+def _read_record(path: Path) -> dict[int, Any]:
+    """A per-seed record (OUT/seeds.json, OUT/gates.json): {seed: what that seed produced}."""
+    return {int(k): v for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
+
+
+def _write_record(path: Path, done: dict[int, Any]) -> None:
+    path.write_text(json.dumps({str(k): v for k, v in done.items()}, indent=1) + "\n")
 
 
 def _first_step(reg, have: dict) -> str | None:
@@ -327,16 +337,17 @@ def run_gated_seeds(reg, base: str, tasks: Path, order: list[str], method: str, 
     """`run_gated` for every seed, each recorded in OUT/gates.json as it ends (kept on
     ``--resume``; with ``train=False`` only what is recorded)."""
     record = out / "gates.json"
-    done = {int(k): v for k, v in json.loads(record.read_text()).items()} if record.is_file() else {}
+    done = _read_record(record)
+    def recorded(seed: int) -> bool:
+        return bool(done.get(seed)) and done[seed][0].get("method") == method
+
     for seed in seeds:
-        if seed in done and done[seed] and done[seed][0].get("method") == method:
+        if recorded(seed):
             log(f"gates, seed {seed}: kept from {record}")
-            continue
-        if not train:
-            continue
-        done[seed] = run_gated(reg, base, tasks, order, method, seed, settings, out, log)
-        record.write_text(json.dumps({str(k): v for k, v in done.items()}, indent=1) + "\n")
-    return {seed: done[seed] for seed in seeds if seed in done and done[seed][0].get("method") == method}
+        elif train:
+            done[seed] = run_gated(reg, base, tasks, order, method, seed, settings, out, log)
+            _write_record(record, done)
+    return {seed: done[seed] for seed in seeds if recorded(seed)}
 
 
 def confusion(weeks: list[dict]) -> str:
@@ -468,7 +479,7 @@ def run(argv: list[str] | None = None) -> None:
         raise BenchmarkError(f"--methods {','.join(unknown)}: choose from {', '.join(METHODS)}")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]
-        [int(s) for s in (args.gate_seeds or "").split(",") if s]
+        gate_seeds = [int(s) for s in (args.gate_seeds or "").split(",") if s] or seeds
     except ValueError:
         raise BenchmarkError(f"--seeds {args.seeds!r} --gate-seeds {args.gate_seeds!r}: give whole numbers, e.g. 0,1,2") from None
     if len(order) < 2:
@@ -494,7 +505,6 @@ def run(argv: list[str] | None = None) -> None:
     gated = {}
     if args.gates:
         split_suites(reg, tasks, order, args.out / "suites")
-        gate_seeds = [int(x) for x in args.gate_seeds.split(",") if x] if args.gate_seeds else seeds
         gated = run_gated_seeds(reg, base, tasks, order, args.gates, gate_seeds, settings, args.out, log, train=not args.render)
         text += (f"\n\n**Gates on the benchmark** (the scheduler, one task a week, {args.gates}'s settings; suite gates on "
                  "the even cases of every earlier task, forgetting measured on the odd ones):\n\n"

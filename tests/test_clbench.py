@@ -153,3 +153,14 @@ def test_a_resumed_run_keeps_the_seeds_and_gates_already_done(tmp_path, tiny_bas
     assert "->" not in shown.stdout and "| olora | 1 |" in shown.stdout and "| naive | 2 |" in shown.stdout
     produced = next(line for line in shown.stdout.splitlines() if line.startswith("Produced by"))
     assert produced.count("`python bench/continual.py") == 3 and "--render" not in produced
+    # reading the same results back again stores nothing more (a copy's result is stored once under its name)
+    import sqlite3
+
+    def stored_results() -> int:
+        with sqlite3.connect(out / "registry.db") as db:
+            return db.execute("select count(*) from suite_results").fetchone()[0]
+
+    before = stored_results()
+    again = bench(*common, "--seeds", "0,1", "--render", "--methods", "naive,olora")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert stored_results() == before

@@ -73,12 +73,11 @@ def _chat_example(messages: list[dict[str, str]], tokenizer: Any, seq_len: int) 
         start = len(_chat(tokenizer, messages[:i], add_generation_prompt=True))
         end = len(_chat(tokenizer, messages[: i + 1]))
         labels[start:end] = ids[start:end]
-    targets = [i for i, label in enumerate(labels) if label != IGNORE]
-    if len(ids) > seq_len and targets and targets[-1] >= seq_len:
+    end = next((i + 1 for i in range(len(labels) - 1, -1, -1) if labels[i] != IGNORE), 0)  # past the last answer
+    if end > seq_len:
         # the answer lies past seq_len: keep the window that ends with it, so the row still
         # teaches its answer (cutting the end would keep a prompt without one, and the row
         # would be dropped for want of targets)
-        end = targets[-1] + 1
         return ids[end - seq_len : end], labels[end - seq_len : end], True
     return ids[:seq_len], labels[:seq_len], False
 

@@ -113,9 +113,16 @@ def to_result(session: Session, row: SuiteResultRow) -> SuiteResult:
                        dict(row.metrics), list(row.cases), E.as_utc(row.created_at), row.engine or "")
 
 
-def find_result(session: Session, eval_key: str) -> SuiteResult | None:
-    """The newest stored result with exactly these inputs, or None."""
-    row = session.scalar(sa.select(SuiteResultRow).where(SuiteResultRow.eval_key == eval_key).order_by(SuiteResultRow.id.desc()).limit(1))
+def find_result(session: Session, eval_key: str, model: str | None = None) -> SuiteResult | None:
+    """The newest stored result with exactly these inputs, or None; with ``model``, that
+    model's own where it has one (the same weights may be stored under several names)."""
+    query = sa.select(SuiteResultRow).where(SuiteResultRow.eval_key == eval_key).order_by(SuiteResultRow.id.desc()).limit(1)
+    row = None
+    if model is not None:
+        version_id, base_id = versions.eval_target(session, model)
+        row = session.scalar(query.where(SuiteResultRow.version_id.is_(None) if version_id is None else SuiteResultRow.version_id == version_id,
+                                         SuiteResultRow.base_model_id.is_(None) if base_id is None else SuiteResultRow.base_model_id == base_id))
+    row = row if row is not None else session.scalar(query)
     return to_result(session, row) if row is not None else None
 
 
@@ -183,10 +190,10 @@ class Suites(Namespace):
         suite = self.get(ref)
         return parse_suite(self.store.read_bytes(suite.sha256, f"the file of suite {suite.ref}"), suite.ref)
 
-    def find_result(self, eval_key: str) -> SuiteResult | None:
-        """A stored suite result for exactly these inputs, or None."""
+    def find_result(self, eval_key: str, model: str | None = None) -> SuiteResult | None:
+        """A stored suite result for exactly these inputs (``model``'s own first), or None."""
         with self._read() as session:
-            return find_result(session, eval_key)
+            return find_result(session, eval_key, model)
 
     def record_result(self, model: str, suite: str, eval_key: str, settings: dict[str, Any], metrics: dict[str, Any],
                       cases: list[dict[str, Any]], code_version: str | None = None, engine: str = "") -> SuiteResult:

@@ -77,7 +77,7 @@ def run_suites(registry, models: list[str], suites: list[str], *, batch_size: in
             if served:
                 settings["engine"] = served.identity
             key = suite_eval_key(base.weights_sha256, serving, snap.sha256, settings)
-            stored = registry.suites.find_result(key)
+            stored = registry.suites.find_result(key, label)
             if stored is not None and stored.model != label:
                 # the same weights scored under another name (an imported copy): stored under
                 # this one too, so its history, matrix and gates see the result
