@@ -96,7 +96,7 @@ def setup(out: Path, tasks: Path, order: list[str], base: str, resume: bool = Fa
     if resume and (out / "registry.db").is_file():
         reg = Registry.open(f"sqlite:///{out / 'registry.db'}", out / "store")
         return reg, "base" if Path(base).is_dir() else base
-    for sub in ("registry.db", "store", "seeds.json", "gates.json", "commands.json"):
+    for sub in ("registry.db", "store", "seeds.json", "gates.json", "commands.json", "wall.json"):
         path = out / sub
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     reg = Registry.open(f"sqlite:///{out / 'registry.db'}", out / "store")
@@ -383,6 +383,15 @@ def _commands(out: Path, command: str, record: bool) -> list[str]:
     return commands or [command]
 
 
+def _wall(out: Path, seconds: float) -> float:
+    """The wall time of every command that trained what OUT holds (OUT/wall.json), ``seconds`` added."""
+    path = out / "wall.json"
+    total = (json.loads(path.read_text())["seconds"] if path.is_file() else 0.0) + seconds
+    if seconds:
+        path.write_text(json.dumps({"seconds": total}) + "\n")
+    return total
+
+
 def tables(summary: dict, order: list[str], seeds: list[int], commands: list[str]) -> str:
     """The markdown tables: ACC/BWT/FWT and cost per method, then each method's matrix."""
     lines = ["Produced by " + "; then ".join(f"`{c}`" for c in commands) + f" — seeds {', '.join(map(str, seeds))}; "
@@ -509,7 +518,8 @@ def run(argv: list[str] | None = None) -> None:
         text += (f"\n\n**Gates on the benchmark** (the scheduler, one task a week, {args.gates}'s settings; suite gates on "
                  "the even cases of every earlier task, forgetting measured on the odd ones):\n\n"
                  + confusion([w for weeks in gated.values() for w in weeks]))
-    text += f"\n\nWall time {(time.perf_counter() - start) / 60:.1f} min."
+    wall = _wall(args.out, 0.0 if args.render else time.perf_counter() - start)
+    text += f"\n\nWall time {wall / 60:.1f} min, over {len(commands)} command(s)."
     (args.out / "results.json").write_text(json.dumps({"summary": summary, "runs": {str(k): v for k, v in per_seed.items()},
                                                        "gated": {str(k): v for k, v in gated.items()}}, indent=1) + "\n")
     (args.out / "results.md").write_text(text + "\n")

@@ -70,11 +70,13 @@ def test_gradient_checkpointing_keeps_fewer_activations_and_the_same_gradients(t
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
+    from portfolio.training.model import enable_checkpointing
+
     def saved_tensors_and_grads(checkpointing: bool):
         torch.manual_seed(0)
         model = LlamaForCausalLM.from_pretrained(tiny_base)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).train()
         ids = torch.randint(0, 1000, (4, 64))
         saved = [0]

@@ -21,6 +21,17 @@ from portfolio.training.plan import Plan, Prepared
 
 INIT_DIR = "init-adapter"  # a pissa/olora run's starting factors, for the conversion at save time
 
+
+def enable_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them;
+    non-reentrant, so the frozen base's inputs need no requires_grad."""
+    # transformers ≥ 5 names it activation checkpointing and warns on the old name
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
 def build_model(registry: Registry, plan: Plan, base, workdir: Path, device, log, data: Prepared | None = None, pad_id: int = 0):
     """The base with the adapter being trained (``default``): a fresh LoRA (with its
     variant and init), or a copy of the parent, with the parent itself beside it (``parent``,
@@ -42,14 +53,7 @@ def build_model(registry: Registry, plan: Plan, base, workdir: Path, device, log
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
     elif cfg.gradient_checkpointing:
-        # recompute each layer's activations in the backward pass instead of keeping them;
-        # non-reentrant, so the frozen base's inputs need no requires_grad
-        # (transformers ≥ 5 names it activation checkpointing and warns on the old name)
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     if plan.parent is not None and cfg.orthogonal:
         model = _orthogonal_adapters(model, registry, plan, workdir)
     elif plan.parent is not None:
