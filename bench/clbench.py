@@ -383,6 +383,30 @@ def _commands(out: Path, command: str, record: bool) -> list[str]:
     return commands or [command]
 
 
+def combine(summary: dict, other: Path, tolerance: float = 1e-9) -> float:
+    """Add the methods of another run (``other``/results.json) to ``summary``. The two must
+    agree on the base's accuracy and, seed by seed, on every method both ran (training is
+    seeded and deterministic on one machine), else one table would not share one baseline.
+    Returns the other run's recorded wall time."""
+    path = other / "results.json"
+    if not path.is_file():
+        raise BenchmarkError(f"--combine {other}: no results.json there; run the benchmark with --out {other} first")
+    theirs = json.loads(path.read_text())["summary"]
+    if theirs["base"]["per_task"].keys() != summary["base"]["per_task"].keys() or any(
+            abs(theirs["base"]["per_task"][t] - v) > tolerance for t, v in summary["base"]["per_task"].items()):
+        raise BenchmarkError(f"--combine {other}: another task order or another base (zero-shot accuracy differs)")
+    for method, m in theirs["methods"].items():
+        mine = summary["methods"].get(method)
+        if mine is None:
+            summary["methods"][method] = m
+            continue
+        for seed, row in zip(m["seed_ids"], m["seeds"]):
+            if seed in mine["seed_ids"] and abs(mine["seeds"][mine["seed_ids"].index(seed)]["acc"] - row["acc"]) > tolerance:
+                raise BenchmarkError(f"--combine {other}: {method} seed {seed} differs between the runs; rerun both on one machine")
+    summary["methods"] = {k: summary["methods"][k] for k in METHODS if k in summary["methods"]}
+    return _wall(other, 0.0)
+
+
 def _wall(out: Path, seconds: float) -> float:
     """The wall time of every command that trained what OUT holds (OUT/wall.json), ``seconds`` added."""
     path = out / "wall.json"
@@ -479,7 +503,11 @@ def run(argv: list[str] | None = None) -> None:
                         help="Train nothing: the tables and plot from what OUT records for --seeds and --methods.")
     parser.add_argument("--resume", action="store_true",
                         help="Keep OUT's registry and the seeds an earlier run finished; train only the rest.")
-    parser.add_argument("--docs", action="store_true", help="Also write docs/continual-benchmark.md and docs/img/continual-benchmark.png.")
+    parser.add_argument("--combine", type=Path, action="append", default=[], metavar="OUT2",
+                        help="Also report the methods of another run's OUT2 (same tasks and seeds; checked on the base and "
+                             "on every method both ran); repeatable.")
+    parser.add_argument("--docs", nargs="?", const="continual-benchmark", default=None, metavar="NAME",
+                        help="Also write docs/NAME.md and docs/img/NAME.png (NAME: continual-benchmark unless given).")
     args = parser.parse_args(argv)
     order = [t for t in args.order.split(",") if t]
     methods = [m for m in args.methods.split(",") if m]
@@ -510,6 +538,10 @@ def run(argv: list[str] | None = None) -> None:
     models = [f"base:{base}"] + [v for runs in per_seed.values() for m in runs.values() for v in m["versions"]]
     acc = score(reg, models, [f"{t}@1" for t in order], log)
     summary = summarise(per_seed, order, acc, base)
+    wall = 0.0
+    for other in args.combine:
+        commands += [c for c in _commands(other, "", record=False) if c and c not in commands]
+        wall += combine(summary, other)
     text = tables(summary, order, sorted(per_seed), commands)
     gated = {}
     if args.gates:
@@ -518,7 +550,7 @@ def run(argv: list[str] | None = None) -> None:
         text += (f"\n\n**Gates on the benchmark** (the scheduler, one task a week, {args.gates}'s settings; suite gates on "
                  "the even cases of every earlier task, forgetting measured on the odd ones):\n\n"
                  + confusion([w for weeks in gated.values() for w in weeks]))
-    wall = _wall(args.out, 0.0 if args.render else time.perf_counter() - start)
+    wall += _wall(args.out, 0.0 if args.render else time.perf_counter() - start)
     text += f"\n\nWall time {wall / 60:.1f} min, over {len(commands)} command(s)."
     (args.out / "results.json").write_text(json.dumps({"summary": summary, "runs": {str(k): v for k, v in per_seed.items()},
                                                        "gated": {str(k): v for k, v in gated.items()}}, indent=1) + "\n")
@@ -527,6 +559,6 @@ def run(argv: list[str] | None = None) -> None:
     print("\n" + text)
     print(f"\nregistry: portfolio --db sqlite:///{args.out / 'registry.db'} --store {args.out / 'store'} matrix --metric choice_accuracy")
     if args.docs:
-        (ROOT / "docs" / "continual-benchmark.md").write_text(f"<!-- written by `{command}` -->\n\n" + text + "\n")
-        shutil.copyfile(args.out / "matrices.png", ROOT / "docs" / "img" / "continual-benchmark.png")
+        (ROOT / "docs" / f"{args.docs}.md").write_text(f"<!-- written by `{command}` -->\n\n" + text + "\n")
+        shutil.copyfile(args.out / "matrices.png", ROOT / "docs" / "img" / f"{args.docs}.png")
     reg.close()

@@ -153,6 +153,9 @@ def test_a_resumed_run_keeps_the_seeds_and_gates_already_done(tmp_path, tiny_bas
     assert "->" not in shown.stdout and "| olora | 1 |" in shown.stdout and "| naive | 2 |" in shown.stdout
     produced = next(line for line in shown.stdout.splitlines() if line.startswith("Produced by"))
     assert produced.count("`python bench/continual.py") == 3 and "--render" not in produced
+    # the wall time shown is the three training commands' (recorded), not the render's own
+    wall = json.loads((out / "wall.json").read_text())["seconds"]
+    assert wall > 0 and f"Wall time {wall / 60:.1f} min, over 3 command(s)." in shown.stdout
     # reading the same results back again stores nothing more (a copy's result is stored once under its name)
     import sqlite3
 
@@ -164,3 +167,29 @@ def test_a_resumed_run_keeps_the_seeds_and_gates_already_done(tmp_path, tiny_bas
     again = bench(*common, "--seeds", "0,1", "--render", "--methods", "naive,olora")
     assert again.returncode == 0, again.stderr[-3000:]
     assert stored_results() == before
+
+
+def test_a_second_run_combines_into_one_table_only_when_it_shares_the_baseline(tmp_path, tiny_base):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _task(tasks, "colours", ("Red", "Blue"), rows=8)
+    _task(tasks, "shapes", ("Round", "Square"), rows=8)
+    common = ("--tasks", tasks, "--order", "colours,shapes", "--base", tiny_base, "--steps", "2", "--batch-size", "4",
+              "--seq-len", "48", "--rank", "4", "--seeds", "0")
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert bench(*common, "--methods", "naive", "--out", first).returncode == 0
+    # the second run repeats naive (the anchor both share) and adds replay-5
+    ran = bench(*common, "--methods", "naive,replay-5", "--out", second)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    shown = bench(*common, "--methods", "naive", "--out", first, "--render", "--combine", second)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert "| naive | 1 |" in shown.stdout and "| replay-5 | 1 |" in shown.stdout and shown.stdout.count("| naive |") == 1
+    produced = next(line for line in shown.stdout.splitlines() if line.startswith("Produced by"))
+    assert str(first) in produced and str(second) in produced
+    # a run whose shared method disagrees is not put beside this one
+    saved = json.loads((second / "results.json").read_text())
+    saved["summary"]["methods"]["naive"]["seeds"][0]["acc"] += 0.25
+    (second / "results.json").write_text(json.dumps(saved))
+    refused = bench(*common, "--methods", "naive", "--out", first, "--render", "--combine", second)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith("error: --combine")
+    assert "naive seed 0 differs" in refused.stderr
