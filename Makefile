@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install browser engines demo test test-sqlite bench bench-engines screenshots study clbench clean
+.PHONY: install browser engines demo test test-sqlite bench bench-engines screenshots study clbench clbench-sweep clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -106,4 +106,13 @@ clbench: install
 	$(BIN)/python bench/continual.py --tasks $(CLBENCH) --order sst2,qqp,mnli,boolq --seeds 0,1,2 \
 	  --methods naive,replay-5,replay-10-kl,olora,multitask --steps 16 --cases 80 \
 	  --gates replay-10-kl --gate-seeds 0 --out build/clbench --resume --docs
+
+# The replay × KL sweep on the same benchmark (about 2 hours), then one table of both runs.
+clbench-sweep: clbench
+	$(BIN)/python bench/continual.py --tasks $(CLBENCH) --order sst2,qqp,mnli,boolq --seeds 0,1,2 \
+	  --methods replay-2,replay-2-kl,replay-5-kl,replay-10,replay-10-kl,replay-20,replay-20-kl --steps 16 --cases 80 \
+	  --out build/clbench-sweep --resume --docs continual-sweep
+	$(BIN)/python bench/continual.py --tasks $(CLBENCH) --order sst2,qqp,mnli,boolq --seeds 0,1,2 \
+	  --methods naive,replay-5,replay-10-kl,olora,multitask --steps 16 --cases 80 --out build/clbench --render \
+	  --combine build/clbench-sweep
 
