@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install browser engines demo test test-sqlite bench bench-engines screenshots study clbench clbench-sweep clean
+.PHONY: install browser engines demo test test-sqlite bench bench-engines screenshots study clbench clbench-sweep clbench-kl clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -115,4 +115,9 @@ clbench-sweep: clbench
 	$(BIN)/python bench/continual.py --tasks $(CLBENCH) --order sst2,qqp,mnli,boolq --seeds 0,1,2 \
 	  --methods naive,replay-5,replay-10-kl,olora,multitask --steps 16 --cases 80 --out build/clbench --render \
 	  --combine build/clbench-sweep
+
+# The KL weight at 10% replay (3 and 10; KL 1 is in the runs above): about 1.5 hours.
+clbench-kl: install
+	$(BIN)/python bench/continual.py --tasks $(CLBENCH) --order sst2,qqp,mnli,boolq --seeds 0,1,2 \
+	  --methods replay-10-kl3,replay-10-kl10 --steps 16 --cases 80 --out build/clbench-kl --resume --docs continual-kl
 
