@@ -102,22 +102,20 @@ study: install
 # The public continual-learning benchmark (docs/continual-learning.md, "The public benchmark"):
 # about 2 hours on 2 CPU cores. A run stopped midway resumes (--resume keeps finished seeds).
 CLBENCH ?= ../shared/clbench
+# One set of settings for every run below: --combine joins runs only when they were trained alike.
+CLBENCH_RUN = $(BIN)/python bench/continual.py --tasks $(CLBENCH) --order sst2,qqp,mnli,boolq --seeds 0,1,2 --steps 16 --cases 80
 clbench: install
-	$(BIN)/python bench/continual.py --tasks $(CLBENCH) --order sst2,qqp,mnli,boolq --seeds 0,1,2 \
-	  --methods naive,replay-5,replay-10-kl,olora,multitask --steps 16 --cases 80 \
+	$(CLBENCH_RUN) --methods naive,replay-5,replay-10-kl,olora,multitask \
 	  --gates replay-10-kl --gate-seeds 0 --out build/clbench --resume --docs
 
 # The replay × KL sweep on the same benchmark (about 2 hours), then one table of both runs.
 clbench-sweep: clbench
-	$(BIN)/python bench/continual.py --tasks $(CLBENCH) --order sst2,qqp,mnli,boolq --seeds 0,1,2 \
-	  --methods replay-2,replay-2-kl,replay-5-kl,replay-10,replay-10-kl,replay-20,replay-20-kl --steps 16 --cases 80 \
+	$(CLBENCH_RUN) --methods replay-2,replay-2-kl,replay-5-kl,replay-10,replay-10-kl,replay-20,replay-20-kl \
 	  --out build/clbench-sweep --resume --docs continual-sweep
-	$(BIN)/python bench/continual.py --tasks $(CLBENCH) --order sst2,qqp,mnli,boolq --seeds 0,1,2 \
-	  --methods naive,replay-5,replay-10-kl,olora,multitask --steps 16 --cases 80 --out build/clbench --render \
+	$(CLBENCH_RUN) --methods naive,replay-5,replay-10-kl,olora,multitask --out build/clbench --render \
 	  --combine build/clbench-sweep
 
 # The KL weight at 10% replay (3 and 10; KL 1 is in the runs above): about 1.5 hours.
 clbench-kl: install
-	$(BIN)/python bench/continual.py --tasks $(CLBENCH) --order sst2,qqp,mnli,boolq --seeds 0,1,2 \
-	  --methods replay-10-kl3,replay-10-kl10 --steps 16 --cases 80 --out build/clbench-kl --resume --docs continual-kl
+	$(CLBENCH_RUN) --methods replay-10-kl3,replay-10-kl10 --out build/clbench-kl --resume --docs continual-kl
 
