@@ -9,10 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 from conftest import free_port
-from tests.test_training import train, weights
+from tests.test_training import assert_trained_alike, train, weights
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 SETTINGS = ["--steps", "6", "--batch-size", "2", "--grad-accum", "2", "--seq-len", "32", "--lr", "0.02", "--seed", "4",
@@ -30,14 +28,14 @@ def torchrun(sqlite_url, store_dir, *args, procs=2, check=True):
 
 
 def test_two_processes_train_the_same_adapter_as_one(trainable, sqlite_url, store_dir):
-    train(trainable, adapter="w", base="tiny", data="words@1", steps=4)  # a parent to replay from, with KL
+    start = train(trainable, adapter="w", base="tiny", data="words@1", steps=4)  # a parent to replay from, with KL
     one = train(trainable, adapter="one", data="numbers@1", from_ref="w@1", steps=6, batch_size=2, grad_accum=2, seq_len=32,
                 lr=0.02, seed=4, replay_ratio=0.25, checkpoint_every=3)
     out = torchrun(sqlite_url, store_dir, "train", "two", "--data", "numbers@1", "--from", "w@1", *SETTINGS)
     assert out.stdout.count("registered ") == 1 and "registered two@1" in out.stdout  # rank 0 alone reports
     assert "over 2 processes" in out.stderr
     a, b = weights(trainable, one.version.ref), weights(trainable, "two@1")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+    assert_trained_alike(a, b, weights(trainable, start.version.ref))
     assert len(trainable.list_versions(adapter="two")) == 1
     lineage = trainable.lineage("two@1")
     assert lineage.parents[0].recipe["world_size"] == 2
@@ -57,7 +55,7 @@ def test_a_run_of_two_processes_resumes_in_one(trainable, sqlite_url, store_dir)
 
     from portfolio.training.train import train_adapter
 
-    train(trainable, adapter="w", base="tiny", data="words@1", steps=4)
+    start = train(trainable, adapter="w", base="tiny", data="words@1", steps=4)
     straight = train(trainable, adapter="s", data="numbers@1", from_ref="w@1", steps=8, batch_size=2, grad_accum=2, seq_len=32,
                      lr=0.02, seed=4, checkpoint_every=3, replay_ratio=0.25)
     cmd = [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "portfolio", "--db", sqlite_url,
@@ -86,4 +84,4 @@ def test_a_run_of_two_processes_resumes_in_one(trainable, sqlite_url, store_dir)
     resumed = train_adapter(trainable, resume=run.id, log=lambda *_: None, progress=False)  # one process now
     assert resumed.metrics["resumed_from_step"] in (3, 6) and resumed.metrics["world_size"] == 1
     a, b = weights(trainable, straight.version.ref), weights(trainable, resumed.version.ref)
-    assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+    assert_trained_alike(a, b, weights(trainable, start.version.ref))
