@@ -115,7 +115,9 @@ clbench-sweep: clbench
 	$(CLBENCH_RUN) --methods naive,replay-5,replay-10-kl,olora,multitask --out build/clbench --render \
 	  --combine build/clbench-sweep
 
-# The KL weight at 10% replay (3 and 10; KL 1 is in the runs above): about 1.5 hours.
+# The KL weight at 10% replay (3 and 10; KL 1 is in the runs above): about 1.5 hours; then KL 3
+# at 5% replay (about 45 minutes).
 clbench-kl: install
 	$(CLBENCH_RUN) --methods replay-10-kl3,replay-10-kl10 --out build/clbench-kl --resume --docs continual-kl
+	$(CLBENCH_RUN) --methods replay-5-kl3 --out build/clbench-kl5 --resume --docs continual-kl5
 

@@ -34,8 +34,9 @@ METHODS: dict[str, dict[str, float]] = {
     "naive": {"replay_ratio": 0.0, "kl_weight": 0.0},
     **{f"replay-{p}": {"replay_ratio": p / 100, "kl_weight": 0.0} for p in (2, 5, 10, 20)},
     **{f"replay-{p}-kl": {"replay_ratio": p / 100, "kl_weight": 1.0} for p in (2, 5, 10, 20)},
-    # the KL weight's axis at the default replay share
+    # the KL weight's axis at the default replay share, and KL 3 at half of it
     **{f"replay-10-kl{w}": {"replay_ratio": 0.10, "kl_weight": float(w)} for w in (3, 10)},
+    "replay-5-kl3": {"replay_ratio": 0.05, "kl_weight": 3.0},
     "olora": {"replay_ratio": 0.0, "kl_weight": 0.0, "orthogonal": 0.5},
     "olora-replay-5": {"replay_ratio": 0.05, "kl_weight": 0.0, "orthogonal": 0.5},
     "multitask": {},
